@@ -1,0 +1,59 @@
+# mario-a3c: `make train` runs the main job, `make test` runs every check. Both set themselves up.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+VENV        ?= .venv
+LEGACY_VENV ?= .venv-legacy
+PY_MODERN   ?= $(shell .ci/find-python 3.13 2>/dev/null || .ci/find-python 3.14 2>/dev/null)
+PY_LEGACY   ?= $(shell .ci/find-python 3.11 2>/dev/null)
+PIP_FLAGS   ?= -q --disable-pip-version-check
+ARGS        ?=
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+# A venv is (re)built when its requirements change; the stamp records what it was built from.
+$(VENV)/.stamp: setup.py constraints.txt settings.ini
+	@test -n "$(PY_MODERN)" || { .ci/find-python 3.13; exit 1; }
+	@echo "== modern stack venv ($(VENV), $$($(PY_MODERN) -V))"
+	@test -x $(VENV)/bin/python || $(PY_MODERN) -m venv $(VENV)
+	$(VENV)/bin/pip install $(PIP_FLAGS) -U pip
+	$(VENV)/bin/pip install $(PIP_FLAGS) -c constraints.txt -e '.[dev]'
+	@touch $@
+
+$(LEGACY_VENV)/.stamp: setup.py constraints.txt settings.ini
+	@test -n "$(PY_LEGACY)" || { .ci/find-python 3.11; exit 1; }
+	@echo "== legacy stack venv ($(LEGACY_VENV), $$($(PY_LEGACY) -V))"
+	@test -x $(LEGACY_VENV)/bin/python || $(PY_LEGACY) -m venv $(LEGACY_VENV)
+	$(LEGACY_VENV)/bin/pip install $(PIP_FLAGS) -U pip
+	$(LEGACY_VENV)/bin/pip install $(PIP_FLAGS) -c constraints.txt -e '.[dev]'
+	@touch $@
+
+venv: $(VENV)/.stamp  ## create/refresh the modern-stack venv (Python >= 3.13)
+venv-legacy: $(LEGACY_VENV)/.stamp  ## create/refresh the legacy-stack venv (Python 3.11)
+
+train: venv  ## the main job: train Mario on World 1-1 with the default preset (ARGS="--help" for flags)
+	$(VENV)/bin/mario-a3c train $(ARGS)
+
+sync-check: venv  ## notebooks and package agree, and notebooks are clean
+	$(VENV)/bin/python .ci/sync_check.py
+
+nbtest: venv  ## execute every notebook (fast cells; add FLAGS=slow for all)
+	cd nbs && ../$(VENV)/bin/nbdev_test --n_workers 2 --timing $(if $(FLAGS),--flags "$(FLAGS)")
+
+test: venv venv-legacy  ## everything: sync check, notebooks, env tests on both stacks, full pytest suite
+	$(MAKE) --no-print-directory sync-check
+	$(MAKE) --no-print-directory nbtest
+	@echo "== pytest, legacy stack (environment tests)"
+	$(LEGACY_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_envs.py
+	@echo "== pytest, modern stack (full suite)"
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests
+
+bench-env: venv  ## environment throughput benchmark (JSON last line)
+	$(VENV)/bin/mario-a3c bench-env --json $(ARGS)
+
+clean:  ## remove venvs and build products (not output/ or checkpoints)
+	rm -rf $(VENV) $(LEGACY_VENV) build dist *.egg-info _proc _docs
+
+.PHONY: help venv venv-legacy train sync-check nbtest test bench-env clean

@@ -1,0 +1,77 @@
+"""Packaging for mario-a3c: metadata comes from nbdev's settings.ini, requirements live here.
+
+Requirements use environment markers so one `pip install -e .` gives a working stack on every Python:
+the *modern* stack (gym-super-mario-bros >= 9, nes-py >= 9, NumPy 2) on Python >= 3.13 and the *legacy*
+stack (gym-super-mario-bros 7.4 + nes-py 8.2.1 on gym 0.26, NumPy < 2) below it.
+"""
+from configparser import ConfigParser
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+cfg = ConfigParser(delimiters=["="])
+cfg.read(Path(__file__).parent / "settings.ini", encoding="utf-8")
+cfg = cfg["DEFAULT"]
+
+MODERN, LEGACY = "python_version >= '3.13'", "python_version < '3.13'"
+requirements = [
+    "torch>=2.4",
+    "gymnasium>=1.0",
+    "opencv-python-headless>=4.8",
+    "tqdm>=4.66",
+    "tensorboard>=2.16",
+    "matplotlib>=3.8",
+    "ipywidgets>=8.1",
+    "imageio>=2.34",
+    "imageio-ffmpeg>=0.5",
+    "moviepy>=2.1",
+    "papermill>=2.6",
+    "ipykernel>=6.29",
+    "pyyaml>=6",
+    f"gym-super-mario-bros>=9; {MODERN}",
+    f"nes-py>=9; {MODERN}",
+    f"numpy>=2; {MODERN}",
+    f"gym-super-mario-bros==7.4.0; {LEGACY}",
+    f"nes-py==8.2.1; {LEGACY}",
+    f"gym==0.26.2; {LEGACY}",
+    f"shimmy[gym-v26]>=1.3; {LEGACY}",
+    f"numpy<2; {LEGACY}",
+]
+extras = {
+    "dev": ["nbdev==2.4.14", "fastcore==1.14.5", "execnb==0.1.18", "ghapi==1.1.1", "fastgit==0.1.4",
+            "pytest>=8", "pytest-timeout>=2.3", "jupyterlab>=4.2"],
+    "wandb": ["wandb>=0.18"],
+    "tune": ["optuna>=4"],
+}
+py_versions = ["3.11", "3.12", "3.13", "3.14"]
+statuses = ["1 - Planning", "2 - Pre-Alpha", "3 - Alpha", "4 - Beta", "5 - Production/Stable", "6 - Mature", "7 - Inactive"]
+
+setup(
+    name=cfg["repo"],
+    version=cfg["version"],
+    description=cfg["description"],
+    long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    author=cfg["author"],
+    author_email=cfg["author_email"],
+    url=cfg["git_url"],
+    license="Apache-2.0",
+    keywords=cfg["keywords"].split(),
+    classifiers=[
+        f"Development Status :: {statuses[int(cfg['status']) - 1]}",
+        f"Intended Audience :: {cfg['audience']}",
+        f"Natural Language :: {cfg['language']}",
+        "License :: OSI Approved :: Apache Software License",
+    ] + [f"Programming Language :: Python :: {v}" for v in py_versions],
+    python_requires=f">={cfg['min_python']}",
+    packages=find_packages(include=["mario_a3c", "mario_a3c.*"]),
+    include_package_data=True,
+    package_data={"mario_a3c": ["pretrained/*", "configs/*"]},
+    install_requires=requirements,
+    extras_require=extras,
+    entry_points={
+        "console_scripts": ["mario-a3c=mario_a3c.cli:main"],
+        "nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"],
+    },
+    zip_safe=False,
+)
