@@ -16,8 +16,8 @@ from .stacks import (ACTION_SETS, ALL_STAGES, JoypadActions, action_set, check_s
                               stack_name)
 
 # %% auto #0
-__all__ = ['REWARDS', 'gray_resize', 'color_resize', 'ShapedReward', 'EpisodeStats', 'stage_list', 'StageSchedule', 'make_env',
-           'check_env_args']
+__all__ = ['REWARDS', 'KEEP_INFO', 'gray_resize', 'color_resize', 'ShapedReward', 'EpisodeStats', 'stage_list', 'StageSchedule',
+           'make_env', 'check_env_args']
 
 # %% ../nbs/01a_envs.ipynb #8d671158
 def gray_resize(frame:np.ndarray, size:int=84) -> np.ndarray:
@@ -65,16 +65,22 @@ class ShapedReward(gym.Wrapper, gym.utils.RecordConstructorArgs):
         return obs, reward, terminated, truncated, info
 
 # %% ../nbs/01a_envs.ipynb #04e4e33a
+KEEP_INFO = ('x_pos', 'y_pos', 'flag_get', 'life', 'score', 'time', 'coins', 'world', 'stage', 'native_reward', 'episode')
+
 class EpisodeStats(gym.Wrapper, gym.utils.RecordConstructorArgs):
-    "Adds `info['episode']` (return, length, max x, flag, stage) at the end of each episode."
-    def __init__(self, env:gym.Env):
-        gym.utils.RecordConstructorArgs.__init__(self)
+    "Adds `info['episode']` (return, length, max x, flag, stage) at episode end; keeps only `keep_info` keys."
+    def __init__(self, env:gym.Env, keep_info:tuple|None=KEEP_INFO):
+        gym.utils.RecordConstructorArgs.__init__(self, keep_info=keep_info)
         gym.Wrapper.__init__(self, env)
+        self.keep_info = keep_info
+
+    def _slim(self, info:dict) -> dict:
+        return info if self.keep_info is None else {k: info[k] for k in self.keep_info if k in info}
 
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
         self._r = self._native = 0.0; self._l = 0; self._x = info.get('x_pos', 0); self._t0 = time.perf_counter()
-        return obs, info
+        return obs, self._slim(info)
 
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
@@ -83,7 +89,7 @@ class EpisodeStats(gym.Wrapper, gym.utils.RecordConstructorArgs):
         if terminated or truncated:
             info['episode'] = dict(r=self._r, native_r=self._native, l=self._l, x=self._x, flag=bool(info['flag_get']),
                                    world=int(info['world']), stage=int(info['stage']), t=time.perf_counter() - self._t0)
-        return obs, reward, terminated, truncated, info
+        return obs, reward, terminated, truncated, self._slim(info)
 
 # %% ../nbs/01a_envs.ipynb #d02ea8dc
 def stage_list(world:int=1, stage:int=1, stage_span:int=1, random_stage:bool=False) -> list[tuple[int, int]]:
