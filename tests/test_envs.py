@@ -1,0 +1,169 @@
+"""Environment tests. They run on BOTH stacks (`make test` runs this file in the legacy venv too)."""
+import multiprocessing as mp
+import warnings
+
+import cv2
+import numpy as np
+import pytest
+
+from mario_a3c.envs import gray_resize, make_env
+from mario_a3c.stacks import JoypadActions, action_set, button_mask, make_raw_env, stack_name
+from mario_a3c.vector import make_vec_env
+
+
+def test_stack_matches_python():
+    import sys
+    assert stack_name() == ("modern" if sys.version_info >= (3, 13) else "legacy")
+
+
+@pytest.mark.parametrize("gray,size,stack,shape", [(True, 84, 4, (4, 84, 84)), (False, 64, 2, (6, 64, 64)),
+                                                   (True, 42, 1, (1, 42, 42))])
+def test_observation_shapes(gray, size, stack, shape):
+    env = make_env(1, 1, gray=gray, size=size, stack=stack)
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == shape and obs.dtype == np.uint8 and env.observation_space.shape == shape
+    obs, *_ = env.step(0)
+    assert env.observation_space.contains(obs)
+    env.close()
+
+
+def test_preprocessing_matches_manual_pipeline():
+    """Frame skip + max + gray/resize + stack, rebuilt by hand from the raw emulator with the same actions."""
+    actions = action_set("simple")
+    rng = np.random.default_rng(0)
+    acts = rng.integers(len(actions), size=12)
+    env = make_env(1, 1, frame_skip=4, stack=4)
+    obs, _ = env.reset(seed=0)
+    raw = make_raw_env(1, 1)
+    first, _ = raw.reset(seed=0)
+    expected = [gray_resize(first.copy())] * 4  # the stack starts filled with the reset frame
+    assert np.array_equal(obs, np.stack(expected))
+    for a in acts:
+        frames = []
+        for _ in range(4):
+            f, *_ = raw.step(button_mask(actions[a]))
+            frames.append(f.copy())  # nes-py hands out its live buffer: copy
+        expected = expected[1:] + [gray_resize(np.maximum(frames[-2], frames[-1]))]
+        obs, r, term, trunc, info = env.step(int(a))
+        assert not (term or trunc)
+        assert np.array_equal(obs, np.stack(expected))
+    env.close(); raw.close()
+
+
+def test_gray_resize_close_to_luma_reference():
+    frame = np.random.default_rng(1).integers(0, 256, (240, 256, 3), dtype=np.uint8)
+    ref = frame.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    ref = cv2.resize(ref, (84, 84), interpolation=cv2.INTER_AREA)
+    assert np.abs(gray_resize(frame).astype(np.float64) - ref).max() <= 1.0
+
+
+def test_episode_statistics_match_the_trajectory():
+    env = make_env(1, 1, actions="right_only")
+    _, info = env.reset(seed=2)
+    rng = np.random.default_rng(2)
+    xs, rewards = [info["x_pos"]], []
+    while True:
+        _, r, term, trunc, info = env.step(int(rng.integers(5)))
+        xs.append(info["x_pos"]); rewards.append(r)
+        if term or trunc:
+            break
+    ep = info["episode"]
+    assert ep["l"] == len(rewards)
+    assert ep["r"] == pytest.approx(sum(rewards))
+    assert ep["x"] == max(xs)
+    assert ep["flag"] is False and (ep["world"], ep["stage"]) == (1, 1)
+    # a death without the flag costs the death penalty on the last step
+    assert rewards[-1] <= (15 - 50) / 10 + 1e-9
+
+
+def test_native_reward_passthrough():
+    shaped, native = make_env(1, 1), make_env(1, 1, reward="native")
+    shaped.reset(seed=0); native.reset(seed=0)
+    for _ in range(20):
+        _, rs, *_, info_s = shaped.step(1)
+        _, rn, *_, info_n = native.step(1)
+        assert rn == info_n["native_reward"] == info_s["native_reward"]
+    shaped.close(); native.close()
+
+
+def test_time_limit_truncates():
+    env = make_env(1, 1, max_episode_steps=5)
+    env.reset(seed=0)
+    out = [env.step(0) for _ in range(5)]
+    assert [o[3] for o in out] == [False] * 4 + [True]
+    assert out[-1][4]["episode"]["l"] == 5
+
+
+@pytest.mark.parametrize("bad,msg", [
+    (dict(world=0), "world=0 is not a Super Mario Bros world: allowed 1-8"),
+    (dict(stage=5), "stage=5 is not a Super Mario Bros stage: allowed 1-4"),
+    (dict(actions="all"), "actions='all' is not an action set: allowed right_only, simple, complex"),
+    (dict(num_envs=0), "num_envs=0 is out of range: allowed >= 1"),
+    (dict(frame_skip=0), "frame_skip=0 is out of range: allowed 1-16"),
+])
+def test_bad_input_fails_before_any_process_starts(bad, msg):
+    kw = dict(num_envs=2, world=1, stage=1)
+    kw.update(bad)
+    with pytest.raises(ValueError) as e:
+        make_vec_env(**kw)
+    assert str(e.value) == msg
+    assert mp.active_children() == []
+
+
+def test_async_workers_equal_sync_and_draw_their_own_stages():
+    kw = dict(world=1, stage=1, random_stage=True, stage_span=4)
+    res = {}
+    for mode in ("async", "sync"):
+        envs = make_vec_env(3, vectorization=mode, **kw)
+        obs, info = envs.reset(seed=5)
+        stages, frames = [list(zip(info["world"], info["stage"]))], [obs]
+        rng = np.random.default_rng(0)
+        for _ in range(150):
+            obs, r, term, trunc, info = envs.step(rng.integers(7, size=3))
+            frames.append(obs)
+            if (term | trunc).any():
+                stages.append(list(zip(info["world"], info["stage"])))
+        envs.close()
+        res[mode] = (np.stack(frames), stages)
+    assert np.array_equal(res["async"][0], res["sync"][0])
+    assert res["async"][1] == res["sync"][1]
+    singles = [make_env(**kw).reset(seed=5 + i)[1] for i in range(3)]
+    assert res["async"][1][0] == [(s["world"], s["stage"]) for s in singles]
+
+
+def test_same_step_boundary_and_episode_info():
+    envs = make_vec_env(2, vectorization="async", world=1, stage=1, actions="right_only")
+    obs, _ = envs.reset(seed=0)
+    for _ in range(400):
+        obs, r, term, trunc, info = envs.step(np.array([1, 1]))
+        if (term | trunc).any():
+            break
+    envs.close()
+    i = int(np.flatnonzero(term | trunc)[0])
+    fin = info["final_info"]
+    assert fin["_episode"][i] and fin["episode"]["x"][i] > 40
+    first, _ = make_env(1, 1, actions="right_only").reset(seed=0)
+    assert np.array_equal(obs[i], first)
+
+
+def test_killed_worker_is_reported():
+    """A dead worker makes the vector env raise at once (the trainer rebuilds it), never hang."""
+    import os, signal
+    envs = make_vec_env(2, vectorization="async", world=1, stage=1)
+    envs.reset(seed=0)
+    os.kill(envs.processes[0].pid, signal.SIGKILL)
+    envs.processes[0].join(5)
+    with pytest.raises((EOFError, ConnectionError, BrokenPipeError, OSError)):
+        envs.step(np.array([0, 0]))
+    envs.close(terminate=True)
+
+
+def test_frame_counter_counts_emulator_frames():
+    env = make_env(1, 1, frame_skip=3)
+    env.reset(seed=0)
+    for _ in range(10):
+        env.step(0)
+    assert env.get_wrapper_attr("frames") == 30
+    assert isinstance(env.get_wrapper_attr("combos"), list)
+    joy = JoypadActions(make_raw_env(1, 1), "complex")
+    assert joy.action_space.n == 12 and joy.action(0) == 0
