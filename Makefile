@@ -27,7 +27,7 @@ $(LEGACY_VENV)/.stamp: setup.py constraints.txt settings.ini
 	@echo "== legacy stack venv ($(LEGACY_VENV), $$($(PY_LEGACY) -V))"
 	@test -x $(LEGACY_VENV)/bin/python || $(PY_LEGACY) -m venv $(LEGACY_VENV)
 	$(LEGACY_VENV)/bin/pip install $(PIP_FLAGS) -U pip
-	$(LEGACY_VENV)/bin/pip install $(PIP_FLAGS) -c constraints.txt -e '.[dev]'
+	$(LEGACY_VENV)/bin/pip install $(PIP_FLAGS) -c constraints.txt -e '.[test]'
 	@touch $@
 
 venv: $(VENV)/.stamp  ## create/refresh the modern-stack venv (Python >= 3.13)
@@ -36,8 +36,15 @@ venv-legacy: $(LEGACY_VENV)/.stamp  ## create/refresh the legacy-stack venv (Pyt
 train: venv  ## the main job: train Mario on World 1-1 with the default preset (ARGS="--help" for flags)
 	$(VENV)/bin/mario-a3c train $(ARGS)
 
-sync-check: venv  ## notebooks and package agree, and notebooks are clean
+sync-check: venv  ## notebooks and package agree, notebooks are clean, README matches nbs/index.ipynb
 	$(VENV)/bin/python .ci/sync_check.py
+	$(VENV)/bin/python .ci/readme.py --check
+
+readme: venv  ## regenerate README.md from nbs/index.ipynb
+	$(VENV)/bin/python .ci/readme.py
+
+lab: venv  ## JupyterLab on the notebooks
+	$(VENV)/bin/jupyter lab --notebook-dir=nbs $(if $(filter 0,$(shell id -u)),--allow-root)
 
 nbtest: venv  ## execute every notebook (fast cells; add FLAGS=slow for all)
 	cd nbs && ../$(VENV)/bin/nbdev_test --n_workers 2 --timing $(if $(FLAGS),--flags "$(FLAGS)")
@@ -48,7 +55,7 @@ test: venv venv-legacy  ## everything: sync check, notebooks, env tests on both 
 	@echo "== pytest, legacy stack (environment tests)"
 	$(LEGACY_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_envs.py
 	@echo "== pytest, modern stack (full suite)"
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests
+	MARIO_A3C_OTHER_PYTHON=$(CURDIR)/$(LEGACY_VENV)/bin/python $(VENV)/bin/python -m pytest -q -p no:cacheprovider tests
 
 bench-env: venv  ## environment throughput benchmark (JSON last line)
 	$(VENV)/bin/mario-a3c bench-env --json $(ARGS)
@@ -56,4 +63,4 @@ bench-env: venv  ## environment throughput benchmark (JSON last line)
 clean:  ## remove venvs and build products (not output/ or checkpoints)
 	rm -rf $(VENV) $(LEGACY_VENV) build dist *.egg-info _proc _docs
 
-.PHONY: help venv venv-legacy train sync-check nbtest test bench-env clean
+.PHONY: help venv venv-legacy train sync-check readme lab nbtest test bench-env clean

@@ -37,9 +37,11 @@ requirements = [
     f"shimmy[gym-v26]>=1.3; {LEGACY}",
     f"numpy<2; {LEGACY}",
 ]
+test = ["pytest>=8", "pytest-timeout>=2.3"]
 extras = {
-    "dev": ["nbdev==2.4.14", "fastcore==1.14.5", "execnb==0.1.18", "ghapi==1.1.1", "fastgit==0.1.4",
-            "pytest>=8", "pytest-timeout>=2.3", "jupyterlab>=4.2"],
+    "test": test,
+    "dev": test + ["nbdev==2.4.14", "fastcore==1.14.5", "execnb==0.1.18", "ghapi==1.1.1", "fastgit==0.1.4",
+                   "jupyterlab>=4.2"],
     "wandb": ["wandb>=0.18"],
     "tune": ["optuna>=4"],
 }
