@@ -1,0 +1,159 @@
+"""TrainingConfig: field docs, validation messages, JSON round trip, argparse flags and overrides, parameters cell."""
+import argparse
+import ast
+import contextlib
+import io
+import json
+from dataclasses import fields, replace
+
+import pytest
+
+from mario_a3c.config import (IMMUTABLE_FIELDS, TrainingConfig, add_config_args, config_from_args, describe_fields,
+                              explicit_overrides, parameters_cell_source, resolve_device)
+
+NAMES = [f.name for f in fields(TrainingConfig)]
+
+
+def parser():
+    return add_config_args(argparse.ArgumentParser(prog="train"))
+
+
+def test_design_fields_and_defaults():
+    "The field set and defaults agreed in the trainer design (a hand-written copy, not read from the class)."
+    want = dict(world=1, stage=1, actions="simple", frame_skip=4, gray=True, size=84, stack=4, reward="shaped",
+                random_stage=False, stage_span=1, max_episode_steps=0, num_envs=8, vectorization="async",
+                channels="16,32,32", blocks=2, hidden=256, recurrent_type="lstm", core_size=256, window=16, heads=4,
+                noisy=False, rollout_steps=32, total_updates=10000, lr=2.5e-4, weight_decay=0.0, warmup_updates=100,
+                lr_floor=0.1, grad_accum=1, clip_grad=40.0, adam_eps=1e-5, returns="vtrace", gamma=0.99,
+                gae_lambda=0.95, rho_bar=1.0, c_bar=1.0, entropy_beta=0.01, value_coef=0.5, per=False,
+                per_capacity=2000, per_alpha=0.6, per_beta=0.4, per_batch=4, per_warmup=16, amp=True, compile=True,
+                device="auto", threads=0, seed=0, step_timeout=60.0, max_env_restarts=5, max_nan_steps=5, run_name="",
+                runs_dir="output/runs", checkpoint_dir="trained_models",
+                tensorboard_dir="tensorboard/a3c_super_mario_bros", checkpoint_every=200, keep_step_checkpoints=False,
+                log_every_s=10.0, avg_window=100, wandb_project="", wandb_mode="offline")
+    assert TrainingConfig().to_dict() == want
+    assert set(IMMUTABLE_FIELDS) == {"actions", "frame_skip", "gray", "size", "stack", "channels", "blocks", "hidden",
+                                     "recurrent_type", "core_size", "window", "heads", "noisy"}
+
+
+def test_every_field_is_documented_and_typed():
+    info = describe_fields()
+    assert [i.name for i in info] == NAMES
+    assert all(i.doc and i.section for i in info), [i.name for i in info if not (i.doc and i.section)]
+    assert all(i.type in (int, float, str, bool) and isinstance(i.default, i.type) for i in info)
+
+
+def test_derived_values():
+    c = TrainingConfig(rollout_steps=16, num_envs=3, grad_accum=2, frame_skip=2, total_updates=50, warmup_updates=5)
+    assert c.frames_per_update == 16 * 3 * 2 * 2 and c.total_frames == 50 * 16 * 3 * 2 * 2
+    assert TrainingConfig(channels=(8, 16)).channels_tuple == (8, 16)
+    kw = TrainingConfig(gray=False, stack=2, size=42, recurrent_type="none", actions="complex").model_kwargs()
+    assert (kw["in_channels"], kw["obs_size"], kw["core"], kw["n_actions"]) == (6, 42, "none", 12)
+    assert TrainingConfig().model_kwargs(n_actions=3)["n_actions"] == 3
+    assert TrainingConfig(max_episode_steps=500).env_kwargs()["max_episode_steps"] == 500
+    assert resolve_device("cpu") == "cpu"
+
+
+def test_model_and_env_kwargs_build_real_objects():
+    from mario_a3c.envs import check_env_args
+    from mario_a3c.models import ImpalaActorCritic
+    c = TrainingConfig(channels="4,4", hidden=16, core_size=16, size=42, recurrent_type="transformer", heads=2)
+    m = ImpalaActorCritic(**c.model_kwargs())
+    assert (m.n_actions, m.in_channels, m.obs_size, m.core_kind) == (7, 4, 42, "transformer")
+    kw = c.env_kwargs()
+    check_env_args(**{k: v for k, v in kw.items() if k != "gray"})
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(world=0), "world=0 is not a Super Mario Bros world: allowed 1-8"),
+    (dict(stage=5), "stage=5 is not a Super Mario Bros stage: allowed 1-4"),
+    (dict(frame_skip=0), "frame_skip=0 is out of range: allowed 1-16"),
+    (dict(size=8), "size=8 is out of range: allowed 16-512"),
+    (dict(actions="all"), "actions='all' is not an action set"),
+    (dict(reward="sparse"), "reward='sparse' is not a reward mode"),
+    (dict(world=8, stage=3, stage_span=3), "stage_span=3 from 8-3: allowed 1-2"),
+    (dict(max_episode_steps=-1), "max_episode_steps=-1 is out of range: allowed >= 0"),
+    (dict(vectorization="threads"), "vectorization='threads': allowed async, sync"),
+    (dict(recurrent_type="rnn"), "recurrent_type='rnn': allowed gru, lstm, transformer, none"),
+    (dict(channels="a,b"), "channels='a,b' is not a comma list of positive ints"),
+    (dict(heads=3, recurrent_type="transformer"), "heads=3 does not divide core_size=256"),
+    (dict(total_updates=50), "warmup_updates=100 is out of range: allowed 0-50 (total_updates)"),
+    (dict(lr_floor=2.0), "lr_floor=2.0 is out of range: allowed 0-1"),
+    (dict(returns="td"), "returns='td': allowed vtrace, gae"),
+    (dict(rho_bar=0.0), "rho_bar=0.0 is out of range: allowed > 0"),
+    (dict(per_beta=-0.1), "per_beta=-0.1 is out of range: allowed 0-1"),
+    (dict(per_capacity=10), "per_warmup=16 is out of range: allowed 1-10 (per_capacity)"),
+    (dict(num_envs=2.5), "num_envs=2.5 is not an int"),
+    (dict(amp=1), "amp=1 is not a bool"),
+    (dict(lr=float("inf")), "lr=inf is not a finite float"),
+    (dict(device="tpu"), "device='tpu': allowed auto, cpu, cuda or cuda:N"),
+    (dict(run_name="../x"), "run_name='../x' must be a folder name"),
+    (dict(wandb_mode="on"), "wandb_mode='on': allowed online, offline, disabled"),
+])
+def test_bad_values_one_line(kw, msg):
+    with pytest.raises(ValueError) as e:
+        TrainingConfig(**kw)
+    assert msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_json_round_trip_and_unknown_keys(tmp_path):
+    c = TrainingConfig(world=5, stage=2, recurrent_type="none", channels="8", per=True, lr=3e-4, run_name="r1")
+    assert TrainingConfig.from_json(c.to_json(tmp_path / "a" / "c.json")) == c
+    (tmp_path / "u.json").write_text(json.dumps({"world": 2, "lerning_rate": 1}))
+    with pytest.raises(ValueError, match=r"u.json: unknown config key\(s\) lerning_rate"):
+        TrainingConfig.from_json(tmp_path / "u.json")
+    with pytest.raises(FileNotFoundError, match="missing.json does not exist"):
+        TrainingConfig.from_json(tmp_path / "missing.json")
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) bogus"):
+        TrainingConfig.from_dict({"bogus": 1})
+
+
+def test_every_field_has_a_flag_and_parses_back():
+    p = parser()
+    argv, want = [], {}
+    for i in describe_fields():  # every flag typed: bools flipped, the others at their default written as text
+        flag = "--" + i.name.replace("_", "-")
+        if i.type is bool:
+            argv.append(flag if not i.default else "--no-" + i.name.replace("_", "-")); want[i.name] = not i.default
+        else:
+            argv += [flag, str(i.default)]; want[i.name] = i.default
+    assert explicit_overrides(p.parse_args(argv)) == want
+    argv = ["--world", "7", "--lr", "0.001", "--channels", "4,4", "--recurrent-type", "gru", "--device", "cpu"]
+    c = config_from_args(p.parse_args(argv))
+    assert c == replace(TrainingConfig(), world=7, lr=1e-3, channels="4,4", recurrent_type="gru", device="cpu")
+    for flag in ("--no-amp", "--no-compile", "--per", "--noisy", "--random-stage", "--config", "--config-out"):
+        assert flag in p._option_string_actions
+
+
+def test_overrides_only_what_was_typed_and_precedence(tmp_path):
+    p = parser()
+    assert explicit_overrides(p.parse_args([])) == {}
+    assert explicit_overrides(p.parse_args(["--seed", "0"])) == {"seed": 0}
+    (tmp_path / "c.json").write_text(json.dumps({"num_envs": 2, "seed": 3}))
+    args = p.parse_args(["--config", str(tmp_path / "c.json"), "--seed", "4", "--config-out", str(tmp_path / "o.json")])
+    assert explicit_overrides(args) == {"num_envs": 2, "seed": 4}
+    c = config_from_args(args, base=TrainingConfig(world=6, num_envs=5))
+    assert (c.world, c.num_envs, c.seed) == (6, 2, 4)
+    assert TrainingConfig.from_json(tmp_path / "o.json") == c
+
+
+def test_bad_flags():
+    p = parser()
+    with pytest.raises(ValueError, match="total_updates=0 is out of range: allowed >= 1"):
+        config_from_args(p.parse_args(["--total-updates", "0"]))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
+        p.parse_args(["--returns", "mc"])
+    assert "invalid choice: 'mc'" in err.getvalue()
+
+
+def test_parameters_cell_matches_fields():
+    src = parameters_cell_source()
+    tree = ast.parse(src)
+    got = {n.target.id: (n.annotation.id, ast.literal_eval(n.value)) for n in tree.body}
+    assert got == {f.name: (type(f.default).__name__, f.default) for f in fields(TrainingConfig)}
+    lines = [l for l in src.splitlines() if l and not l.startswith("# ")]
+    assert all("  # " in l for l in lines)
+    ns = {}
+    exec(src, {}, ns)
+    assert TrainingConfig.from_namespace(ns) == TrainingConfig()
