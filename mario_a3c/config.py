@@ -10,8 +10,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import NamedTuple
 
-from .envs import check_env_args
-from .stacks import ACTION_SETS, action_set, check_stage
+from .envs import REWARDS, check_env_args
+from .stacks import ACTION_SETS, action_set
 from .vector import VECTORIZATIONS
 
 # %% auto #0
@@ -43,7 +43,7 @@ RANGES = dict(
 RECURRENT_TYPES = ('gru', 'lstm', 'transformer', 'none')
 RETURNS = ('vtrace', 'gae')
 WANDB_MODES = ('online', 'offline', 'disabled')
-CHOICES = dict(actions=ACTION_SETS, reward=('shaped', 'native'), vectorization=VECTORIZATIONS,
+CHOICES = dict(actions=ACTION_SETS, reward=REWARDS, vectorization=VECTORIZATIONS,
                recurrent_type=RECURRENT_TYPES, returns=RETURNS, wandb_mode=WANDB_MODES)
 
 def _check_type(name:str, v, typ:type):
@@ -58,8 +58,6 @@ def _check_value(name:str, v):
     if name in RANGES and v not in RANGES[name]: raise ValueError(f"{name}={v!r} is out of range: allowed {RANGES[name]}")
     if name in CHOICES and v not in CHOICES[name]: raise ValueError(f"{name}={v!r}: allowed {', '.join(CHOICES[name])}")
 
-def _check_field(name:str, v, typ:type): _check_type(name, v, typ); _check_value(name, v)
-
 # %% ../nbs/05_config.ipynb #f44e1d66
 IMMUTABLE_FIELDS = ('actions', 'frame_skip', 'gray', 'size', 'stack',
                     'channels', 'blocks', 'hidden', 'recurrent_type', 'core_size', 'window', 'heads', 'noisy')
@@ -73,12 +71,12 @@ class TrainingConfig:
     actions: str = 'simple'  # action set: right_only (5), simple (7) or complex (12 actions)
     frame_skip: int = 4  # emulator frames per agent step, 1-16
     gray: bool = True  # grayscale frames (else RGB, 3 channels per frame)
-    size: int = 84  # observation height = width in pixels, 16-512
+    size: int = 84  # observation height and width in pixels, 16-512
     stack: int = 4  # frames stacked per observation, 1-16
     reward: str = 'shaped'  # shaped (same on both stacks) or native
     random_stage: bool = False  # draw a stage per episode (from all 32, or from the stage_span stages)
     stage_span: int = 1  # stages from world-stage on that the envs cycle through
-    max_episode_steps: int = 0  # truncate episodes after this many agent steps (0 = no limit)
+    max_episode_steps: int = 0  # truncate episodes after this many agent steps (0: no limit)
     num_envs: int = 8  # environments stepped together
     vectorization: str = 'async'  # async (worker processes) or sync (this process)
     # Model
@@ -95,10 +93,10 @@ class TrainingConfig:
     total_updates: int = 10000  # optimizer steps in the run
     lr: float = 2.5e-4  # AdamW peak learning rate
     weight_decay: float = 0.0  # AdamW weight decay
-    warmup_updates: int = 100  # linear learning-rate warm-up, in updates (<= total_updates)
+    warmup_updates: int = 100  # linear learning-rate warm-up in updates, at most total_updates
     lr_floor: float = 0.1  # final learning rate of the cosine decay, as a fraction of lr (0-1)
     grad_accum: int = 1  # rollouts whose gradients are summed into one optimizer step
-    clip_grad: float = 40.0  # max global gradient norm (0 = no clipping)
+    clip_grad: float = 40.0  # max global gradient norm (0: no clipping)
     adam_eps: float = 1e-5  # AdamW epsilon
     # Returns and loss
     returns: str = 'vtrace'  # advantage estimator: vtrace or gae
@@ -111,7 +109,7 @@ class TrainingConfig:
     # Prioritized replay
     per: bool = False  # add replayed segments from a prioritized buffer to each update
     per_capacity: int = 2000  # segments kept in the buffer
-    per_alpha: float = 0.6  # priority exponent (0 = uniform)
+    per_alpha: float = 0.6  # priority exponent (0: uniform)
     per_beta: float = 0.4  # importance-sampling exponent, 0-1
     per_batch: int = 4  # replayed segments added to each update
     per_warmup: int = 16  # segments stored before replay starts
@@ -119,21 +117,21 @@ class TrainingConfig:
     amp: bool = True  # mixed precision: bfloat16 autocast on CPU, float16 + GradScaler on CUDA
     compile: bool = True  # torch.compile the model when available
     device: str = 'auto'  # auto, cpu, cuda or cuda:N
-    threads: int = 0  # torch CPU threads (0 = torch default)
+    threads: int = 0  # torch CPU threads (0: torch default)
     seed: int = 0  # seed of torch, numpy and the envs (env i gets seed + i)
     step_timeout: float = 60.0  # seconds; a slower vector step counts as a hung worker
     max_env_restarts: int = 5  # vector-env rebuilds allowed before the run stops
     max_nan_steps: int = 5  # consecutive non-finite losses (skipped steps) before the run stops
     # Output
-    run_name: str = ''  # run folder name ('' = a timestamp chosen at start)
+    run_name: str = ''  # run folder name (empty: a timestamp chosen at start)
     runs_dir: str = 'output/runs'  # parent of the run folders (config, metrics)
     checkpoint_dir: str = 'trained_models'  # where a3c_world{W}_stage{S}_{tag}.pt files go
     tensorboard_dir: str = 'tensorboard/a3c_super_mario_bros'  # parent of the TensorBoard run folders
     checkpoint_every: int = 200  # updates between checkpoints
     keep_step_checkpoints: bool = False  # also keep a step<N> checkpoint each time (else only latest and best)
-    log_every_s: float = 10.0  # seconds between console lines (0 = every update)
+    log_every_s: float = 10.0  # seconds between console lines (0: every update)
     avg_window: int = 100  # episodes in the rolling averages (avg_return, flag_rate)
-    wandb_project: str = ''  # Weights & Biases project ('' = no W&B)
+    wandb_project: str = ''  # Weights & Biases project (empty: no W&B)
     wandb_mode: str = 'offline'  # online, offline or disabled
 
     def __post_init__(self):
@@ -150,7 +148,6 @@ class TrainingConfig:
         _validate(self)
         return self
 
-    # --- derived values -------------------------------------------------------------------------------------------
     @property
     def channels_tuple(self) -> tuple[int, ...]: return tuple(int(c) for c in self.channels.split(','))
     @property
@@ -195,7 +192,6 @@ class TrainingConfig:
     def immutable(self) -> dict: return {k: getattr(self, k) for k in IMMUTABLE_FIELDS}
     def resolve_device(self) -> str: return resolve_device(self.device)
 
-    # --- dict / JSON ----------------------------------------------------------------------------------------------
     def to_dict(self) -> dict: return asdict(self)
     def to_json(self, path) -> Path:
         "Write the fields as JSON (parent folders created); returns the path."
@@ -285,7 +281,7 @@ def parameters_cell_source(cls=TrainingConfig) -> str:
         out.append(f'{i.name}: {i.type.__name__} = {i.default!r}  # {i.doc}')
     return '\n'.join(out)
 
-# %% ../nbs/05_config.ipynb #08d9bd14
+# %% ../nbs/05_config.ipynb #f9664520
 def _check_keys(d:dict, source:str='config', cls=None):
     "One-line ValueError unless `d` is a dict whose keys are all fields of `cls` (default `TrainingConfig`)."
     if not isinstance(d, dict): raise ValueError(f"{source}: expected a JSON object of config fields, got {type(d).__name__}")
@@ -302,7 +298,7 @@ def _read_config_json(path) -> dict:
     _check_keys(d, str(path))
     return d
 
-# %% ../nbs/05_config.ipynb #d04954c0
+# %% ../nbs/05_config.ipynb #0ffe7f59
 def add_config_args(parser:argparse.ArgumentParser) -> argparse.ArgumentParser:
     "Add a `--field-name` flag per `TrainingConfig` field (bools: `--x/--no-x`) plus `--config` and `--config-out`."
     S = argparse.SUPPRESS

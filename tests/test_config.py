@@ -157,3 +157,21 @@ def test_parameters_cell_matches_fields():
     ns = {}
     exec(src, {}, ns)
     assert TrainingConfig.from_namespace(ns) == TrainingConfig()
+
+
+def test_choices_match_the_modules_that_use_them():
+    from mario_a3c.config import CHOICES
+    from mario_a3c.cores import CORES
+    from mario_a3c.envs import REWARDS
+    from mario_a3c.stacks import ACTION_SETS
+    from mario_a3c.vector import VECTORIZATIONS
+    assert CHOICES["recurrent_type"] == CORES and CHOICES["reward"] == REWARDS
+    assert CHOICES["actions"] == ACTION_SETS and CHOICES["vectorization"] == VECTORIZATIONS
+
+
+def test_papermill_reads_every_parameter():
+    from papermill.translators import PythonTranslator
+    params = PythonTranslator.inspect({"source": parameters_cell_source()})
+    assert [(p.name, p.inferred_type_name, p.help) for p in params] == [
+        (i.name, i.type.__name__, i.doc) for i in describe_fields()]
+    assert [eval(p.default) for p in params] == [i.default for i in describe_fields()]
