@@ -10,9 +10,11 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from .config import WANDB_MODES
+
 # %% auto #0
-__all__ = ['METRIC_NAMES', 'HOOKS', 'EPISODE_TAGS', 'CONSOLE_KEYS', 'WANDB_MODES', 'Callback', 'step_of', 'CallbackList',
-           'read_metrics', 'JsonlLogger', 'config_markdown', 'TensorBoardLogger', 'ConsoleLogger', 'WandbLogger']
+__all__ = ['METRIC_NAMES', 'HOOKS', 'EPISODE_TAGS', 'CONSOLE_KEYS', 'Callback', 'step_of', 'CallbackList', 'read_metrics',
+           'JsonlLogger', 'config_markdown', 'TensorBoardLogger', 'ConsoleLogger', 'WandbLogger']
 
 # %% ../nbs/05b_callbacks.ipynb #00197fb3
 METRIC_NAMES = ('charts/episodic_return', 'charts/x_pos', 'charts/flag_rate', 'charts/avg_return', 'losses/policy',
@@ -185,8 +187,6 @@ class ConsoleLogger(Callback):
         self._print('done: ' + ', '.join(f'{k} {_fmt(v)}' for k, v in (summary or {}).items()))
 
 # %% ../nbs/05b_callbacks.ipynb #4fa4f05b
-WANDB_MODES = ('online', 'offline', 'disabled')
-
 def _import_wandb():
     try: import wandb
     except ImportError: raise ImportError("wandb is not installed: pip install 'mario-a3c[wandb]'") from None

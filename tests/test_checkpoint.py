@@ -181,3 +181,38 @@ def test_resume_rules(tmp_path):
             resolve_resume_config(meta, {k: v})
     c = resolve_resume_config(meta, {"hidden": 256, "channels": (16, 32, 32), "total_updates": 30000, "per": True})
     assert c == replace(TrainingConfig(), total_updates=30000, per=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_round_trip_with_fp16_scaler_and_device_rng(tmp_path):
+    "On CUDA: fp16 autocast + GradScaler, inputs from the CUDA RNG; a resumed run repeats the reference exactly."
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+
+    def build(seed):
+        torch.manual_seed(seed)
+        m = ImpalaActorCritic(**TINY.model_kwargs()).cuda()
+        o = torch.optim.AdamW(m.parameters(), lr=1e-3)
+        return m, o, warmup_cosine(o, 2, 20, 0.1), torch.amp.GradScaler("cuda", init_scale=1024.0)
+
+    def step(m, o, s, sc):
+        obs = torch.randint(0, 255, (3, 2, 4, 42, 42), dtype=torch.uint8, device="cuda")
+        with torch.autocast("cuda", dtype=torch.float16):
+            logits, value, _ = m(obs, m.initial_state(2, "cuda"), torch.rand(3, 2, device="cuda") < 0.3)
+            loss = value.float().pow(2).mean() - logits.float().log_softmax(-1).mean()
+        sc.scale(loss).backward(); sc.step(o); sc.update(); o.zero_grad(); s.step()
+        return loss.item()
+
+    m, o, s, sc = build(0)
+    for _ in range(2): step(m, o, s, sc)
+    st = {"model": m.state_dict(), "optimizer": o.state_dict(), "scheduler": s.state_dict(), "scaler": sc.state_dict(),
+          "rng": capture_rng_state()}
+    assert "cuda" in st["rng"]
+    p = save_checkpoint(tmp_path, 1, 1, "latest", st, make_meta(TINY, 2, 2))
+    ref = [step(m, o, s, sc) for _ in range(3)]
+    m2, o2, s2, sc2 = build(5)
+    step(m2, o2, s2, sc2)
+    state, _ = load_checkpoint(p, map_location="cuda")
+    m2.load_state_dict(state["model"]); o2.load_state_dict(state["optimizer"]); s2.load_state_dict(state["scheduler"])
+    sc2.load_state_dict(state["scaler"]); restore_rng_state(state["rng"])
+    assert [step(m2, o2, s2, sc2) for _ in range(3)] == ref
+    assert {str(v.device) for v in load_checkpoint(p, map_location="cpu")[0]["model"].values()} == {"cpu"}
