@@ -5,11 +5,20 @@
 # %% ../nbs/00_core.ipynb #ae8b9cf4
 from __future__ import annotations
 import os
+from pathlib import Path
 
 # %% auto #0
-__all__ = ['in_test']
+__all__ = ['in_test', 'project_root']
 
 # %% ../nbs/00_core.ipynb #1c340b61
 def in_test() -> bool:
     "True when running under `nbdev_test` or pytest (they set `IN_TEST`)."
     return bool(os.environ.get("IN_TEST"))
+
+# %% ../nbs/00_core.ipynb #845d43fc
+def project_root(start:str|Path|None=None) -> Path:
+    "The nearest folder at or above `start` that holds `settings.ini`, else `start`."
+    start = Path(start or Path.cwd()).resolve()
+    for d in (start, *start.parents):
+        if (d / 'settings.ini').is_file() and (d / 'mario_a3c').is_dir(): return d
+    return start
