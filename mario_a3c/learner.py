@@ -127,6 +127,10 @@ class Learner:
 
     def _reset_accumulation(self): self._n, self._bad, self._sums = 0, False, {}
 
+    def discard(self):
+        "Drop what was accumulated since the last `step()` (e.g. after an interrupted update)."
+        self.opt.zero_grad(set_to_none=True); self._reset_accumulation()
+
     def _fallback(self, e:Exception):
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else 'no message'
         self.log(f"torch.compile unavailable ({type(e).__name__}: {msg}); running eager")

@@ -27,10 +27,11 @@ class CountingEnv(gym.Env):
                  actions:str='simple',  # action set name (only its size matters)
                  fail_at:int|None=None, # raise at this step (counted since construction)
                  hang_at:int|None=None, # sleep forever at this step
+                 nan_at:int|None=None,  # rewards are NaN from this step on
                  **_):                  # other Mario env arguments, ignored
         self.observation_space = gym.spaces.Box(0, 255, (max(stack, 2), size, size), np.uint8)
         self.action_space = gym.spaces.Discrete(len(action_set(actions)))
-        self.base, self.length, self.fail_at, self.hang_at = length, length, fail_at, hang_at
+        self.base, self.length, self.fail_at, self.hang_at, self.nan_at = length, length, fail_at, hang_at, nan_at
         self.t, self.episode, self.steps, self.ret = 0, -1, 0, 0.0
 
     def _obs(self) -> np.ndarray:
@@ -51,7 +52,8 @@ class CountingEnv(gym.Env):
         self.t += 1; self.ret += self.t
         done, info = self.t >= self.length, {}
         if done: info['episode'] = dict(r=self.ret, native_r=self.ret, l=self.t, x=10 * self.t, flag=False, world=1, stage=1, t=0.0)
-        return self._obs(), float(self.t), done, False, info
+        reward = float('nan') if self.nan_at is not None and self.steps >= self.nan_at else float(self.t)
+        return self._obs(), reward, done, False, info
 
 # %% ../nbs/05c_rollout.ipynb #70b4bc41
 class Rollout(NamedTuple):
