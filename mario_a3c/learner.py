@@ -169,7 +169,7 @@ class Learner:
             if idx is not None:
                 if np.isfinite(td[B:]).all(): replay.update_priorities(idx, td[B:])
                 m['replay/mean_weight'] = weights[B:].mean()
-                m['replay/priority_mean'] = torch.tensor(float(td[B:].mean()))
+                m['replay/priority_mean'] = torch.tensor(float(td[B:].mean()), device=self.device)
             for b, s in enumerate(rollout.segments()): replay.add(s, float(td[b]) if np.isfinite(td[b]) else None)
         for k, v in m.items(): self._sums[k] = self._sums.get(k, 0.0) + v.detach().float()
         self._n += 1
@@ -199,7 +199,7 @@ class Learner:
             if hasattr(self.model, 'reset_noise'): self.model.reset_noise()
         if skipped_nan: self.nan_streak += 1; self.nan_skips += 1
         names = list(self._sums)
-        vals = torch.stack([self._sums[k] for k in names]).div(self._n).tolist() if names else []
+        vals = torch.stack([self._sums[k].to(self.device) for k in names]).div(self._n).tolist() if names else []  # one sync
         out = dict(zip(names, vals))
         out.update({'opt/lr': lr, 'opt/grad_norm': grad_norm, 'opt/skipped': float(not stepped),
                     'opt/nan_streak': float(self.nan_streak)})
