@@ -47,6 +47,27 @@ def _cmd_smoke(args) -> int:
     return 0
 
 # %% ../nbs/09_cli.ipynb #65dd8dd9
+def _cmd_train(args) -> int:
+    "Train (or resume) and print the summary as JSON on the last line."
+    from mario_a3c.config import config_from_args, explicit_overrides
+    from mario_a3c.trainer import Trainer
+    if args.resume: trainer = Trainer.from_checkpoint(args.resume, overrides=explicit_overrides(args))
+    else: trainer = Trainer(config_from_args(args))
+    summary = trainer.train()
+    print(json.dumps(summary))
+    return 0 if summary['stopped'] in ('done', 'stop', 'interrupted') else 1
+
+def _cmd_bench(args) -> int:
+    "Training throughput against the raw emulator, in one run."
+    from mario_a3c.bench import bench
+    from mario_a3c.config import config_from_args
+    res = bench(seconds=args.seconds, warmup_s=args.warmup, config=config_from_args(args))
+    if not args.json:
+        for k, v in res.items(): print(f'{k:>14}: {v}')
+    print(json.dumps(res))
+    return 0
+
+# %% ../nbs/09_cli.ipynb #fc24503c
 def build_parser() -> argparse.ArgumentParser:
     "The `mario-a3c` argument parser."
     p = argparse.ArgumentParser(prog='mario-a3c', description='Train and study Super Mario Bros agents with actor-critic.')
@@ -63,6 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--actions', default='simple', help='action set of the random policy (default simple)')
     s.add_argument('--json', action='store_true', help='print only the JSON line')
 
+    from mario_a3c.config import add_config_args
+    s = sub.add_parser('train', help='train an agent (flags: every TrainingConfig field)', argument_default=argparse.SUPPRESS)
+    s.set_defaults(fn=_cmd_train)
+    s.add_argument('--resume', metavar='PATH', default=None, help='checkpoint (.pt) to continue')
+    add_config_args(s)
+
+    s = sub.add_parser('bench', help='training throughput vs the raw emulator (JSON on the last line)')
+    s.set_defaults(fn=_cmd_bench)
+    s.add_argument('--seconds', type=float, default=40., help='measuring time of each side (default 40)')
+    s.add_argument('--warmup', type=float, default=20., help='trainer start-up excluded from the measurement (default 20)')
+    s.add_argument('--json', action='store_true', help='print only the JSON line')
+    add_config_args(s)
+
     s = sub.add_parser('smoke', help='random play in a vector env: checks the environment stack end to end')
     s.set_defaults(fn=_cmd_smoke)
     s.add_argument('--world', type=int, default=1); s.add_argument('--stage', type=int, default=1)
@@ -71,12 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--vectorization', default='async', choices=['async', 'sync'])
     return p
 
-# %% ../nbs/09_cli.ipynb #8d6acc99
+# %% ../nbs/09_cli.ipynb #c2f61562
 def main(argv:list[str]|None=None) -> int:
     "Entry point of the `mario-a3c` console script."
     args = build_parser().parse_args(argv)
     try: return args.fn(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
         if getattr(args, 'debug', False): raise
         print(f'mario-a3c {args.command}: error: {e}', file=sys.stderr)
         return 2
