@@ -16,8 +16,8 @@ from .stacks import (ACTION_SETS, ALL_STAGES, JoypadActions, action_set, check_s
                               stack_name)
 
 # %% auto #0
-__all__ = ['REWARDS', 'KEEP_INFO', 'gray_resize', 'color_resize', 'ShapedReward', 'EpisodeStats', 'stage_list', 'StageSchedule',
-           'make_env', 'check_env_args']
+__all__ = ['REWARDS', 'KEEP_INFO', 'RENDER_MODES', 'gray_resize', 'color_resize', 'ShapedReward', 'EpisodeStats', 'stage_list',
+           'StageSchedule', 'make_env', 'check_env_args']
 
 # %% ../nbs/01a_envs.ipynb #8d671158
 def gray_resize(frame:np.ndarray, size:int=84) -> np.ndarray:
@@ -143,9 +143,9 @@ def make_env(world:int=1, # 1-8
              render_mode:str|None=None, # 'rgb_array' for video and frame previews
             ) -> gym.Env:
     "A Super Mario Bros env with uint8 observations `[stack*(1 or 3), size, size]`."
-    check_env_args(world=world, stage=stage, actions=actions, frame_skip=frame_skip, size=size, stack=stack,
+    check_env_args(world=world, stage=stage, actions=actions, frame_skip=frame_skip, gray=gray, size=size, stack=stack,
                    reward=reward, random_stage=random_stage, stage_span=stage_span, full_game=full_game,
-                   max_episode_steps=max_episode_steps)
+                   max_episode_steps=max_episode_steps, render_mode=render_mode)
     if full_game: env = make_raw_env(None, None, render_mode=render_mode)
     elif random_stage or stage_span > 1:
         env = StageSchedule(stage_list(world, stage, stage_span, random_stage), random_stage, render_mode=render_mode)
@@ -169,11 +169,17 @@ def _check_int(name, v, lo, hi=None):
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo or (hi is not None and v > hi):
         raise ValueError(f"{name}={v!r} is out of range: allowed {lo}-{hi}" if hi else f"{name}={v!r} is out of range: allowed >= {lo}")
 
-def check_env_args(world=1, stage=1, actions='simple', frame_skip=4, size=84, stack=4, reward='shaped',
-                   random_stage=False, stage_span=1, full_game=False, max_episode_steps=None, **unknown):
+RENDER_MODES = (None, 'rgb_array')
+
+def check_env_args(world=1, stage=1, actions='simple', frame_skip=4, gray=True, size=84, stack=4, reward='shaped',
+                   random_stage=False, stage_span=1, full_game=False, max_episode_steps=None, render_mode=None,
+                   **unknown):
     "Validate `make_env` arguments in the parent process, before any worker starts."
     if unknown: raise TypeError(f"unknown environment option(s): {', '.join(unknown)}")
     check_stage(world, stage); action_set(actions)
+    for name, v in (('gray', gray), ('random_stage', random_stage), ('full_game', full_game)):
+        if not isinstance(v, (bool, np.bool_)): raise ValueError(f"{name}={v!r} is not a bool: allowed True, False")
+    if render_mode not in RENDER_MODES: raise ValueError(f"render_mode={render_mode!r}: allowed None, 'rgb_array'")
     _check_int('frame_skip', frame_skip, 1, 16); _check_int('size', size, 16, 512); _check_int('stack', stack, 1, 16)
     if reward not in REWARDS: raise ValueError(f"reward={reward!r} is not a reward mode: allowed {', '.join(REWARDS)}")
     stage_list(world, stage, stage_span, random_stage)

@@ -27,7 +27,7 @@ def test_design_fields_and_defaults():
                 lr_floor=0.1, grad_accum=1, clip_grad=40.0, adam_eps=1e-5, returns="vtrace", gamma=0.99,
                 gae_lambda=0.95, rho_bar=1.0, c_bar=1.0, entropy_beta=0.01, value_coef=0.5, per=False,
                 per_capacity=2000, per_alpha=0.6, per_beta=0.4, per_batch=4, per_warmup=16, amp=True, compile=True,
-                device="auto", threads=0, seed=0, step_timeout=60.0, max_env_restarts=5, max_nan_steps=5, run_name="",
+                device="auto", threads=1, seed=0, step_timeout=60.0, max_env_restarts=5, max_nan_steps=5, run_name="",
                 runs_dir="output/runs", checkpoint_dir="trained_models",
                 tensorboard_dir="tensorboard/a3c_super_mario_bros", checkpoint_every=200, keep_step_checkpoints=False,
                 log_every_s=10.0, avg_window=100, wandb_project="", wandb_mode="offline")
