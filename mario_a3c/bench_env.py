@@ -13,7 +13,7 @@ from .stacks import JoypadActions, make_raw_env, stack_versions
 from .vector import make_vec_env
 
 # %% auto #0
-__all__ = ['measure_single', 'measure_vector', 'bench_env']
+__all__ = ['measure', 'bench_env']
 
 # %% ../nbs/01c_bench_env.ipynb #9ac71035
 def _run_for(seconds:float, step) -> float:
@@ -26,7 +26,6 @@ class _Single:
     "One env and a random policy; `step()` advances one action; `frames` counts emulator frames."
     def __init__(self, env, seed:int):
         self.env, self.rng = env, np.random.default_rng(seed)
-        self.joy = env if isinstance(env, JoypadActions) else None
         self.env.reset(seed=seed); self.n = env.action_space.n
     @property
     def frames(self) -> int: return self.env.get_wrapper_attr('frames')
@@ -35,42 +34,40 @@ class _Single:
         if term or trunc: self.env.reset()
 
 # %% ../nbs/01c_bench_env.ipynb #1f541549
-def measure_single(seconds:float=20., rounds:int=5, actions:str='simple', seed:int=0) -> dict:
-    "Raw emulator vs full wrapper stack in one process, alternating `rounds` times."
-    raw = _Single(JoypadActions(make_raw_env(1, 1), actions), seed)   # the action lookup only: the emulator's own speed
-    wrapped = _Single(make_env(1, 1, actions=actions), seed)
-    tot = {'raw': [0, 0.], 'wrapped': [0, 0.]}
-    per = seconds / (2 * rounds)
+class _Vector:
+    "A vector env of the full stack and a random policy; `frames` sums every worker's emulator frames."
+    def __init__(self, num_envs:int, vectorization:str, actions:str, seed:int):
+        self.envs = make_vec_env(num_envs, vectorization=vectorization, world=1, stage=1, actions=actions)
+        self.envs.reset(seed=seed); self.rng, self.n, self.num = np.random.default_rng(seed), self.envs.single_action_space.n, num_envs
+        for _ in range(5): self.step()                                  # warm up the workers
+    @property
+    def frames(self) -> int: return sum(self.envs.get_attr('frames'))
+    def step(self): self.envs.step(self.rng.integers(self.n, size=self.num))
+
+def measure(benches:dict, seconds:float=20., rounds:int=5) -> dict:
+    "Frames/s of each bench, measured in `rounds` alternating slices of `seconds / rounds` in all."
+    tot = {k: [0, 0.] for k in benches}
+    per = seconds / (len(benches) * rounds)
     for _ in range(rounds):
-        for name, b in (('raw', raw), ('wrapped', wrapped)):
+        for name, b in benches.items():
             f0 = b.frames; el = _run_for(per, b.step)
             tot[name][0] += b.frames - f0; tot[name][1] += el
-    raw.env.close(); wrapped.env.close()
-    r, w = (tot[k][0] / tot[k][1] for k in ('raw', 'wrapped'))
-    return dict(raw_fps=r, wrapped_fps=w, wrapper_ratio=w / r)
+    return {k: f / t for k, (f, t) in tot.items()}
 
-# %% ../nbs/01c_bench_env.ipynb #3e197503
-def measure_vector(num_envs:int=4, vectorization:str='async', seconds:float=10., actions:str='simple', seed:int=0) -> float:
-    "Emulator frames/s of a vector env of the full stack with random actions (start-up excluded)."
-    envs = make_vec_env(num_envs, vectorization=vectorization, world=1, stage=1, actions=actions)
-    try:
-        envs.reset(seed=seed); rng = np.random.default_rng(seed); n = envs.single_action_space.n
-        step = lambda: envs.step(rng.integers(n, size=num_envs))
-        for _ in range(5): step()                                   # warm up the workers
-        f0 = sum(envs.get_attr('frames')); el = _run_for(seconds, step)
-        return (sum(envs.get_attr('frames')) - f0) / el
-    finally: envs.close()
-
-# %% ../nbs/01c_bench_env.ipynb #ffb9687b
+# %% ../nbs/01c_bench_env.ipynb #c1557fbe
 def bench_env(num_envs:int=4, # envs in the vector env measurements
-              seconds:float=20., # seconds for raw+wrapped together; each vector measurement gets half
-              rounds:int=5, # alternations of raw and wrapped
+              seconds:float=40., # measuring time of all setups together
+              rounds:int=5, # alternations of the setups
               actions:str='simple', # action set of the random policy
              ) -> dict:
     "All environment throughput figures of one run, as a JSON-ready dict."
-    out = dict(stack=stack_versions()['stack'], cpus=os.cpu_count(), num_envs=num_envs)
-    out.update(measure_single(seconds, rounds, actions))
-    out['sync_fps'] = measure_vector(num_envs, 'sync', seconds / 2, actions)
-    out['async_fps'] = measure_vector(num_envs, 'async', seconds / 2, actions)
-    out['async_speedup'] = out['async_fps'] / out['raw_fps']
+    benches = dict(raw=_Single(JoypadActions(make_raw_env(1, 1), actions), 0),  # the emulator's own speed
+                   wrapped=_Single(make_env(1, 1, actions=actions), 0),
+                   sync=_Vector(num_envs, 'sync', actions, 0), async_=_Vector(num_envs, 'async', actions, 0))
+    try: m = measure(benches, seconds, rounds)
+    finally:
+        for b in benches.values(): (b.envs if isinstance(b, _Vector) else b.env).close()
+    out = dict(stack=stack_versions()['stack'], cpus=os.cpu_count(), num_envs=num_envs, raw_fps=m['raw'],
+               wrapped_fps=m['wrapped'], wrapper_ratio=m['wrapped'] / m['raw'], sync_fps=m['sync'],
+               async_fps=m['async_'], async_speedup=m['async_'] / m['raw'])
     return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out.items()}

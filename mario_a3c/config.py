@@ -78,7 +78,7 @@ class TrainingConfig:
     stage_span: int = 1  # stages from world-stage on that the envs cycle through
     max_episode_steps: int = 0  # truncate episodes after this many agent steps (0: no limit)
     num_envs: int = 8  # environments stepped together
-    vectorization: str = 'async'  # async (worker processes) or sync (this process)
+    vectorization: str = 'async'  # async (batched worker processes), gym-async (a process per env) or sync (this process)
     # Model
     channels: str = '16,32,32'  # IMPALA conv channels per stage, comma separated
     blocks: int = 2  # residual blocks per stage

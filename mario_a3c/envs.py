@@ -16,8 +16,8 @@ from .stacks import (ACTION_SETS, ALL_STAGES, JoypadActions, action_set, check_s
                               stack_name)
 
 # %% auto #0
-__all__ = ['REWARDS', 'KEEP_INFO', 'RENDER_MODES', 'gray_resize', 'color_resize', 'ShapedReward', 'EpisodeStats', 'stage_list',
-           'StageSchedule', 'make_env', 'check_env_args']
+__all__ = ['REWARDS', 'KEEP_INFO', 'RENDER_MODES', 'gray_resize', 'color_resize', 'bgra_screen', 'screen_gray', 'SkipMaxGray',
+           'ShapedReward', 'EpisodeStats', 'stage_list', 'StageSchedule', 'make_env', 'check_env_args']
 
 # %% ../nbs/01a_envs.ipynb #8d671158
 def gray_resize(frame:np.ndarray, size:int=84) -> np.ndarray:
@@ -29,6 +29,46 @@ def color_resize(frame:np.ndarray, size:int=84) -> np.ndarray:
     return np.ascontiguousarray(cv2.resize(frame, (size, size), interpolation=cv2.INTER_AREA).transpose(2, 0, 1))
 
 # %% ../nbs/01a_envs.ipynb #6120d948
+def bgra_screen(frame:np.ndarray) -> np.ndarray|None:
+    "The emulator's BGRA buffer `[H, W, 4]` behind an RGB view with strides `(row, 4, -1)`, else None."
+    if frame.ndim != 3 or frame.shape[2] != 3 or frame.strides[1:] != (4, -1): return None
+    bgr = frame[:, :, ::-1]   # bytes B, G, R of each 4-byte pixel, now with positive strides
+    # widen each pixel to its 4th byte (alpha), which follows R in a BGRA buffer
+    return np.lib.stride_tricks.as_strided(bgr, shape=(*frame.shape[:2], 4), strides=(frame.strides[0], 4, 1),
+                                           writeable=False)
+
+def screen_gray(frame:np.ndarray) -> np.ndarray:
+    "Full-size gray `[H, W]` uint8 of an emulator frame, from its BGRA buffer when there is one."
+    bgra = bgra_screen(frame)
+    if bgra is not None: return cv2.cvtColor(bgra, cv2.COLOR_BGRA2GRAY)
+    return cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2GRAY)
+
+# %% ../nbs/01a_envs.ipynb #11cac3b5
+class SkipMaxGray(gym.Wrapper, gym.utils.RecordConstructorArgs):
+    "Repeat an action `skip` frames; observe the max of the last two frames, gray and resized to `size`."
+    def __init__(self, env:gym.Env, skip:int=4, size:int=84):
+        gym.utils.RecordConstructorArgs.__init__(self, skip=skip, size=size)
+        gym.Wrapper.__init__(self, env)
+        self.skip, self.size = skip, size
+        self.observation_space = gym.spaces.Box(0, 255, (size, size), np.uint8)
+
+    def _resize(self, g): return cv2.resize(g, (self.size, self.size), interpolation=cv2.INTER_AREA)
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        return self._resize(screen_gray(obs)), info
+
+    def step(self, action):
+        total, last = 0.0, []
+        for i in range(self.skip):
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            total += float(reward)
+            if i >= self.skip - 2 or terminated or truncated: last.append(screen_gray(obs))
+            if terminated or truncated: break
+        g = last[-1] if len(last) == 1 else np.maximum(last[-2], last[-1])
+        return self._resize(g), total, terminated, truncated, info
+
+# %% ../nbs/01a_envs.ipynb #f8f41b9b
 REWARDS = ('shaped', 'native')
 
 class ShapedReward(gym.Wrapper, gym.utils.RecordConstructorArgs):
@@ -64,7 +104,7 @@ class ShapedReward(gym.Wrapper, gym.utils.RecordConstructorArgs):
         self._last = info
         return obs, reward, terminated, truncated, info
 
-# %% ../nbs/01a_envs.ipynb #04e4e33a
+# %% ../nbs/01a_envs.ipynb #fc5339cf
 KEEP_INFO = ('x_pos', 'y_pos', 'flag_get', 'life', 'score', 'time', 'coins', 'world', 'stage', 'native_reward', 'episode')
 
 class EpisodeStats(gym.Wrapper, gym.utils.RecordConstructorArgs):
@@ -91,7 +131,7 @@ class EpisodeStats(gym.Wrapper, gym.utils.RecordConstructorArgs):
                                    world=int(info['world']), stage=int(info['stage']), t=time.perf_counter() - self._t0)
         return obs, reward, terminated, truncated, self._slim(info)
 
-# %% ../nbs/01a_envs.ipynb #d02ea8dc
+# %% ../nbs/01a_envs.ipynb #83713356
 def stage_list(world:int=1, stage:int=1, stage_span:int=1, random_stage:bool=False) -> list[tuple[int, int]]:
     "The stages a schedule draws from."
     check_stage(world, stage)
@@ -101,7 +141,7 @@ def stage_list(world:int=1, stage:int=1, stage_span:int=1, random_stage:bool=Fal
         raise ValueError(f"stage_span={stage_span!r} from {world}-{stage}: allowed 1-{len(ALL_STAGES) - start}")
     return list(ALL_STAGES[start:start + stage_span])
 
-# %% ../nbs/01a_envs.ipynb #a4a05734
+# %% ../nbs/01a_envs.ipynb #948af142
 class StageSchedule(gym.Env):
     "One emulator per stage, switched at reset: random or round-robin over `stages`."
     def __init__(self, stages:list[tuple[int, int]], random_stage:bool=False, render_mode:str|None=None):
@@ -127,7 +167,7 @@ class StageSchedule(gym.Env):
         for e in self._envs.values(): e.close()
         self._envs.clear()
 
-# %% ../nbs/01a_envs.ipynb #6e23e419
+# %% ../nbs/01a_envs.ipynb #d3741831
 def make_env(world:int=1, # 1-8
              stage:int=1, # 1-4
              actions:str='simple', # right_only (5), simple (7) or complex (12 actions)
@@ -151,20 +191,20 @@ def make_env(world:int=1, # 1-8
         env = StageSchedule(stage_list(world, stage, stage_span, random_stage), random_stage, render_mode=render_mode)
     else: env = make_raw_env(world, stage, render_mode=render_mode)
     env = JoypadActions(env, actions)
-    if frame_skip > 1: env = MaxAndSkipObservation(env, skip=frame_skip)
+    if gray: env = SkipMaxGray(env, frame_skip, size)                 # [size, size]
+    else:
+        if frame_skip > 1: env = MaxAndSkipObservation(env, skip=frame_skip)
+        env = TransformObservation(env, partial(color_resize, size=size), gym.spaces.Box(0, 255, (3, size, size), np.uint8))
     env = ShapedReward(env, reward)
     if max_episode_steps: env = TimeLimit(env, max_episode_steps)
     env = EpisodeStats(env)
-    fn = partial(gray_resize if gray else color_resize, size=size)
-    shape = (size, size) if gray else (3, size, size)
-    env = TransformObservation(env, fn, gym.spaces.Box(0, 255, shape, np.uint8))
     env = FrameStackObservation(env, stack)  # [stack, size, size] (gray) or [stack, 3, size, size]
     if not gray:
         flat = (3 * stack, size, size)
         env = TransformObservation(env, lambda o: o.reshape(flat), gym.spaces.Box(0, 255, flat, np.uint8))
     return env
 
-# %% ../nbs/01a_envs.ipynb #83713356
+# %% ../nbs/01a_envs.ipynb #9bf7243c
 def _check_int(name, v, lo, hi=None):
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo or (hi is not None and v > hi):
         raise ValueError(f"{name}={v!r} is out of range: allowed {lo}-{hi}" if hi else f"{name}={v!r} is out of range: allowed >= {lo}")

@@ -107,7 +107,7 @@ def vec_step(envs:gym.vector.VectorEnv, # the vector env
             ) -> tuple:
     "`envs.step(actions)` with a timeout for worker processes; any failure is raised as `EnvFailure`."
     try:
-        if timeout and isinstance(envs, AsyncVectorEnv):
+        if timeout and hasattr(envs, 'processes'):   # worker processes: Gymnasium's or our batched ones
             envs.step_async(actions)
             return envs.step_wait(timeout=timeout)
         return envs.step(actions)

@@ -88,6 +88,9 @@ def _start_envs(self:Trainer):
 def _close_envs(self:Trainer, terminate:bool=False):
     "Close the vector env (killing workers if `terminate`); never raises."
     if self.envs is None: return
+    if terminate:  # SIGKILL first: a worker stopped or stuck in native code ignores the SIGTERM that close() sends
+        for p in getattr(self.envs, 'processes', ()):
+            if p.is_alive(): p.kill()
     try: self.envs.close(terminate=terminate)
     except Exception: pass
     self.envs = None

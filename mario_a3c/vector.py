@@ -14,15 +14,17 @@ import numpy as np
 from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
 
 from .envs import check_env_args, make_env
+from .workers import BatchedAsyncVectorEnv
 
 # %% auto #0
 __all__ = ['VECTORIZATIONS', 'make_vec_env']
 
 # %% ../nbs/01b_vector.ipynb #8d0d9646
-VECTORIZATIONS = ('async', 'sync')
+VECTORIZATIONS = ('async', 'gym-async', 'sync')
 
 def make_vec_env(num_envs:int=8, # number of environments
-                 vectorization:str='async', # 'async' (worker processes) or 'sync' (this process)
+                 vectorization:str='async', # 'async' (batched worker processes), 'gym-async' (a process per env) or 'sync'
+                 num_workers:int|None=None, # 'async': worker processes (default: one per CPU core)
                  context:str|None='forkserver', # multiprocessing start method for async workers
                  autoreset_mode:str='SameStep', # 'SameStep' or Gymnasium's 'NextStep'
                  fallback:bool=True, # fall back to sync when async workers cannot start
@@ -38,11 +40,15 @@ def make_vec_env(num_envs:int=8, # number of environments
     if autoreset_mode not in modes: raise ValueError(f"autoreset_mode={autoreset_mode!r}: allowed {', '.join(modes)}")
     if context is not None and context not in mp.get_all_start_methods():
         raise ValueError(f"context={context!r}: allowed {', '.join(mp.get_all_start_methods())}")
+    if vectorization == 'async' and autoreset_mode != 'SameStep':
+        raise ValueError(f"autoreset_mode={autoreset_mode!r} needs vectorization='gym-async' or 'sync' ('async' is SameStep)")
     if env_fn is None: check_env_args(**env_kwargs)
     fns = [partial(env_fn or make_env, **env_kwargs)] * num_envs
     mode = AutoresetMode(autoreset_mode)
-    if vectorization == 'async':
-        try: return AsyncVectorEnv(fns, context=context, autoreset_mode=mode)
+    if vectorization in ('async', 'gym-async'):
+        try:
+            if vectorization == 'async': return BatchedAsyncVectorEnv(fns, num_workers=num_workers, context=context)
+            return AsyncVectorEnv(fns, context=context, autoreset_mode=mode)
         except Exception as e:
             if not fallback: raise
             msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__

@@ -73,7 +73,7 @@ def test_model_and_env_kwargs_build_real_objects():
     (dict(reward="sparse"), "reward='sparse' is not a reward mode"),
     (dict(world=8, stage=3, stage_span=3), "stage_span=3 from 8-3: allowed 1-2"),
     (dict(max_episode_steps=-1), "max_episode_steps=-1 is out of range: allowed >= 0"),
-    (dict(vectorization="threads"), "vectorization='threads': allowed async, sync"),
+    (dict(vectorization="threads"), "vectorization='threads': allowed async, gym-async, sync"),
     (dict(recurrent_type="rnn"), "recurrent_type='rnn': allowed gru, lstm, transformer, none"),
     (dict(channels="a,b"), "channels='a,b' is not a comma list of positive ints"),
     (dict(heads=3, recurrent_type="transformer"), "heads=3 does not divide core_size=256"),

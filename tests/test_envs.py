@@ -28,7 +28,7 @@ def test_observation_shapes(gray, size, stack, shape):
 
 
 def test_preprocessing_matches_manual_pipeline():
-    """Frame skip + max + gray/resize + stack, rebuilt by hand from the raw emulator with the same actions."""
+    """Frame skip + gray + max + resize + stack, rebuilt by hand from the raw emulator with the same actions."""
     actions = action_set("simple")
     rng = np.random.default_rng(0)
     acts = rng.integers(len(actions), size=12)
@@ -36,14 +36,17 @@ def test_preprocessing_matches_manual_pipeline():
     obs, _ = env.reset(seed=0)
     raw = make_raw_env(1, 1)
     first, _ = raw.reset(seed=0)
-    expected = [gray_resize(first.copy())] * 4  # the stack starts filled with the reset frame
+    # reference path: copy the RGB frame, gray it, max the last two of each skip, resize with area averaging
+    gray = lambda f: cv2.cvtColor(np.ascontiguousarray(f), cv2.COLOR_RGB2GRAY)
+    small = lambda g: cv2.resize(g, (84, 84), interpolation=cv2.INTER_AREA)
+    expected = [small(gray(first))] * 4  # the stack starts filled with the reset frame
     assert np.array_equal(obs, np.stack(expected))
     for a in acts:
         frames = []
         for _ in range(4):
             f, *_ = raw.step(button_mask(actions[a]))
-            frames.append(f.copy())  # nes-py hands out its live buffer: copy
-        expected = expected[1:] + [gray_resize(np.maximum(frames[-2], frames[-1]))]
+            frames.append(gray(f))  # nes-py hands out its live buffer: keep a converted copy
+        expected = expected[1:] + [small(np.maximum(frames[-2], frames[-1]))]
         obs, r, term, trunc, info = env.step(int(a))
         assert not (term or trunc)
         assert np.array_equal(obs, np.stack(expected))
