@@ -1,0 +1,222 @@
+"""Reproduce the findings of docs/ENV_DEBUGGING_REPORT.md, one experiment per subcommand.
+
+    python docs/env_experiments.py NAME      # in the venv named in the report (.venv, .venv-legacy or a NumPy 2 one)
+
+Each experiment prints what it observed; none of them changes anything.
+"""
+import sys, time, traceback
+
+
+def numpy2():
+    """nes-py 8 on NumPy 2: constructing an env overflows (uint8 arithmetic with Python ints)."""
+    import numpy as np
+    print("numpy", np.__version__)
+    try:
+        from gym_super_mario_bros.smb_env import SuperMarioBrosEnv
+        env = SuperMarioBrosEnv(target=(1, 1))
+        env.reset()
+        print("constructed and reset fine")
+    except Exception as e:
+        tb = traceback.extract_tb(e.__traceback__)[-1]
+        print(f"{type(e).__name__}: {e}  (at {tb.filename.split('site-packages/')[-1]}:{tb.lineno})")
+
+
+def step_tuple():
+    """gym 0.26 without apply_api_compatibility gets nes-py 8's 4-tuple; gym's own wrappers expect 5 values."""
+    import gym, gym_super_mario_bros  # noqa: F401
+    for compat in (False, True):
+        env = gym.make("SuperMarioBros-1-1-v0", apply_api_compatibility=compat, disable_env_checker=True)
+        env.reset()
+        try:
+            out = env.step(0)
+            print(f"apply_api_compatibility={compat}: step returns {len(out)} values")
+        except ValueError as e:
+            print(f"apply_api_compatibility={compat}: ValueError: {e}")
+
+
+def joypad_seed():
+    """nes-py 8's JoypadSpace.reset does not accept seed= (Gymnasium vector envs always pass it)."""
+    import gym, gym_super_mario_bros  # noqa: F401
+    from nes_py.wrappers import JoypadSpace
+    from gym_super_mario_bros.actions import SIMPLE_MOVEMENT
+    env = JoypadSpace(gym.make("SuperMarioBros-1-1-v0", apply_api_compatibility=True), SIMPLE_MOVEMENT)
+    try:
+        env.reset(seed=0)
+        print("reset(seed=0) works")
+    except TypeError as e:
+        print("TypeError:", e)
+
+
+def removed_apis():
+    """APIs that older Mario code calls and that today's packages no longer have."""
+    import gymnasium
+    print("gymnasium", gymnasium.__version__)
+    try:
+        from gymnasium.wrappers import FrameSkip  # noqa: F401
+        print("gymnasium.wrappers.FrameSkip exists")
+    except ImportError as e:
+        print("ImportError:", e)
+    import gym_super_mario_bros  # noqa: F401
+    ids = [k for k in gymnasium.registry if "SuperMario" in k]
+    print(len(ids), "Mario ids registered in gymnasium; RandomStages among them:", any("RandomStages" in k for k in ids),
+          "; v1-v3 ROM variants:", sorted({k[-2:] for k in ids}))
+
+
+def zero_copy():
+    """The emulator hands out its live screen buffer: the reset frame changes when you step."""
+    import numpy as np
+    from mario_a3c.stacks import make_raw_env, stack_name
+    env = make_raw_env(1, 1)
+    first, _ = env.reset(seed=0)
+    kept = first.copy()
+    for _ in range(30):
+        nxt, *_ = env.step(128)
+    print(stack_name(), "| reset frame and step frame share memory:", np.shares_memory(first, nxt),
+          "| the reset frame changed under us:", not np.array_equal(first, kept))
+
+
+def next_step():
+    """Gymnasium 1.x NextStep autoreset: the step after an episode end is a fake transition (reset obs, reward 0)."""
+    import numpy as np
+    from mario_a3c.envs import make_env
+    from mario_a3c.vector import make_vec_env
+    reset_obs, _ = make_env(1, 1, actions="right_only").reset(seed=0)
+    for mode in ("NextStep", "SameStep"):
+        envs = make_vec_env(1, vectorization="sync", autoreset_mode=mode, world=1, stage=1, actions="right_only")
+        envs.reset(seed=0)
+        for t in range(400):
+            obs, r, term, trunc, info = envs.step(np.array([1]))
+            if term[0] or trunc[0]:
+                break
+        print(f"{mode}: the episode ends at step {t} (reward {r[0]:+.2f}); "
+              f"obs returned with the end is the next episode's first: {np.array_equal(obs[0], reset_obs)}")
+        obs2, r2, *_ = envs.step(np.array([4]))  # right+A+B: would move Mario if it were played
+        print(f"{' ' * len(mode)}  following step: reward {r2[0]:+.2f}, "
+              f"obs is still the reset frame (action ignored): {np.array_equal(obs2[0], reset_obs)}")
+        envs.close()
+
+
+def async_start():
+    """Async workers start under every start method; time to first observation."""
+    from mario_a3c.vector import make_vec_env
+    for ctx in ("fork", "forkserver", "spawn"):
+        t0 = time.perf_counter()
+        envs = make_vec_env(2, vectorization="async", context=ctx, world=1, stage=1)
+        envs.reset(seed=0)
+        print(f"{ctx:>10}: 2 workers ready in {time.perf_counter() - t0:.2f} s")
+        envs.close()
+
+
+def worker_failures():
+    """What a dead worker and a hung worker look like from the parent."""
+    import os, signal
+    import numpy as np
+    from mario_a3c.vector import make_vec_env
+    envs = make_vec_env(2, vectorization="async", world=1, stage=1)
+    envs.reset(seed=0)
+    os.kill(envs.processes[0].pid, signal.SIGKILL)
+    envs.processes[0].join(5)
+    t0 = time.perf_counter()
+    try:
+        envs.step(np.array([0, 0]))
+    except Exception as e:
+        print(f"killed worker: {type(e).__name__}({str(e)!r}) after {time.perf_counter() - t0:.3f} s")
+    envs.close(terminate=True)
+    envs = make_vec_env(2, vectorization="async", world=1, stage=1)
+    envs.reset(seed=0)
+    os.kill(envs.processes[1].pid, signal.SIGSTOP)  # a worker stuck in native code looks like this
+    envs.step_async(np.array([0, 0]))
+    t0 = time.perf_counter()
+    try:
+        envs.step_wait(timeout=2.0)
+    except Exception as e:
+        print(f"hung worker: {type(e).__name__}({str(e)!r}) after {time.perf_counter() - t0:.2f} s (timeout 2 s)")
+    # close(terminate=True) sends SIGTERM and joins: a stopped process never acts on SIGTERM, so the join would block
+    # forever. SIGKILL first (it works on stopped processes too), then close.
+    t0 = time.perf_counter()
+    for p in envs.processes:
+        p.kill()
+    envs.close(terminate=True)
+    print(f"kill + close(terminate=True) took {time.perf_counter() - t0:.2f} s")
+
+
+def info_overhead():
+    """Vector envs gather every info key every step: the full nes-py 9 info costs real throughput."""
+    import numpy as np
+    from mario_a3c.vector import make_vec_env
+    from mario_a3c.envs import KEEP_INFO, make_env
+    for keep in (KEEP_INFO, None):
+        envs = make_vec_env(4, vectorization="sync", env_fn=lambda keep=keep, **kw: _env_keep(keep, **kw), world=1, stage=1)
+        envs.reset(seed=0)
+        rng = np.random.default_rng(0)
+        t0, n = time.perf_counter(), 0
+        while time.perf_counter() - t0 < 8:
+            _, _, _, _, info = envs.step(rng.integers(7, size=4)); n += 1
+        print(f"info keys {len(info):3d}: {n * 4 * 4 / (time.perf_counter() - t0):6.0f} frames/s (4 sync envs)")
+        envs.close()
+
+
+def _env_keep(keep, **kw):
+    from mario_a3c.envs import EpisodeStats, make_env
+    env = make_env(**kw)
+    w = env
+    while not isinstance(w, EpisodeStats):
+        w = w.env
+    w.keep_info = keep
+    return env
+
+
+def _loop(kind, seconds, q):
+    import numpy as np
+    from mario_a3c.envs import make_env
+    from mario_a3c.stacks import JoypadActions, make_raw_env
+    env = make_env(1, 1) if kind == "wrapped" else JoypadActions(make_raw_env(1, 1), "simple")
+    env.reset(seed=0)
+    rng, t0 = np.random.default_rng(0), time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        _, _, term, trunc, _ = env.step(int(rng.integers(7)))
+        if term or trunc:
+            env.reset()
+    q.put(env.get_wrapper_attr("frames") / (time.perf_counter() - t0))
+
+
+def independent():
+    """Emulators in 1 or 2 independent processes (no vector env, no lock step): what the cores can give."""
+    import multiprocessing as mp
+    ctx = mp.get_context("fork")
+    for kind in ("raw", "wrapped"):
+        for n in (1, 2):
+            q = ctx.Queue()
+            ps = [ctx.Process(target=_loop, args=(kind, 8, q)) for _ in range(n)]
+            for p in ps:
+                p.start()
+            fps = [q.get() for _ in ps]
+            for p in ps:
+                p.join()
+            print(f"{kind:>7}, {n} process(es): {sum(fps):6.0f} frames/s in all")
+
+
+def scaling():
+    """Vector env throughput against the number of envs, both async implementations, in one interleaved run."""
+    from mario_a3c.bench_env import _Single, _Vector, measure
+    from mario_a3c.stacks import JoypadActions, make_raw_env
+    benches = {"raw, 1 process": _Single(JoypadActions(make_raw_env(1, 1), "simple"), 0)}
+    for mode in ("async", "gym-async"):
+        for n in (2, 4, 8):
+            benches[f"{mode}, {n} envs"] = _Vector(n, mode, "simple", 0)
+    try:
+        m = measure(benches, seconds=84, rounds=6)
+    finally:
+        for k, b in benches.items():
+            (b.envs if isinstance(b, _Vector) else b.env).close()
+    raw = m["raw, 1 process"]
+    for k, v in m.items():
+        print(f"{k:>18}: {v:6.0f} frames/s  ({v / raw:.2f}x raw)")
+
+
+if __name__ == "__main__":
+    names = [n for n, f in globals().items() if callable(f) and not n.startswith("_") and f.__module__ == "__main__"]
+    if len(sys.argv) != 2 or sys.argv[1] not in names:
+        print(__doc__, "\nexperiments:", ", ".join(names))
+        sys.exit(2)
+    globals()[sys.argv[1]]()
