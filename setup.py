@@ -63,7 +63,6 @@ setup(
         f"Development Status :: {statuses[int(cfg['status']) - 1]}",
         f"Intended Audience :: {cfg['audience']}",
         f"Natural Language :: {cfg['language']}",
-        "License :: OSI Approved :: Apache Software License",
     ] + [f"Programming Language :: Python :: {v}" for v in py_versions],
     python_requires=f">={cfg['min_python']}",
     packages=find_packages(include=["mario_a3c", "mario_a3c.*"]),
