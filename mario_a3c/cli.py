@@ -47,10 +47,16 @@ def _cmd_smoke(args) -> int:
     return 0
 
 # %% ../nbs/09_cli.ipynb #65dd8dd9
+def _sigterm_as_interrupt(signum, frame):
+    "Let `kill` (and a session or job scheduler ending the run) stop training like Ctrl-C: checkpoint, then summary."
+    raise KeyboardInterrupt
+
 def _cmd_train(args) -> int:
     "Train (or resume) and print the summary as JSON on the last line."
+    import signal
     from mario_a3c.config import config_from_args, explicit_overrides
     from mario_a3c.trainer import Trainer
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     if args.resume: trainer = Trainer.from_checkpoint(args.resume, overrides=explicit_overrides(args))
     else: trainer = Trainer(config_from_args(args))
     summary = trainer.train()

@@ -124,3 +124,24 @@ def test_train_notebook_parameters_match_the_config():
     nb = json.loads((ROOT / "nbs" / "train.ipynb").read_text())
     cell = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
     assert parameters_cell_source().strip() in "".join(cell["source"])
+
+
+def test_sigterm_saves_a_checkpoint_and_resumes(tmp_path):
+    """A long run stopped by `kill` (e.g. the end of a session) leaves a checkpoint that resumes where it stopped."""
+    import signal, time
+    args = [str(BIN / "mario-a3c"), "train", *TINY, *out_dirs(tmp_path), "--total-updates", "100000", "--run-name", "s"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics_file = tmp_path / "runs" / "s" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (metrics_file.exists() and '"update"' in metrics_file.read_text()):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["stopped"] == "interrupted" and summary["updates"] >= 1
+    meta = json.loads((tmp_path / "ckpt" / "a3c_world1_stage1_latest.json").read_text())
+    assert meta["updates"] == summary["updates"]
+    res = run_cli("train", "--resume", str(tmp_path / "ckpt" / "a3c_world1_stage1_latest.pt"),
+                  "--total-updates", str(summary["updates"] + 1))
+    assert json.loads(res.stdout.strip().splitlines()[-1])["updates"] == summary["updates"] + 1
