@@ -117,7 +117,7 @@ class TrainingConfig:
     amp: bool = True  # mixed precision: bfloat16 autocast on CPU, float16 + GradScaler on CUDA
     compile: bool = True  # torch.compile the model when available
     device: str = 'auto'  # auto, cpu, cuda or cuda:N
-    threads: int = 1  # torch CPU threads of the learner (0: torch default); 1 leaves the other cores to the emulators
+    threads: int = 1  # torch CPU threads while acting (0: torch default); 1 leaves the other cores to the emulators
     seed: int = 0  # seed of torch, numpy and the envs (env i gets seed + i)
     step_timeout: float = 60.0  # seconds; a slower vector step counts as a hung worker
     max_env_restarts: int = 5  # vector-env rebuilds allowed before the run stops

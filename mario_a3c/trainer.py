@@ -5,6 +5,7 @@
 # %% ../nbs/05e_trainer.ipynb #a9d0ae19
 from __future__ import annotations
 import math, random, threading, time
+from contextlib import contextmanager
 from collections import deque
 from dataclasses import replace
 from pathlib import Path
@@ -35,6 +36,17 @@ def standard_callbacks(config:TrainingConfig) -> list[Callback]:
     return cbs
 
 # %% ../nbs/05e_trainer.ipynb #5dbe5d3e
+_TORCH_THREADS = torch.get_num_threads()  # torch's own choice (one per core), read before any trainer changes it
+
+@contextmanager
+def _threads(n:int):
+    "Run a block with `n` torch threads, then restore the previous count."
+    before = torch.get_num_threads()
+    if n != before: torch.set_num_threads(n)
+    try: yield
+    finally:
+        if n != before: torch.set_num_threads(before)
+
 MIN_BEST_EPISODES = 20  # finished episodes in the rolling window before a 'best' checkpoint is considered
 
 class Trainer:
@@ -49,7 +61,11 @@ class Trainer:
         self.config = config = config.with_run_name().validate()
         self.log, self.env_fn = log, env_fn
         self.device = torch.device(config.resolve_device())
-        if config.threads: torch.set_num_threads(config.threads)
+        # acting shares the cores with the emulator workers: `threads` (default 1); learning runs while they wait, so it
+        # gets every core torch would use by default
+        self.learn_threads = _TORCH_THREADS
+        self.act_threads = config.threads or _TORCH_THREADS
+        torch.set_num_threads(self.act_threads)
         random.seed(config.seed); np.random.seed(config.seed); torch.manual_seed(config.seed)
         self.model = ImpalaActorCritic(**config.model_kwargs()).to(self.device)
         self.learner = Learner(self.model, config, self.device, log=log)
@@ -133,10 +149,10 @@ def _update(self:Trainer) -> dict|None:
         frames = self.frames + (i + 1) * c.rollout_steps * c.num_envs * c.frame_skip
         for ep in out.episodes: self._episode(ep, frames)
         t = time.perf_counter()
-        self.learner.accumulate(out.rollout, self.replay)
+        with _threads(self.learn_threads): self.learner.accumulate(out.rollout, self.replay)
         learn_s += time.perf_counter() - t; act_s += out.act_s; env_s += out.env_s
     t = time.perf_counter()
-    m = self.learner.step()
+    with _threads(self.learn_threads): m = self.learner.step()
     now = time.perf_counter()
     learn_s += now - t
     self.updates += 1; self.frames += c.frames_per_update
