@@ -41,7 +41,7 @@ test = ["pytest>=8", "pytest-timeout>=2.3"]
 extras = {
     "test": test,
     "dev": test + ["nbdev==2.4.14", "fastcore==1.14.5", "execnb==0.1.18", "ghapi==1.1.1", "fastgit==0.1.4",
-                   "jupyterlab>=4.2"],
+                   "jupyterlab>=4.2", "wandb>=0.18"],
     "wandb": ["wandb>=0.18"],
     "tune": ["optuna>=4"],
 }

@@ -145,3 +145,18 @@ def test_sigterm_saves_a_checkpoint_and_resumes(tmp_path):
     res = run_cli("train", "--resume", str(tmp_path / "ckpt" / "a3c_world1_stage1_latest.pt"),
                   "--total-updates", str(summary["updates"] + 1))
     assert json.loads(res.stdout.strip().splitlines()[-1])["updates"] == summary["updates"] + 1
+
+
+def test_wandb_offline_run_records_metrics(tmp_path):
+    """`--wandb-project` with the offline mode works without network and records the run's metric names."""
+    pytest.importorskip("wandb")
+    env = {**os.environ, "WANDB_SILENT": "true"}
+    res = subprocess.run([str(BIN / "mario-a3c"), "train", *TINY, *out_dirs(tmp_path), "--total-updates", "2",
+                          "--run-name", "w", "--wandb-project", "mario-test", "--wandb-mode", "offline"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = list((tmp_path / "runs" / "w" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    data = runs[0].read_bytes()
+    for key in (b"losses/total", b"losses/entropy", b"perf/fps", b"mario-test"):
+        assert key in data, key
