@@ -11,7 +11,8 @@ import numpy as np
 
 from .callbacks import Callback
 from .config import TrainingConfig
-from .stacks import action_set, button_mask, make_raw_env, stack_versions
+from .bench_env import _run_for, _Single
+from .stacks import JoypadActions, make_raw_env, stack_versions
 
 # %% auto #0
 __all__ = ['raw_fps', 'train_fps', 'bench']
@@ -19,14 +20,9 @@ __all__ = ['raw_fps', 'train_fps', 'bench']
 # %% ../nbs/06_bench.ipynb #b4b92760
 def _raw_worker(seconds:float, seed:int, actions:str, out):
     "Step one raw emulator with random buttons for `seconds`; put (frames, elapsed) on `out`."
-    env, rng = make_raw_env(1, 1), np.random.default_rng(seed)
-    masks = [button_mask(c) for c in action_set(actions)]
-    env.reset(seed=seed); n = 0; t0 = time.perf_counter()
-    while (el := time.perf_counter() - t0) < seconds:
-        for _ in range(4):                                   # one action held for 4 frames, as the agent does
-            _, _, term, trunc, _ = env.step(masks[rng.integers(len(masks))]); n += 1
-            if term or trunc: env.reset()
-    out.put((n, el)); env.close()
+    b = _Single(JoypadActions(make_raw_env(1, 1), actions), seed)   # the same raw loop as `mario-a3c bench-env`
+    f0 = b.frames; el = _run_for(seconds, b.step)
+    out.put((b.frames - f0, el)); b.env.close()
 
 def raw_fps(num_procs:int=8, # worker processes, one emulator each
             seconds:float=20., # measuring time per worker

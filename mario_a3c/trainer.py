@@ -13,7 +13,6 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 from .config import TrainingConfig
-from .envs import make_env
 from .vector import make_vec_env
 from .models import ImpalaActorCritic
 from .replay import PrioritizedReplay
@@ -92,8 +91,8 @@ def _start_envs(self:Trainer):
     "Build and reset the vector env with the next seed; zero the recurrent state."
     c = self.config
     seed, self.env_builds = c.seed + c.num_envs * self.env_builds, self.env_builds + 1
-    try:  # the config validated the env arguments: bad ones (TypeError/ValueError) raise as themselves
-        self.envs = make_vec_env(c.num_envs, vectorization=c.vectorization, env_fn=self.env_fn or make_env, **c.env_kwargs())
+    try:  # bad env arguments (TypeError/ValueError) raise as themselves
+        self.envs = make_vec_env(c.num_envs, vectorization=c.vectorization, env_fn=self.env_fn, **c.env_kwargs())
         obs, _ = self.envs.reset(seed=seed)
     except (TypeError, ValueError): raise
     except Exception as e: raise EnvFailure(f"vector env start failed: {type(e).__name__}: {e}") from e
