@@ -73,7 +73,7 @@ class Curves:
         self.lines = {}
         for ax, (key, title) in zip(axes, names):
             ax.set_title(title, fontsize=9); ax.tick_params(labelsize=7); ax.grid(alpha=0.3)
-            self.lines[key] = ax.plot([], [], lw=1)[0]
+            self.lines[key] = ax.plot([], [], lw=1, marker='.', ms=3)[0]
         self.fig.tight_layout()
     def png(self, data:dict) -> bytes:
         "Set each curve to `data[key] = (xs, ys)` and render."
@@ -138,6 +138,7 @@ class TrainingPanel(Callback):
         side = W.VBox([W.HBox([self.env_pick, self.pause_btn]), self.bar, self.progress,
                        W.HBox([self.save_btn, self.stop_btn]), self.status], layout=W.Layout(width='480px'))
         self.widget = W.VBox([W.HTML(_STYLE), W.HBox([self.frame_img, side]), self.curves_img])
+        self.widget.add_class('mario-panel')
 
 # %% ../nbs/08_widgets.ipynb #80af860a
 def _start(self:TrainingPanel, trainer, # a `Trainer` (or anything with its callbacks, config, stop, save, preview_frame)
