@@ -32,8 +32,10 @@ def tiny_checkpoint(directory, # folder for the run's files (checkpoint, config)
     cfg = dict(num_envs=1, vectorization='sync', size=42, channels='4,8', blocks=1, hidden=32, core_size=32, rollout_steps=4,
                total_updates=1, warmup_updates=1, amp=False, compile=False, log_every_s=60., seed=seed, run_name='tiny',
                runs_dir=str(d / 'runs'), checkpoint_dir=str(d / 'models'), tensorboard_dir=str(d / 'tb'))
-    trainer = Trainer(TrainingConfig(**{**cfg, **kw}), log=lambda *a: None, default_callbacks=False)
-    return Path(trainer.train()['checkpoint'])
+    import torch
+    threads = torch.get_num_threads()  # the trainer sets its own; give the caller's back
+    try: return Path(Trainer(TrainingConfig(**{**cfg, **kw}), log=lambda *a: None, default_callbacks=False).train()['checkpoint'])
+    finally: torch.set_num_threads(threads)
 
 # %% ../nbs/07_evaluate.ipynb #6cfdd030
 def _agent_config(meta:dict, path) -> TrainingConfig:
@@ -47,7 +49,7 @@ def _agent_config(meta:dict, path) -> TrainingConfig:
 
 def load_agent(checkpoint, # a `.pt` checkpoint (or its `.json`)
                device:str='cpu', # cpu, cuda, cuda:N or auto
-              ) -> tuple[torch.nn.Module, TrainingConfig, dict]:
+              ) -> tuple:
     "(model in eval mode with float32 weights, its training config, its metadata) of a checkpoint."
     import torch
     from mario_a3c.checkpoint import CheckpointError, load_checkpoint, load_model_state
@@ -103,11 +105,12 @@ def evaluate(checkpoint, # a `.pt` checkpoint (or its `.json`)
              max_steps:int=10_000, # truncate episodes after this many env steps (no-ops included)
              device:str='cpu', # cpu, cuda or auto
              callback:Callable|None=None, # callback(frame_rgb, info) after every step; returning True stops
+             threads:int=1, # torch CPU threads while playing (0: torch's default); one is fastest for one env
             ) -> dict:
     "Play `episodes` episodes of a checkpoint: per-episode return, length, max x, flag, and the clear rate."
     import torch
     _check_count('episodes', episodes, 1); _check_count('noop_max', noop_max, 0); _check_count('max_steps', max_steps, 1)
-    _check_count('seed', seed, 0)
+    _check_count('seed', seed, 0); _check_count('threads', threads, 0)
     model, config, meta = load_agent(checkpoint, device)
     dev = next(model.parameters()).device
     kw = eval_env_kwargs(config, world, stage, max_steps, render=video or callback is not None)
@@ -120,7 +123,8 @@ def evaluate(checkpoint, # a `.pt` checkpoint (or its `.json`)
             env = gym.wrappers.RecordVideo(CopyRender(env), str(video_dir), episode_trigger=lambda i: True,
                                            name_prefix=prefix, fps=60 / config.frame_skip)
     rng, gen = np.random.default_rng(seed), torch.Generator(device=dev).manual_seed(seed)
-    results, stopped = [], False
+    results, stopped, before = [], False, torch.get_num_threads()
+    if threads: torch.set_num_threads(threads)
     try:
         for ep in range(episodes):
             n_noop = int(rng.integers(0, noop_max + 1))
@@ -141,7 +145,7 @@ def evaluate(checkpoint, # a `.pt` checkpoint (or its `.json`)
             if stats is None: break
             results.append({'return': stats['r'], 'native_return': stats['native_r'], 'length': stats['l'], 'max_x': stats['x'],
                             'flag': stats['flag'], 'noops': min(n_noop, stats['l']), 'truncated': bool(truncated and not terminated)})
-    finally: env.close()
+    finally: env.close(); torch.set_num_threads(before)
     videos = [str(Path(video_dir) / f'{prefix}-episode-{i}.mp4') for i in range(len(results))] if video else []
     return dict(checkpoint=meta['path'], world=kw['world'], stage=kw['stage'], deterministic=deterministic, noop_max=noop_max,
                 seed=seed, episodes=results, **summarize(results), videos=videos, stopped=stopped)
