@@ -1,0 +1,79 @@
+"""Ray backend: a tiny asynchronous run through a two-node Ray cluster on loopback (head + worker, one CPU each)."""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mario_a3c.callbacks import Callback
+from mario_a3c.config import TrainingConfig
+from mario_a3c.rollout import CountingEnv
+from mario_a3c.trainer import Trainer
+
+ray = pytest.importorskip('ray')
+RAY = str(Path(sys.executable).with_name('ray'))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+
+def ray_cli(*args, env=None, timeout=240) -> subprocess.CompletedProcess:
+    return subprocess.run([RAY, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def fast_import_env(tmp) -> dict:
+    "The environment for `ray start`: `import ray` there must not build the rfc3987 grammar that jsonschema pulls in."
+    # Ray's raylet gives its agents a fixed 15 s to start; here `import ray` spends ~3 s of CPU building that grammar
+    # (rfc3987_syntax comes with the Jupyter stack), which on two busy cores pushes the agents past the deadline.
+    (tmp / 'rfc3987_syntax.py').write_text('raise ImportError("left out of Ray processes: slow to import")\n')
+    return {**os.environ, 'PYTHONPATH': os.pathsep.join([str(tmp), os.environ.get('PYTHONPATH', '')]).rstrip(os.pathsep)}
+
+
+SMALL = ['--node-ip-address', '127.0.0.1', '--num-cpus', '1', '--object-store-memory', str(100 * 2**20),
+         '--disable-usage-stats', '--include-log-monitor', 'False']
+
+
+@pytest.fixture(scope='module')
+def cluster(tmp_path_factory):
+    "A head and a worker node on 127.0.0.1 (or the cluster in MARIO_RAY_ADDRESS); both stopped afterwards, also on failure."
+    if os.environ.get('MARIO_RAY_ADDRESS'):
+        yield os.environ['MARIO_RAY_ADDRESS']; return
+    port, env = free_port(), fast_import_env(tmp_path_factory.mktemp('ray-env'))
+    try:
+        head = ray_cli('start', '--head', '--port', str(port), '--include-dashboard=false', '--no-monitor',
+                       '--ray-client-server-port', str(free_port()), *SMALL, env=env)
+        if head.returncode:
+            pytest.skip(f"ray start --head failed here: {(head.stderr or head.stdout).strip().splitlines()[-1]}")
+        worker = ray_cli('start', '--address', f'127.0.0.1:{port}', *SMALL, env=env)
+        if worker.returncode:
+            pytest.skip(f"ray start (worker) failed here: {(worker.stderr or worker.stdout).strip().splitlines()[-1]}")
+        yield f'127.0.0.1:{port}'
+    finally:
+        if ray.is_initialized(): ray.shutdown()
+        ray_cli('stop', '--force', timeout=120)
+
+
+class Where(Callback):
+    "Record the node and pid of every actor at the first update."
+    def __init__(self): self.where = None
+    def on_update(self, trainer, metrics):
+        if self.where is None: self.where = trainer.envs.where()
+
+
+def test_two_node_async_training(cluster, tmp_path):
+    cfg = TrainingConfig(mode='async', backend='ray', ray_address=cluster, actors=2, num_envs=4, queue_size=4, size=42,
+                         channels='4,8', blocks=1, hidden=16, core_size=16, rollout_steps=5, total_updates=4,
+                         warmup_updates=1, amp=False, compile=False, checkpoint_every=2, log_every_s=60.0, run_name='ray',
+                         runs_dir=str(tmp_path / 'runs'), checkpoint_dir=str(tmp_path / 'models'),
+                         tensorboard_dir=str(tmp_path / 'tb'))
+    w = Where()
+    s = Trainer(cfg, [w], env_fn=CountingEnv).train()
+    assert (s['stopped'], s['updates'], s['frames']) == ('done', 4, 4 * 5 * 4 * 4)
+    assert s['episodes'] > 0 and os.path.exists(s['checkpoint'])
+    nodes = {x['node'] for x in w.where}
+    assert len(nodes) == 2, w.where      # one actor on each node (each has one CPU)
+    assert not ray.is_initialized()      # the pool disconnected from the cluster when training ended
