@@ -82,13 +82,12 @@ def test_cli_papermill_study_saves_each_notebook(tmp_path):
         nb = json.loads((folder / f"trial-{t.number}.ipynb").read_text())
         injected = next(c for c in nb["cells"] if "injected-parameters" in c["metadata"].get("tags", []))
         assert f"lr = {t.params['lr']!r}" in "".join(injected["source"])
-    # a resumed papermill study: a trial whose notebook fails (NaN logits) is recorded with its error, the next one runs
-    st = open_study("pm", tmp_path / "tune")
-    st.enqueue_trial({"lr": 1e30}); st.enqueue_trial({"lr": 3e-4})
-    st = run_study(TINY, 2, "pm", tmp_path / "tune", SPACE, execution="papermill", last_episodes=3, timeout_s=600, pruner="none")
-    assert [t.state.name for t in st.trials] == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE"]
+    # the study resumed: a trial whose notebook fails (NaN logits) is recorded with the notebook's error
+    open_study("pm", tmp_path / "tune").enqueue_trial({"lr": 1e30})
+    st = run_study(TINY, 1, "pm", tmp_path / "tune", SPACE, execution="papermill", last_episodes=3, timeout_s=600, pruner="none")
+    assert [t.state.name for t in st.trials] == ["COMPLETE", "COMPLETE", "FAIL"]
     assert st.trials[2].user_attrs["error"].startswith("RuntimeError: probability tensor contains")
-    assert (folder / "trial-2.ipynb").exists() and st.trials[3].params["lr"] == 3e-4
+    assert (folder / "trial-2.ipynb").exists()
 
 
 def test_failing_trials_are_recorded_and_the_study_continues(tmp_path):
