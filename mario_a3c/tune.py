@@ -17,9 +17,9 @@ from .callbacks import Callback, read_metrics
 from .config import TrainingConfig
 
 # %% auto #0
-__all__ = ['DEFAULT_SPACE', 'OBJECTIVES', 'Dim', 'check_space', 'space_from_dict', 'space_to_dict', 'suggest', 'objective_value',
-           'TrialReporter', 'PruningCallback', 'trial_config', 'run_inprocess', 'default_pruner', 'open_study',
-           'run_study']
+__all__ = ['DEFAULT_SPACE', 'OBJECTIVES', 'Dim', 'check_space', 'space_from_dict', 'space_to_dict', 'suggest', 'TrialFailed',
+           'objective_value', 'TrialReporter', 'PruningCallback', 'trial_config', 'run_inprocess', 'default_pruner',
+           'open_study', 'run_study']
 
 # %% ../nbs/10_tune.ipynb #7cf8c293
 def _optuna():
@@ -75,6 +75,14 @@ def suggest(trial, # an Optuna trial (or `optuna.trial.FixedTrial`)
 
 # %% ../nbs/10_tune.ipynb #53951421
 OBJECTIVES = {'return': 'r', 'x_pos': 'x', 'flag_rate': 'flag'}  # objective name -> episode record key
+
+class TrialFailed(RuntimeError):
+    "A trial's failure whose message is already 'Name: message' (e.g. the error in an executed notebook)."
+
+def _error_line(e:BaseException) -> str:
+    "The first line of 'Name: message' (a `TrialFailed` message as it is): what a failed trial records."
+    s = str(e) if isinstance(e, TrialFailed) else f"{type(e).__name__}: {e}"
+    return (s.strip().splitlines() or [type(e).__name__])[0]
 
 def _check_metric(metric:str) -> str:
     if metric not in OBJECTIVES: raise ValueError(f"metric={metric!r}: allowed {', '.join(OBJECTIVES)}")
@@ -197,7 +205,7 @@ def run_study(base:TrainingConfig|None=None, # config every trial starts from
         except KeyboardInterrupt:
             trial.set_user_attr('error', 'interrupted'); st.tell(trial, state=TS.FAIL); raise
         except Exception as e:
-            msg = (f"{type(e).__name__}: {e}".splitlines() or [''])[0]
+            msg = _error_line(e)
             trial.set_user_attr('error', msg[:1000]); st.tell(trial, state=TS.FAIL)
             log(f"trial {trial.number}: failed: {msg}")
     return st

@@ -11,7 +11,7 @@ from pathlib import Path
 from .callbacks import read_metrics
 from .config import TrainingConfig
 from .core import project_root
-from .tune import TrialReporter
+from .tune import TrialFailed, TrialReporter
 
 # %% auto #0
 __all__ = ['TRAIN_NOTEBOOK', 'WIDGET_PARAMS', 'run_papermill']
@@ -77,6 +77,6 @@ def run_papermill(config:TrainingConfig, reporter:TrialReporter,
                 time.sleep(poll_s)
         finally:
             if proc.poll() is None: _kill_tree(proc)
-    if proc.returncode: raise RuntimeError(_notebook_error(out) or f"papermill exited with {proc.returncode}: see {out.with_suffix('.log')}")
+    if proc.returncode: raise TrialFailed(_notebook_error(out) or f"papermill exited with {proc.returncode}: see {out.with_suffix('.log')}")
     if reporter.updates < config.total_updates:
         raise RuntimeError(f"training stopped early at update {reporter.updates}/{config.total_updates}")
