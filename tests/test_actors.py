@@ -1,4 +1,5 @@
 """Asynchronous mode: actor processes end to end, resume, restarts of killed/failing actors, back-pressure, shutdown."""
+import json
 import os
 import signal
 import threading
@@ -151,3 +152,28 @@ def test_real_mario_two_actors_with_preview(tmp_path):
     assert alive(w.pids) == []
     if hasattr(Trainer, 'preview_frame'):   # the panel's frame of env 1, answered by the second actor
         assert frames and frames[0].shape == (240, 256, 3) and frames[0].dtype == np.uint8 and frames[0].std() > 0
+
+
+TINY_FLAGS = ['--num-envs', '2', '--actors', '2', '--queue-size', '2', '--size', '42', '--channels', '4,8', '--blocks', '1',
+              '--hidden', '16', '--core-size', '16', '--rollout-steps', '4', '--no-amp', '--no-compile']
+
+
+def test_cli_train_async(tmp_path, capsys):
+    from mario_a3c.cli import main
+    rc = main(['train', '--mode', 'async', *TINY_FLAGS, '--total-updates', '2', '--warmup-updates', '1', '--run-name', 'cli',
+               '--runs-dir', str(tmp_path / 'runs'), '--checkpoint-dir', str(tmp_path / 'models'),
+               '--tensorboard-dir', str(tmp_path / 'tb')])
+    s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and (s['stopped'], s['updates'], s['frames']) == ('done', 2, 2 * 4 * 2 * 4)
+    assert json.loads((tmp_path / 'runs' / 'cli' / 'config.json').read_text())['mode'] == 'async'
+
+
+def test_cli_bench_both_json_last_line(capsys):
+    from mario_a3c.cli import main
+    rc = main(['bench', '--mode', 'both', '--json', '--seconds', '3', '--warmup', '2', *TINY_FLAGS, '--actors-list', '1,2'])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0
+    for k in ('raw_fps', 'train_fps_sync', 'train_fps_async', 'ratio_sync', 'ratio_async'): assert last[k] > 0, k
+    assert abs(last['ratio_async'] - last['train_fps_async'] / last['raw_fps']) < 1e-2
+    assert [r['actors'] for r in last['scaling']] == [1, 2]
+    assert 'async/learner_wait_s' in last['profile']['async'] and 'perf/learn_s' in last['profile']['sync']
