@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.ticker import EngFormatter, FormatStrFormatter
 
 from .callbacks import Callback, ConsoleLogger
 
@@ -73,6 +74,7 @@ class Curves:
         self.lines = {}
         for ax, (key, title) in zip(axes, names):
             ax.set_title(title, fontsize=9); ax.tick_params(labelsize=7); ax.grid(alpha=0.3)
+            ax.yaxis.set_major_formatter(FormatStrFormatter('%.3g')); ax.xaxis.set_major_formatter(EngFormatter(sep=''))  # short labels
             self.lines[key] = ax.plot([], [], lw=1, marker='.', ms=3)[0]
         self.fig.tight_layout()
     def png(self, data:dict) -> bytes:
@@ -112,9 +114,9 @@ class TrainingPanel(Callback):
                                                      ('progress', progress_every_s), ('lines', print_every_s))}
         self.frame_every_s, self.clock, self.stream, self.scale, self.env_index = frame_every_s, clock, stream, scale, env_index
         self.hist = {k: History(history) for k, _ in CURVES}
-        self.trainer = self.result = self.error = self.thread = self.ui = None
+        self.trainer = self.result = self.error = self.thread = self.ui = self.plot = None
         self.paused, self.active, self._dirty, self._quiet, self._shown = False, True, False, False, None
-        self._save, self._done = threading.Event(), threading.Event()
+        self._save, self._done, self._draw_lock = threading.Event(), threading.Event(), threading.Lock()
         self._t0, self._f0, self.frames_shown, self.curves_drawn = None, 0, 0, 0
         if self.widgets: self._build()
 
@@ -125,8 +127,9 @@ class TrainingPanel(Callback):
         self.curves_img, self.curves = W.Image(format='png'), Curves()
         self.env_pick = W.Dropdown(options=[0], value=0, description='env', layout=W.Layout(width='150px'))
         self.pause_btn = W.Button(description='Pause preview', icon='pause')
-        self.save_btn = W.Button(description='Save checkpoint now', icon='save')
-        self.stop_btn = W.Button(description='Stop training', icon='stop', button_style='danger')
+        auto = W.Layout(width='auto')
+        self.save_btn = W.Button(description='Save checkpoint now', icon='save', layout=auto)
+        self.stop_btn = W.Button(description='Stop training', icon='stop', button_style='danger', layout=auto)
         self.bar = W.IntProgress(value=0, min=0, max=1, layout=W.Layout(width='100%'))
         self.progress, self.status = W.HTML('waiting for the first update'), W.HTML('')
         for w, c in ((self.frame_img, 'mario-frame'), (self.curves_img, 'mario-curves'), (self.progress, 'mario-progress'),
@@ -165,7 +168,8 @@ def _start(self:TrainingPanel, trainer, # a `Trainer` (or anything with its call
         show(self.widget)
     self.thread = threading.Thread(target=self._train, name='mario-a3c-train', daemon=True)
     self.ui = threading.Thread(target=self._ui_loop, name='mario-a3c-panel', daemon=True)
-    self.thread.start(); self.ui.start()
+    self.plot = threading.Thread(target=self._curves_loop, name='mario-a3c-curves', daemon=True)
+    self.thread.start(); self.ui.start(); self.plot.start()
 
 def _train(self:TrainingPanel):
     try: self.result = self.trainer.train()
@@ -175,13 +179,19 @@ def _train(self:TrainingPanel):
 def _ui_loop(self:TrainingPanel):
     while not self._done.wait(self.frame_every_s / 2):
         if not self.active: continue
-        try: self.tick()
+        try: self.tick(curves=False)   # a slow curve redraw (CPU-starved kernel) must not hold up frames and progress
         except Exception as e: self._note(f'panel: {type(e).__name__}: {e}')
-    self.tick(final=True)
+    self.plot.join(); self.tick(final=True)
+
+def _curves_loop(self:TrainingPanel):
+    while not self._done.wait(0.25):
+        if not self.active: continue
+        try: self.draw_curves()
+        except Exception as e: self._note(f'panel: {type(e).__name__}: {e}')
 
 def _wait(self:TrainingPanel, timeout:float|None=None) -> dict|None:
     "Block until training ended (or `timeout`); the trainer's summary. Clicks wait while a cell blocks here."
-    for t in (self.thread, self.ui):
+    for t in (self.thread, self.ui, self.plot):
         if t is not None: t.join(timeout)
     if self.error is not None: raise self.error
     return self.result
@@ -206,6 +216,7 @@ def _show_env(self:TrainingPanel, i:int):
     self.env_index, self._shown = int(i), None
 
 TrainingPanel.start, TrainingPanel._train, TrainingPanel._ui_loop, TrainingPanel.wait = _start, _train, _ui_loop, _wait
+TrainingPanel._curves_loop = _curves_loop
 TrainingPanel.toggle_preview, TrainingPanel.save_now, TrainingPanel.stop, TrainingPanel.show_env = _toggle_preview, _save_now, _stop, _show_env
 
 # %% ../nbs/08_widgets.ipynb #a4ef7a62
@@ -246,7 +257,15 @@ def _note(self:TrainingPanel, msg:str):
     if self.widgets: self.status.value = msg
     else: print(msg, file=self.stream or sys.stdout, flush=True)
 
-def _tick(self:TrainingPanel, final:bool=False):
+def _draw_curves(self:TrainingPanel, force:bool=False):
+    "Redraw the curves if there is news and their time has come (`force`: whenever there is news)."
+    with self._draw_lock:
+        if self._dirty and (self.every['curves']() or force):
+            self._dirty = False
+            self.curves_img.value = self.curves.png({k: h.data() for k, h in self.hist.items() if len(h)})
+            self.curves_drawn += 1
+
+def _tick(self:TrainingPanel, final:bool=False, curves:bool=True):
     "One refresh: a new preview frame, the progress, the curves (each at most as often as its rate limit allows)."
     t = self.trainer
     if t is None or not self.widgets: return
@@ -259,10 +278,7 @@ def _tick(self:TrainingPanel, final:bool=False):
         c = t.config
         self.bar.max, self.bar.value = c.total_updates * c.frames_per_update, t.frames
         self.progress.value = self.progress_text()
-    if self._dirty and (self.every['curves']() or final):
-        self._dirty = False
-        self.curves_img.value = self.curves.png({k: h.data() for k, h in self.hist.items() if len(h)})
-        self.curves_drawn += 1
+    if curves or final: self.draw_curves(force=final)
     if final:
         for b in (self.save_btn, self.stop_btn): b.disabled = True
         r = self.result or {}
@@ -271,4 +287,4 @@ def _tick(self:TrainingPanel, final:bool=False):
 
 TrainingPanel.on_train_begin, TrainingPanel.on_update, TrainingPanel.on_episode_end = _on_train_begin, _on_update, _on_episode_end
 TrainingPanel.on_checkpoint, TrainingPanel.on_train_end, TrainingPanel.progress_text = _on_checkpoint, _on_train_end, _progress_text
-TrainingPanel._note, TrainingPanel.tick = _note, _tick
+TrainingPanel._note, TrainingPanel.tick, TrainingPanel.draw_curves = _note, _tick, _draw_curves

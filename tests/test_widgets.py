@@ -121,7 +121,7 @@ def test_stop_button_ends_a_real_run_with_a_checkpoint(tmp_path):
     while trainer.updates < 4 and time.monotonic() - t0 < 90: time.sleep(0.05)
     p.stop_btn.click()                                            # the button's own handler
     s = p.wait(90)
-    assert not p.thread.is_alive() and not p.ui.is_alive()
+    assert not any(t.is_alive() for t in (p.thread, p.ui, p.plot))
     assert s['stopped'] == 'stop' and s['updates'] < 10_000
     assert s['checkpoint'].endswith('_latest.pt') and (tmp_path / 'models').exists()
     assert p.curves_drawn >= 1 and decode(p.curves_img.value) is not None
@@ -174,3 +174,26 @@ def test_eval_panel_headless_lines(tmp_path):
     res = ep.wait()
     assert len(buf.getvalue().splitlines()) == len(res['episodes']) == 2
     assert [r['steps'] for r in ep.rows.values()] == [e['length'] for e in res['episodes']]
+
+
+def test_memory_stays_flat_over_many_refreshes():
+    import tracemalloc
+    rng = np.random.default_rng(0)
+    t = types.SimpleNamespace(config=TrainingConfig(total_updates=10, warmup_updates=1), frames=0, updates=0,
+                              preview_frame=lambda i: rng.integers(0, 255, (240, 256, 3), dtype=np.uint8))
+    p = TrainingPanel(frame_every_s=0.0, curves_every_s=0.0, progress_every_s=0.0, widgets=True, history=200)
+    p.trainer = t; p.on_train_begin(t)
+
+    def refresh(n):
+        for _ in range(n):
+            t.frames += 100
+            p.on_update(t, {'frames': t.frames, 'perf/fps': rng.random(), 'losses/entropy': rng.random()})
+            p.on_episode_end(t, {'frames': t.frames, 'r': rng.random(), 'x': 100})
+            p.tick()
+    refresh(300)                                   # histories full, caches warm
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    refresh(300)                                   # 300 more frames and curve redraws
+    grown = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert p.curves_drawn == 600 and grown < 2_000_000, f'{grown} bytes more after 300 refreshes'
