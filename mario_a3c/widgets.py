@@ -73,7 +73,7 @@ class Curves:
         axes = self.fig.subplots(2, math.ceil(len(names) / 2)).flat
         self.lines = {}
         for ax, (key, title) in zip(axes, names):
-            ax.set_title(title, fontsize=9); ax.tick_params(labelsize=7); ax.grid(alpha=0.3)
+            ax.set_title(title, fontsize=9); ax.tick_params(labelsize=7); ax.grid(alpha=0.3); ax.locator_params(nbins=4)
             ax.yaxis.set_major_formatter(FormatStrFormatter('%.3g')); ax.xaxis.set_major_formatter(EngFormatter(sep=''))  # short labels
             self.lines[key] = ax.plot([], [], lw=1, marker='.', ms=3)[0]
         self.fig.tight_layout()
@@ -81,7 +81,7 @@ class Curves:
         "Set each curve to `data[key] = (xs, ys)` and render."
         for key, line in self.lines.items():
             if key in data: line.set_data(*data[key]); line.axes.relim(); line.axes.autoscale_view()
-        buf = io.BytesIO(); self.fig.savefig(buf, format='png'); return buf.getvalue()
+        buf = io.BytesIO(); self.fig.savefig(buf, format='png', pil_kwargs={'compress_level': 1}); return buf.getvalue()
 
 # %% ../nbs/08_widgets.ipynb #efd6b581
 _STYLE = '<style>.mario-frame {image-rendering: pixelated;}</style>'   # crisp upscaled NES pixels
@@ -98,8 +98,8 @@ _UPDATE_CURVES = ('charts/flag_rate', 'losses/policy', 'losses/value', 'losses/e
 
 class TrainingPanel(Callback):
     "Live view of a `Trainer` in JupyterLab (frame, curves, progress, buttons); plain lines when headless."
-    def __init__(self, frame_every_s:float=0.2, # seconds between preview frames
-                 curves_every_s:float=5.0, # seconds between curve redraws (one costs 0.15-1 s of CPU)
+    def __init__(self, frame_every_s:float=0.25, # seconds between preview frames
+                 curves_every_s:float=10.0, # seconds between curve redraws (one costs ~0.3 s of CPU here)
                  progress_every_s:float=0.5, # seconds between progress-bar updates
                  print_every_s:float=10.0, # headless: seconds between progress lines
                  history:int=500, # points kept per curve
@@ -177,14 +177,14 @@ def _train(self:TrainingPanel):
     finally: self._done.set()
 
 def _ui_loop(self:TrainingPanel):
-    while not self._done.wait(self.frame_every_s / 2):
+    while not self._done.wait(self.frame_every_s):   # few wake-ups: each one competes for the GIL
         if not self.active: continue
         try: self.tick(curves=False)   # a slow curve redraw (CPU-starved kernel) must not hold up frames and progress
         except Exception as e: self._note(f'panel: {type(e).__name__}: {e}')
     self.plot.join(); self.tick(final=True)
 
 def _curves_loop(self:TrainingPanel):
-    while not self._done.wait(0.25):
+    while not self._done.wait(1.0):
         if not self.active: continue
         try: self.draw_curves()
         except Exception as e: self._note(f'panel: {type(e).__name__}: {e}')
