@@ -15,9 +15,9 @@ from .stacks import ACTION_SETS, action_set
 from .vector import VECTORIZATIONS
 
 # %% auto #0
-__all__ = ['RANGES', 'RECURRENT_TYPES', 'RETURNS', 'WANDB_MODES', 'CHOICES', 'IMMUTABLE_FIELDS', 'TrainingConfig',
-           'resolve_device', 'FieldInfo', 'describe_fields', 'parameters_cell_source', 'add_config_args',
-           'explicit_overrides', 'config_from_args']
+__all__ = ['RANGES', 'RECURRENT_TYPES', 'RETURNS', 'WANDB_MODES', 'MODES', 'BACKENDS', 'CHOICES', 'IMMUTABLE_FIELDS',
+           'TrainingConfig', 'resolve_device', 'FieldInfo', 'describe_fields', 'parameters_cell_source',
+           'add_config_args', 'explicit_overrides', 'config_from_args']
 
 # %% ../nbs/05_config.ipynb #38e65ce5
 class _Range(NamedTuple):
@@ -39,12 +39,13 @@ RANGES = dict(
     c_bar=_Range(0, open_lo=True), entropy_beta=_Range(0), value_coef=_Range(0), per_capacity=_Range(1),
     per_alpha=_Range(0), per_beta=_Range(0, 1), per_batch=_Range(1), per_warmup=_Range(1), threads=_Range(0),
     seed=_Range(0), step_timeout=_Range(0, open_lo=True), max_env_restarts=_Range(0), max_nan_steps=_Range(1),
-    checkpoint_every=_Range(1), log_every_s=_Range(0), avg_window=_Range(1))
+    checkpoint_every=_Range(1), log_every_s=_Range(0), avg_window=_Range(1), actors=_Range(1), queue_size=_Range(1))
 RECURRENT_TYPES = ('gru', 'lstm', 'transformer', 'none')
 RETURNS = ('vtrace', 'gae')
 WANDB_MODES = ('online', 'offline', 'disabled')
+MODES, BACKENDS = ('sync', 'async'), ('mp', 'ray')
 CHOICES = dict(actions=ACTION_SETS, reward=REWARDS, vectorization=VECTORIZATIONS,
-               recurrent_type=RECURRENT_TYPES, returns=RETURNS, wandb_mode=WANDB_MODES)
+               recurrent_type=RECURRENT_TYPES, returns=RETURNS, wandb_mode=WANDB_MODES, mode=MODES, backend=BACKENDS)
 
 def _check_type(name:str, v, typ:type):
     "One-line ValueError unless `v` is a `typ` (a bool is not an int; an int is a float; floats are finite)."
@@ -122,6 +123,12 @@ class TrainingConfig:
     step_timeout: float = 60.0  # seconds; a slower vector step counts as a hung worker
     max_env_restarts: int = 5  # vector-env rebuilds allowed before the run stops
     max_nan_steps: int = 5  # consecutive non-finite losses (skipped steps) before the run stops
+    # Actors
+    mode: str = 'sync'  # sync (act, then learn, in turn) or async (actor processes never wait for the learner; needs vtrace)
+    actors: int = 2  # async: actor processes (or Ray actors); each runs num_envs / actors envs
+    queue_size: int = 4  # async: rollouts that may wait for the learner (at least actors); actors block when it is full
+    backend: str = 'mp'  # async: mp (processes on this machine) or ray (Ray actors on any node of a cluster)
+    ray_address: str = ''  # backend ray: address of the cluster to join (empty: a local ray.init())
     # Output
     run_name: str = ''  # run folder name (empty: a timestamp chosen at start)
     runs_dir: str = 'output/runs'  # parent of the run folders (config, metrics)
@@ -230,6 +237,12 @@ def _validate(cfg:TrainingConfig):
         raise ValueError(f"warmup_updates={cfg.warmup_updates} is out of range: allowed 0-{cfg.total_updates} (total_updates)")
     if cfg.per_warmup > cfg.per_capacity:
         raise ValueError(f"per_warmup={cfg.per_warmup} is out of range: allowed 1-{cfg.per_capacity} (per_capacity)")
+    if cfg.mode == 'async' and cfg.returns != 'vtrace':
+        raise ValueError(f"returns={cfg.returns!r} with mode='async': allowed vtrace (only V-trace corrects for the actors' stale policy)")
+    if cfg.mode == 'async' and cfg.num_envs % cfg.actors:
+        raise ValueError(f"num_envs={cfg.num_envs} is not a multiple of actors={cfg.actors}: each actor runs num_envs / actors envs")
+    if cfg.mode == 'async' and cfg.queue_size < cfg.actors:
+        raise ValueError(f"queue_size={cfg.queue_size} is out of range: allowed >= {cfg.actors} (actors) in mode='async'")
     if not re.fullmatch(r'auto|cpu|cuda(:\d+)?', cfg.device):
         raise ValueError(f"device={cfg.device!r}: allowed auto, cpu, cuda or cuda:N")
     if cfg.run_name and not re.fullmatch(r'[\w][\w.+=-]*', cfg.run_name):

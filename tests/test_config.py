@@ -30,7 +30,8 @@ def test_design_fields_and_defaults():
                 device="auto", threads=1, seed=0, step_timeout=60.0, max_env_restarts=5, max_nan_steps=5, run_name="",
                 runs_dir="output/runs", checkpoint_dir="trained_models",
                 tensorboard_dir="tensorboard/a3c_super_mario_bros", checkpoint_every=200, keep_step_checkpoints=False,
-                log_every_s=10.0, avg_window=100, wandb_project="", wandb_mode="offline")
+                log_every_s=10.0, avg_window=100, wandb_project="", wandb_mode="offline", mode="sync", actors=2,
+                queue_size=4, backend="mp", ray_address="")
     assert TrainingConfig().to_dict() == want
     assert set(IMMUTABLE_FIELDS) == {"actions", "frame_skip", "gray", "size", "stack", "channels", "blocks", "hidden",
                                      "recurrent_type", "core_size", "window", "heads", "noisy"}
