@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from .config import TrainingConfig
 from .vector import make_vec_env
+from .preview import FramePreview
 from .models import ImpalaActorCritic
 from .replay import PrioritizedReplay
 from .rollout import collect, EnvFailure
@@ -74,12 +75,17 @@ class Trainer:
         self.best_avg_return, self._best_at = None, 0
         self.best_min_episodes = min(config.avg_window, MIN_BEST_EPISODES)
         self.envs, self._stop = None, threading.Event()
+        self.preview = FramePreview()  # colour frames of one env on request: `preview_frame`
         self._t0, self._frames0, self._updates0, self._latest = time.perf_counter(), 0, 0, (-1, None)
         self.callbacks = CallbackList((standard_callbacks(config) if default_callbacks else []) + list(callbacks))
 
     def stop(self):
         "Ask `train()` to stop after the current update (safe to call from another thread, e.g. a UI button)."
         self._stop.set()
+
+    def preview_frame(self, env_index:int) -> np.ndarray|None:
+        "Latest RGB frame `[H, W, 3]` uint8 of env `env_index` (None before the first); never blocks, any thread."
+        return self.preview.frame(env_index)
 
     @property
     def avg_return(self) -> float|None: return float(np.mean([w[0] for w in self.window])) if self.window else None
@@ -92,8 +98,10 @@ def _start_envs(self:Trainer):
     c = self.config
     seed, self.env_builds = c.seed + c.num_envs * self.env_builds, self.env_builds + 1
     try:  # bad env arguments (TypeError/ValueError) raise as themselves
-        self.envs = make_vec_env(c.num_envs, vectorization=c.vectorization, env_fn=self.env_fn, **c.env_kwargs())
+        env_fn = self.preview.env_fn(self.env_fn, **c.env_kwargs())   # envs answer preview requests after a step
+        self.envs = make_vec_env(c.num_envs, vectorization=c.vectorization, env_fn=env_fn, **c.env_kwargs())
         obs, _ = self.envs.reset(seed=seed)
+        self.preview.bind(self.envs)
     except (TypeError, ValueError): raise
     except Exception as e: raise EnvFailure(f"vector env start failed: {type(e).__name__}: {e}") from e
     self.obs = torch.from_numpy(np.array(obs, dtype=np.uint8))                # [B, C, H, W] a copy
@@ -113,6 +121,9 @@ def _close_envs(self:Trainer, terminate:bool=False):
 def _collect(self:Trainer):
     "One rollout; a failed vector env is rebuilt and the rollout collected again (None when restarts run out)."
     c = self.config
+    if c.mode == 'async':  # actor processes fill the rollouts and restart themselves (05f_actors)
+        from mario_a3c.actors import async_collect
+        return async_collect(self)
     acting = self.learner.autocast if self.learner.amp_dtype is not None else None
     while True:
         try:
@@ -159,6 +170,9 @@ def _update(self:Trainer) -> dict|None:
     m.update({'update': self.updates, 'frames': self.frames, 'perf/fps': (self.frames - self._frames0) / elapsed,
               'perf/updates_per_s': (self.updates - self._updates0) / elapsed, 'perf/update_s': now - t_start,
               'perf/act_s': act_s, 'perf/env_s': env_s, 'perf/learn_s': learn_s})
+    if c.mode == 'async':  # policy lag, queue waits, actor restarts (05f_actors)
+        from mario_a3c.actors import pop_async_metrics
+        m.update(pop_async_metrics(self))
     if self.window: m.update({'charts/avg_return': self.avg_return, 'charts/flag_rate': self.flag_rate})
     if self.replay is not None: m['replay/size'] = len(self.replay)
     return m
