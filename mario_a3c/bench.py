@@ -15,7 +15,7 @@ from .bench_env import _run_for, _Single
 from .stacks import JoypadActions, make_raw_env, stack_versions
 
 # %% auto #0
-__all__ = ['raw_fps', 'train_fps', 'bench']
+__all__ = ['BENCH_MODES', 'raw_fps', 'train_fps', 'bench', 'async_scaling', 'add_bench_mode_args', 'bench_cli']
 
 # %% ../nbs/06_bench.ipynb #b4b92760
 def _raw_worker(seconds:float, seed:int, actions:str, out):
@@ -45,10 +45,11 @@ def raw_fps(num_procs:int=8, # worker processes, one emulator each
 # %% ../nbs/06_bench.ipynb #7471d79d
 class _Clock(Callback):
     "Record (time, frames) per update; stop the trainer `seconds` after the warm-up."
-    def __init__(self, warmup_s:float, seconds:float): self.warmup_s, self.seconds, self.marks = warmup_s, seconds, []
+    def __init__(self, warmup_s:float, seconds:float): self.warmup_s, self.seconds, self.marks, self.metrics = warmup_s, seconds, [], []
     def on_train_begin(self, trainer): self.t0 = time.perf_counter()
     def on_update(self, trainer, metrics):
         now = time.perf_counter(); self.marks.append((now, trainer.frames))
+        if now - self.t0 >= self.warmup_s: self.metrics.append(metrics)
         start = [m for m in self.marks if m[0] - self.t0 >= self.warmup_s]
         if start and now - start[0][0] >= self.seconds: trainer.stop()
 
@@ -67,19 +68,69 @@ def train_fps(config:TrainingConfig|None=None, # the preset to measure (default:
     marks = [m for m in clock.marks if m[0] - clock.t0 >= warmup_s]
     if len(marks) < 2: raise RuntimeError(f"too few updates after the warm-up ({len(clock.marks)} in all): raise seconds")
     (t0, f0), (t1, f1) = marks[0], marks[-1]
-    return dict(train_fps=(f1 - f0) / (t1 - t0), updates=len(marks) - 1, summary=summary)
+    profile = {k: round(float(np.mean([m[k] for m in clock.metrics if k in m])), 3)   # where an update's time goes
+               for k in sorted({k for m in clock.metrics for k in m}) if k.startswith(('perf/', 'async/'))}
+    return dict(train_fps=(f1 - f0) / (t1 - t0), updates=len(marks) - 1, summary=summary, profile=profile)
 
 # %% ../nbs/06_bench.ipynb #ad57aed2
+BENCH_MODES = ('sync', 'async', 'both')
+
 def bench(seconds:float=40., # measuring time of each side
           warmup_s:float=20., # trainer warm-up excluded from its measurement
           config:TrainingConfig|None=None, # preset (default: the defaults)
+          mode:str|None=None, # sync, async or both (default: the config's mode)
          ) -> dict:
-    "Raw emulator and real trainer in one run: `raw_fps`, `train_fps`, `ratio` and the context."
+    "Raw emulator and real trainer in one run: `raw_fps`, `train_fps`, `ratio` (per mode with `_sync`/`_async`) and the context."
     cfg = config or TrainingConfig()
+    mode = mode or cfg.mode
+    if mode not in BENCH_MODES: raise ValueError(f"mode={mode!r}: allowed {', '.join(BENCH_MODES)}")
+    modes = ['sync', 'async'] if mode == 'both' else [mode]
     raw = raw_fps(cfg.num_envs, seconds, cfg.actions)
-    tr = train_fps(cfg, seconds, warmup_s)
-    s = tr['summary']
-    return dict(raw_fps=round(raw, 1), train_fps=round(tr['train_fps'], 1), ratio=round(tr['train_fps'] / raw, 3),
-                num_envs=cfg.num_envs, rollout_steps=cfg.rollout_steps, recurrent_type=cfg.recurrent_type,
-                channels=cfg.channels, vectorization=cfg.vectorization, per=cfg.per, updates=tr['updates'],
-                device=str(s.get('device', cfg.resolve_device())), stack=stack_versions()['stack'], cpus=os.cpu_count())
+    runs = {m: train_fps(replace(cfg, mode=m), seconds, warmup_s) for m in modes}
+    tr, s = runs[modes[0]], runs[modes[0]]['summary']
+    out = dict(raw_fps=round(raw, 1), train_fps=round(tr['train_fps'], 1), ratio=round(tr['train_fps'] / raw, 3))
+    for m, r in runs.items():
+        out.update({f'train_fps_{m}': round(r['train_fps'], 1), f'ratio_{m}': round(r['train_fps'] / raw, 3)})
+    out.update(num_envs=cfg.num_envs, rollout_steps=cfg.rollout_steps, recurrent_type=cfg.recurrent_type,
+               channels=cfg.channels, vectorization=cfg.vectorization, per=cfg.per, updates=tr['updates'],
+               device=str(s.get('device', cfg.resolve_device())), stack=stack_versions()['stack'], cpus=os.cpu_count())
+    if 'async' in runs: out.update(actors=cfg.actors, queue_size=cfg.queue_size, backend=cfg.backend)
+    out['profile'] = {m: r['profile'] for m, r in runs.items()}
+    return out
+
+# %% ../nbs/06_bench.ipynb #3e813ac6
+def async_scaling(actors_list=(1, 2, 4), # actor counts to measure (each must divide num_envs)
+                  seconds:float=40., # measuring time of each run
+                  warmup_s:float=20., # warm-up excluded from each run
+                  config:TrainingConfig|None=None, # preset (default: the defaults)
+                  raw:float|None=None, # raw emulator frames/s for the ratio (None: no ratio)
+                 ) -> list[dict]:
+    "Asynchronous training frames/s for each actor count, with the learner's wait and the policy lag."
+    rows = []
+    for k in actors_list:
+        cfg = replace(config or TrainingConfig(), mode='async', actors=int(k), queue_size=2 * int(k))
+        r = train_fps(cfg, seconds, warmup_s); p = r['profile']
+        rows.append(dict(actors=int(k), train_fps=round(r['train_fps'], 1),
+                         ratio=None if raw is None else round(r['train_fps'] / raw, 3), updates=r['updates'],
+                         learn_s=p.get('perf/learn_s'), learner_wait_s=p.get('async/learner_wait_s'),
+                         actor_put_wait_s=p.get('async/actor_put_wait_s'), policy_lag=p.get('async/policy_lag')))
+    return rows
+
+def add_bench_mode_args(parser):
+    "Let a `bench` parser built with `add_config_args` take `--mode both` and `--actors-list 1,2,4`."
+    for a in parser._actions:
+        if a.dest == 'mode': a.choices, a.help = BENCH_MODES, 'sync, async or both: which trainers to measure (default: sync)'
+    parser.add_argument('--actors-list', metavar='LIST', default=None,
+                        help='also measure async training with each of these actor counts, e.g. 1,2,4 (a scaling table)')
+    return parser
+
+def bench_cli(args) -> dict:
+    "`mario-a3c bench`: the measurement the flags ask for, plus the scaling table with `--actors-list`."
+    from mario_a3c.config import config_from_args
+    mode = getattr(args, 'mode', 'sync')
+    if mode == 'both': del args.mode
+    res = bench(seconds=args.seconds, warmup_s=args.warmup, config=config_from_args(args), mode=mode)
+    if getattr(args, 'actors_list', None):
+        ks = [int(k) for k in args.actors_list.split(',')]
+        res['scaling'] = async_scaling(ks, args.seconds, args.warmup, config_from_args(args), raw=res['raw_fps'])
+    return res

@@ -64,10 +64,9 @@ def _cmd_train(args) -> int:
     return 0 if summary['stopped'] in ('done', 'stop', 'interrupted') else 1
 
 def _cmd_bench(args) -> int:
-    "Training throughput against the raw emulator, in one run."
-    from mario_a3c.bench import bench
-    from mario_a3c.config import config_from_args
-    res = bench(seconds=args.seconds, warmup_s=args.warmup, config=config_from_args(args))
+    "Training throughput against the raw emulator, in one run (sync, async or both; a scaling table with --actors-list)."
+    from mario_a3c.bench import bench_cli
+    res = bench_cli(args)
     if not args.json:
         for k, v in res.items(): print(f'{k:>14}: {v}')
     print(json.dumps(res))
@@ -102,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--warmup', type=float, default=20., help='trainer start-up excluded from the measurement (default 20)')
     s.add_argument('--json', action='store_true', help='print only the JSON line')
     add_config_args(s)
+    from mario_a3c.bench import add_bench_mode_args
+    add_bench_mode_args(s)   # --mode both, --actors-list
 
     s = sub.add_parser('smoke', help='random play in a vector env: checks the environment stack end to end')
     s.set_defaults(fn=_cmd_smoke)
@@ -109,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--num-envs', type=int, default=2); s.add_argument('--steps', type=int, default=300)
     s.add_argument('--actions', default='simple'); s.add_argument('--seed', type=int, default=0)
     s.add_argument('--vectorization', default='async', choices=['async', 'sync'])
+
+    from mario_a3c.tune_report import add_tune_parser
+    add_tune_parser(sub)  # `tune`: Optuna search (nbs/10b_tune_report.ipynb)
+    from mario_a3c.evaluate import add_eval_parser
+    add_eval_parser(sub)  # `eval`: play a checkpoint or a shipped agent (nbs/07_evaluate.ipynb)
     return p
 
 # %% ../nbs/09_cli.ipynb #c2f61562
