@@ -47,10 +47,10 @@ def cluster(tmp_path_factory):
         head = ray_cli('start', '--head', '--port', str(port), '--include-dashboard=false', '--no-monitor',
                        '--ray-client-server-port', str(free_port()), *SMALL, env=env)
         if head.returncode:
-            pytest.skip(f"ray start --head failed here: {(head.stderr or head.stdout).strip().splitlines()[-1]}")
+            pytest.fail(f"ray start --head failed: {(head.stderr or head.stdout).strip().splitlines()[-1]}")
         worker = ray_cli('start', '--address', f'127.0.0.1:{port}', *SMALL, env=env)
         if worker.returncode:
-            pytest.skip(f"ray start (worker) failed here: {(worker.stderr or worker.stdout).strip().splitlines()[-1]}")
+            pytest.fail(f"ray start (worker) failed: {(worker.stderr or worker.stdout).strip().splitlines()[-1]}")
         yield f'127.0.0.1:{port}'
     finally:
         if ray.is_initialized(): ray.shutdown()
