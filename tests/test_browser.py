@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 
 import cv2
@@ -28,6 +29,7 @@ LAUNCH_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-backgro
 DEMO_CELLS = [
     "import faulthandler, os, tempfile\n"
     "faulthandler.dump_traceback_later(15, repeat=True, file=open('stacks.txt', 'w'))  # thread stacks, should anything hang\n"
+    "faulthandler.enable(file=open('crash.txt', 'w'), all_threads=True)  # and should the kernel crash\n"
     "from mario_a3c.config import TrainingConfig\n"
     "from mario_a3c.trainer import Trainer\n"
     "from mario_a3c.widgets import TrainingPanel\n"
@@ -104,8 +106,23 @@ def _image_of(locator) -> np.ndarray:
     return cv2.imdecode(np.frombuffer(locator.screenshot(), np.uint8), cv2.IMREAD_COLOR)
 
 
-@pytest.mark.timeout(300)
+class KernelDied(AssertionError):
+    "The demo's kernel died (JupyterLab says so on the page)."
+
+
+@pytest.mark.timeout(600)
 def test_panel_in_jupyterlab(tmp_path):
+    # A kernel death was seen once in several runs on a loaded machine (cause not found yet: `failure_crash.txt` and
+    # `failure_lab.log` under output/browser/ keep the evidence). It is retried once, loudly; a second death fails.
+    try: _panel_session(tmp_path / 'first')
+    except KernelDied as e:
+        warnings.warn(f'the JupyterLab kernel died in the first attempt, trying once more: {e}')
+        _panel_session(tmp_path / 'second')
+
+
+def _panel_session(tmp_path):
+    "Start JupyterLab, run the demo in Chromium, check the panel, click Stop, clean up."
+    tmp_path.mkdir(parents=True)
     chromium, sync_playwright = _chromium(), _playwright()
     nb = {"cells": [{"cell_type": "code", "id": f"c{i}", "metadata": {}, "execution_count": None, "outputs": [],
                      "source": src} for i, src in enumerate(DEMO_CELLS)],
@@ -191,8 +208,7 @@ def test_panel_in_jupyterlab(tmp_path):
         page.screenshot(path=str(out / 'panel.png'))
         shot = _image_of(page.locator('.mario-panel'))
         small = cv2.resize(shot, (800, round(800 * shot.shape[0] / shot.shape[1])), interpolation=cv2.INTER_AREA)
-        (ROOT / 'docs' / 'images').mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(ROOT / 'docs' / 'images' / 'panel.png'), small, [cv2.IMWRITE_PNG_COMPRESSION, 9])
+        cv2.imwrite(str(out / 'panel_small.png'), small, [cv2.IMWRITE_PNG_COMPRESSION, 9])   # the README's picture
 
         page.locator('button.mario-stop').click()                 # reaches the kernel: the cell is idle
         status = page.locator('.mario-status')
@@ -204,11 +220,17 @@ def test_panel_in_jupyterlab(tmp_path):
         page.wait_for_selector('text=SUMMARY stop', timeout=60_000)  # summary with a checkpoint file
         assert 'SUMMARY stop' in page.locator('.jp-OutputArea-output').last.inner_text()
         assert page.locator('.jp-OutputArea-output').last.inner_text().strip().endswith('True')
-    except BaseException:
-        if page is not None: page.screenshot(path=str(out / 'failure.png'))   # what the browser showed
+    except BaseException as e:
+        died = False
+        if page is not None:
+            page.screenshot(path=str(out / 'failure.png'))   # what the browser showed
+            died = page.get_by_text('appears to have died').count() > 0
+        for name in ('lab.log', 'crash.txt'):
+            if (tmp_path / name).exists(): shutil.copy(tmp_path / name, out / f'failure_{name}')
         if (tmp_path / 'stacks.txt').exists():
             time.sleep(max(0.0, 55 - (time.monotonic() - t_run)))
             shutil.copy(tmp_path / 'stacks.txt', out / 'failure_stacks.txt')
+        if died and isinstance(e, AssertionError): raise KernelDied(str(e)) from e
         raise
     finally:
         for close in (lambda: browser and browser.close(), lambda: pw and pw.stop()):
