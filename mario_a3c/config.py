@@ -34,7 +34,8 @@ class _Range(NamedTuple):
 RANGES = dict(
     max_episode_steps=_Range(0), num_envs=_Range(1), blocks=_Range(0), hidden=_Range(1), core_size=_Range(1),
     window=_Range(1), heads=_Range(1), rollout_steps=_Range(1), total_updates=_Range(1), lr=_Range(0, open_lo=True),
-    weight_decay=_Range(0), warmup_updates=_Range(0), lr_floor=_Range(0, 1), grad_accum=_Range(1), clip_grad=_Range(0),
+    weight_decay=_Range(0), warmup_updates=_Range(0), lr_floor=_Range(0, 1), grad_accum=_Range(1), epochs=_Range(1), minibatches=_Range(1), ppo_clip=_Range(0, 1),
+    clip_grad=_Range(0),
     adam_eps=_Range(0, open_lo=True), gamma=_Range(0, 1), gae_lambda=_Range(0, 1), rho_bar=_Range(0, open_lo=True),
     c_bar=_Range(0, open_lo=True), entropy_beta=_Range(0), value_coef=_Range(0), per_capacity=_Range(1),
     per_alpha=_Range(0), per_beta=_Range(0, 1), per_batch=_Range(1), per_warmup=_Range(1), threads=_Range(0),
@@ -97,6 +98,8 @@ class TrainingConfig:
     warmup_updates: int = 100  # linear learning-rate warm-up in updates, at most total_updates
     lr_floor: float = 0.1  # final learning rate of the cosine decay, as a fraction of lr (0-1)
     grad_accum: int = 1  # rollouts whose gradients are summed into one optimizer step
+    epochs: int = 1  # passes over each update's rollout (> 1: PPO-style reuse, one optimizer step per minibatch)
+    minibatches: int = 1  # groups of env columns each pass is split into; must divide num_envs
     clip_grad: float = 40.0  # max global gradient norm (0: no clipping)
     adam_eps: float = 1e-5  # AdamW epsilon
     # Returns and loss
@@ -107,6 +110,7 @@ class TrainingConfig:
     c_bar: float = 1.0  # V-trace clip of the trace-cutting coefficient
     entropy_beta: float = 0.01  # weight of the entropy bonus
     value_coef: float = 0.5  # weight of the value loss
+    ppo_clip: float = 0.0  # PPO's clipped surrogate for the policy term, ratio band 1 +- ppo_clip (0: off)
     # Prioritized replay
     per: bool = False  # add replayed segments from a prioritized buffer to each update
     per_capacity: int = 2000  # segments kept in the buffer
@@ -243,6 +247,10 @@ def _validate(cfg:TrainingConfig):
         raise ValueError(f"num_envs={cfg.num_envs} is not a multiple of actors={cfg.actors}: each actor runs num_envs / actors envs")
     if cfg.mode == 'async' and cfg.queue_size < cfg.actors:
         raise ValueError(f"queue_size={cfg.queue_size} is out of range: allowed >= {cfg.actors} (actors) in mode='async'")
+    if (cfg.epochs > 1 or cfg.minibatches > 1) and cfg.grad_accum > 1:
+        raise ValueError(f"grad_accum={cfg.grad_accum} with epochs={cfg.epochs}, minibatches={cfg.minibatches}: allowed 1 (reuse steps once per minibatch)")
+    if cfg.num_envs % cfg.minibatches:
+        raise ValueError(f"minibatches={cfg.minibatches} does not divide num_envs={cfg.num_envs}: each minibatch holds whole env columns")
     if not re.fullmatch(r'auto|cpu|cuda(:\d+)?', cfg.device):
         raise ValueError(f"device={cfg.device!r}: allowed auto, cpu, cuda or cuda:N")
     if cfg.run_name and not re.fullmatch(r'[\w][\w.+=-]*', cfg.run_name):

@@ -9,17 +9,17 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import Tensor, nn
-from .returns import vtrace, gae, policy_loss, value_loss, entropy_loss
+from .returns import vtrace, gae, policy_loss, clipped_policy_loss, value_loss, entropy_loss
 from .schedules import warmup_cosine
 from .segments import SegmentBatch
 from .rollout import Rollout, check_batch
 
 # %% auto #0
 __all__ = ['LOSS_FIELDS', 'compute_loss', 'cpu_has_native_bf16', 'amp_dtype', 'loss_and_grads', 'relative_error', 'cat_batches',
-           'Learner']
+           'take_columns', 'Learner']
 
 # %% ../nbs/05d_learner.ipynb #64cc7ad0
-LOSS_FIELDS = ('returns', 'gamma', 'gae_lambda', 'rho_bar', 'c_bar', 'entropy_beta', 'value_coef')
+LOSS_FIELDS = ('returns', 'gamma', 'gae_lambda', 'rho_bar', 'c_bar', 'entropy_beta', 'value_coef', 'ppo_clip')
 
 def compute_loss(model:Callable, # (obs, state, episode_start) -> (logits, value, state), e.g. `ImpalaActorCritic`
                  batch, # `Rollout` or `SegmentBatch`, on the model's device
@@ -44,16 +44,20 @@ def compute_loss(model:Callable, # (obs, state, episode_start) -> (logits, value
         adv, targets = gae(rewards=rewards, values=values.detach(), bootstrap_value=bootstrap, discounts=discounts,
                            lam=config.gae_lambda)
         pg_adv = rhos.clamp(max=config.rho_bar) * adv
-    pl = policy_loss(target_logp, pg_adv, weights)
+    if config.ppo_clip > 0:  # the ratio moves into the clipped surrogate instead of weighting the advantage
+        if config.returns == 'vtrace': adv = rewards + discounts * torch.cat([targets[1:], bootstrap[None]]) - values.detach()
+        pl = clipped_policy_loss(target_logp, blogp, adv, config.ppo_clip, weights)
+    else: pl = policy_loss(target_logp, pg_adv, weights)
     vl = value_loss(values, targets, weights)
     el = entropy_loss(logits, weights)
     loss = pl + config.value_coef * vl + config.entropy_beta * el
     metrics = {'losses/policy': pl.detach(), 'losses/value': vl.detach(), 'losses/entropy': -el.detach(),
                'losses/total': loss.detach(), 'vtrace/rho_mean': rhos.mean(),
                'td_abs': (targets - values.detach()).abs().mean(0)}  # [B]
+    if config.ppo_clip > 0: metrics['ppo/clip_frac'] = ((rhos - 1).abs() > config.ppo_clip).float().mean()
     return loss, metrics
 
-# %% ../nbs/05d_learner.ipynb #154eb2cc
+# %% ../nbs/05d_learner.ipynb #3f6b959c
 def cpu_has_native_bf16() -> bool:
     "Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX)."
     cpu = getattr(torch, 'cpu', None)
@@ -71,7 +75,7 @@ def amp_dtype(amp:bool, # mixed precision requested
     log("amp: this CPU has no native bfloat16 (AVX512-BF16/AMX), where bf16 autocast is slower than float32: training in float32")
     return None
 
-# %% ../nbs/05d_learner.ipynb #fb5a7b40
+# %% ../nbs/05d_learner.ipynb #997c1b45
 def loss_and_grads(model:nn.Module, # the network (gradients are zeroed first)
                    batch, # a `Rollout` or `SegmentBatch` on the model's device
                    config, # has LOSS_FIELDS
@@ -90,7 +94,7 @@ def relative_error(a:Tensor, b:Tensor) -> float:
     "||a - b|| / ||b||."
     return ((a - b).norm() / b.norm()).item()
 
-# %% ../nbs/05d_learner.ipynb #05922b4a
+# %% ../nbs/05d_learner.ipynb #90b7a968
 def cat_batches(a, # `Rollout` or `SegmentBatch` [T, B1]
                 b, # `SegmentBatch` [T, B2] on the same device
                ) -> SegmentBatch:
@@ -104,7 +108,13 @@ def cat_batches(a, # `Rollout` or `SegmentBatch` [T, B1]
     assert check_batch(out) == (Ta, Ba + Bb)
     return out
 
-# %% ../nbs/05d_learner.ipynb #6fdef7c8
+# %% ../nbs/05d_learner.ipynb #20263005
+def take_columns(r:Rollout, # [T(+1), B, ...]
+                 cols:Tensor, # int64 [K] column (env) indices, on r's device
+                ) -> Rollout:
+    "The rollout of envs `cols` only, `[T(+1), K, ...]` (a minibatch of whole env columns, recurrent state included)."
+    return Rollout(*(x[:, cols] for x in r[:6]), tuple(s[:, cols] for s in r.init_state), r.values[:, cols])
+
 class Learner:
     "AdamW + warm-up/cosine over `compute_loss`, with AMP, gradient accumulation, clipping, NaN skips and replay."
     def __init__(self, model:nn.Module, # the actor-critic (its parameters are optimized in place)
@@ -177,6 +187,9 @@ class Learner:
 
     def step(self) -> dict:
         "Clip, step AdamW and the schedule (or skip the step after a non-finite loss/gradient); return float metrics."
+        return self._apply(schedule=True)
+
+    def _apply(self, schedule:bool) -> dict:
         if self._n == 0: raise RuntimeError("step() called without accumulate(): no gradients to apply")
         params = [p for p in self.model.parameters() if p.requires_grad]
         lr = self.opt.param_groups[0]['lr']
@@ -195,7 +208,8 @@ class Learner:
         skipped_nan = self._bad or (not stepped and not self.scaler.is_enabled())
         self.opt.zero_grad(set_to_none=True)
         if stepped:
-            self.sched.step(); self.steps += 1; self.nan_streak = 0
+            if schedule: self.sched.step(); self.steps += 1
+            self.nan_streak = 0
             if hasattr(self.model, 'reset_noise'): self.model.reset_noise()
         if skipped_nan: self.nan_streak += 1; self.nan_skips += 1
         names = list(self._sums)
@@ -205,6 +219,27 @@ class Learner:
                     'opt/nan_streak': float(self.nan_streak)})
         if self.scaler.is_enabled(): out['opt/amp_scale'] = float(self.scaler.get_scale())
         self._reset_accumulation()
+        return out
+
+    def fit(self, rollout:Rollout, # one update's fresh rollout (CPU or device)
+            replay=None, # `PrioritizedReplay` when config.per (sampled and filled on the first pass only)
+           ) -> dict:
+        "`epochs` passes over `rollout`, each in `minibatches` column groups with an optimizer step per group; the schedule advances once."
+        c, B = self.config, rollout.B
+        if c.grad_accum != 1: raise ValueError(f"grad_accum={c.grad_accum} with epochs/minibatches: allowed 1 (each minibatch is one step)")
+        if B % c.minibatches: raise ValueError(f"minibatches={c.minibatches} does not divide the rollout's {B} envs")
+        rollout, outs = rollout.to(self.device, non_blocking=True), []
+        for epoch in range(c.epochs):
+            order = torch.randperm(B) if c.minibatches > 1 else torch.arange(B)   # torch's seeded RNG: resumable
+            for cols in order.chunk(c.minibatches):
+                self.accumulate(take_columns(rollout, cols.to(self.device)), replay if epoch == 0 else None)
+                outs.append(self._apply(schedule=False))
+        n_steps = sum(o['opt/skipped'] == 0.0 for o in outs)
+        if n_steps: self.sched.step(); self.steps += 1
+        finite_mean = lambda xs: float(np.mean(xs)) if (xs := [x for x in xs if math.isfinite(x)]) else float('nan')
+        out = {k: finite_mean([o[k] for o in outs if k in o]) for k in outs[0]}
+        out.update({k: outs[-1][k] for k in ('opt/lr', 'opt/nan_streak', 'opt/amp_scale') if k in outs[-1]})
+        out.update({'opt/skipped': float(n_steps == 0), 'opt/steps': float(n_steps)})
         return out
 
     def state_dict(self) -> dict:

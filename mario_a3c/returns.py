@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['VTraceReturns', 'vtrace', 'GAEReturns', 'gae', 'policy_loss', 'value_loss', 'entropy', 'entropy_loss']
+__all__ = ['VTraceReturns', 'vtrace', 'GAEReturns', 'gae', 'policy_loss', 'value_loss', 'clipped_policy_loss', 'entropy',
+           'entropy_loss']
 
 # %% ../nbs/03_returns.ipynb #d2f37ec8
 def _check_float(name:str, x, shape_doc:str, ndim:int):
@@ -143,6 +144,21 @@ def value_loss(
     return 0.5 * (w * (values - targets.detach()).pow(2)).mean()
 
 # %% ../nbs/03_returns.ipynb #e4b3a851
+def clipped_policy_loss(
+    logp_actions:Tensor,            # [T, B] log pi(a_t|x_t) under the current policy, with gradient
+    behaviour_logp:Tensor,          # [T, B] log mu(a_t|x_t) under the policy that acted (a constant)
+    advantages:Tensor,              # [T, B] advantage estimates (detached here)
+    clip:float,                     # PPO's epsilon: the ratio counts only within [1 - clip, 1 + clip]
+    weights:Optional[Tensor]=None,  # [T, B] or [B] importance weights; None: all 1
+) -> Tensor:
+    "PPO's clipped surrogate `-mean(w * min(r A, clip(r, 1-clip, 1+clip) A))`, r = pi/mu, a scalar."
+    _check_time_major(None, logp_actions=logp_actions, behaviour_logp=behaviour_logp, advantages=advantages)
+    if not clip > 0: raise ValueError(f"clip={clip!r} is out of range: allowed > 0")
+    w, adv = _check_weights(weights, logp_actions), advantages.detach()
+    ratio = (logp_actions - behaviour_logp.detach()).exp()                        # [T, B]
+    return -(w * torch.min(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)).mean()
+
+# %% ../nbs/03_returns.ipynb #0836e85d
 def entropy(
     logits:Tensor,  # [T, B, A] unnormalised action logits
 ) -> Tensor:

@@ -153,16 +153,20 @@ def _update(self:Trainer) -> dict|None:
     "grad_accum rollouts + one optimizer step; the update's metrics (None when the envs could not be restored)."
     c, t_start = self.config, time.perf_counter()
     act_s = env_s = learn_s = 0.0
+    reuse = c.epochs > 1 or c.minibatches > 1
     for i in range(c.grad_accum):
         out = self._collect()
         if out is None: self.learner.discard(); return None
         frames = self.frames + (i + 1) * c.rollout_steps * c.num_envs * c.frame_skip
         for ep in out.episodes: self._episode(ep, frames)
         t = time.perf_counter()
-        with _threads(self.learn_threads): self.learner.accumulate(out.rollout, self.replay)
+        with _threads(self.learn_threads):
+            if reuse: m = self.learner.fit(out.rollout, self.replay)       # epochs x minibatches steps (grad_accum is 1)
+            else: self.learner.accumulate(out.rollout, self.replay)
         learn_s += time.perf_counter() - t; act_s += out.act_s; env_s += out.env_s
     t = time.perf_counter()
-    with _threads(self.learn_threads): m = self.learner.step()
+    if not reuse:
+        with _threads(self.learn_threads): m = self.learner.step()
     now = time.perf_counter()
     learn_s += now - t
     self.updates += 1; self.frames += c.frames_per_update

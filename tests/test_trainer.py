@@ -56,6 +56,22 @@ def test_tiny_mario_run(tmp_path, core, returns, per):
     assert state['learner']['steps'] == 3
 
 
+def test_reuse_takes_epochs_x_minibatches_steps_and_resumes(tmp_path):
+    "PPO-style reuse: each update is epochs * minibatches optimizer steps; resume keeps the counters of an uninterrupted run."
+    kw = dict(total_updates=4, epochs=2, minibatches=2, ppo_clip=0.2, per=True)
+    s1 = Trainer(tiny(tmp_path, **kw), callbacks=[StopAt(2)], env_fn=CountingEnv).train()
+    r = Trainer.from_checkpoint(s1['checkpoint'], env_fn=CountingEnv)
+    r.train()
+    full = Trainer(tiny(tmp_path / 'full', **kw), env_fn=CountingEnv)
+    full.train()
+    ups = read_metrics(tiny(tmp_path).metrics_path, 'update')
+    assert [u['opt/steps'] for u in ups] == [4.0] * 4 and all('ppo/clip_frac' in u for u in ups)
+    assert [u['frames'] for u in ups] == [48 * k for k in range(1, 5)]        # an update still consumes one rollout
+    assert (r.learner.steps, r.learner.sched.last_epoch) == (full.learner.steps, full.learner.sched.last_epoch) == (4, 4)
+    assert r.learner.opt.state_dict()['state'][0]['step'] == full.learner.opt.state_dict()['state'][0]['step'] == 16
+    assert all(torch.isfinite(p).all() for p in r.model.parameters())
+
+
 
 def test_metric_names_are_the_designed_ones(tmp_path):
     s = Trainer(tiny(tmp_path, per=True), env_fn=partial(CountingEnv, length=3)).train()
