@@ -231,14 +231,13 @@ ActorPool._restart, ActorPool._poll, ActorPool._preview_ids, ActorPool.batch, Ac
 def make_pool(trainer):
     "The actor pool of `trainer.config.backend`: processes here ('mp') or Ray actors ('ray')."
     c = trainer.config
+    kw = dict(version=trainer.updates, builds=trainer.env_builds, log=trainer.log)
+    if c.backend == 'ray':   # remote nodes share no memory with this one: frames come back as Ray calls instead
+        from mario_a3c.ray_backend import RayActorPool
+        return RayActorPool(c, trainer.model, env_fn=trainer.env_fn, **kw)
     preview = getattr(trainer, 'preview', None)   # the panel's FramePreview: actors' envs answer its requests
     env_fn = preview.env_fn(trainer.env_fn, **c.env_kwargs()) if preview is not None else trainer.env_fn
-    kw = dict(env_fn=env_fn, version=trainer.updates, builds=trainer.env_builds, log=trainer.log,
-              bind_preview=None if preview is None else preview.bind)
-    if c.backend == 'ray':
-        from mario_a3c.ray_backend import RayActorPool
-        return RayActorPool(c, trainer.model, **kw)
-    return ActorPool(c, trainer.model, **kw)
+    return ActorPool(c, trainer.model, env_fn=env_fn, bind_preview=None if preview is None else preview.bind, **kw)
 
 def async_collect(trainer) -> Collected|None:
     "`Trainer._collect` for mode='async': publish new weights, take one batch of actor rollouts (None: actors failed for good)."

@@ -11,6 +11,7 @@ import torch
 from .actors import ActorFailure
 from .config import TrainingConfig
 from .models import ImpalaActorCritic
+from .preview import rgb_screen
 from .rollout import Rollout, collect, check_batch
 from .vector import make_vec_env
 
@@ -41,6 +42,12 @@ class RolloutActor:
         obs, _ = self.envs.reset(seed=seed)
         self.obs, self.start = torch.from_numpy(np.array(obs, dtype=np.uint8)), torch.ones(self.n, dtype=torch.bool)
         self.state, self.gen = self.model.initial_state(self.n), torch.Generator().manual_seed(seed)
+
+    def frame(self, i:int, # env index within this actor, 0 .. num_envs / actors - 1
+             ) -> np.ndarray|None:
+        "A copy of env `i`'s RGB screen `[H, W, 3]` (None if it has none); served while a rollout runs (threaded actor)."
+        s = rgb_screen(self.envs.envs[i])
+        return None if s is None else s.copy()
 
     def where(self) -> dict:
         "The Ray node id and pid this actor runs in."
@@ -83,7 +90,7 @@ class RayActorPool:
                  version:int=0, # the learner's update count
                  builds:int=0, # env builds so far: seeds are seed + num_envs * builds + env index
                  log=print, # one-line notices (restarts)
-                 bind_preview=None, # unused: frames of remote envs are not previewed
+                 bind_preview=None, # unused: remote frames come through `preview_frame`
                 ):
         import ray
         self.ray, c = ray, config
@@ -94,7 +101,9 @@ class RayActorPool:
             if c.ray_address: ray.init(address=c.ray_address, log_to_driver=False)
             else: ray.init(num_cpus=max(os.cpu_count() or 1, self.K), object_store_memory=200 * 2**20,
                            include_dashboard=False, log_to_driver=False)
-        self.Actor = ray.remote(num_cpus=1, scheduling_strategy='SPREAD')(RolloutActor)
+        # two threads per actor: `frame` calls are answered while a `rollout` call runs
+        self.Actor = ray.remote(num_cpus=1, scheduling_strategy='SPREAD', max_concurrency=2)(RolloutActor)
+        self._frame_call, self._frame = None, (None, None)   # (env, ref) in flight; (env, frame) last received
         self.publish(model.state_dict(), version)
         self.actors, self.inflight, self.pending, self.max_queue, self._acc = [None] * self.K, {}, deque(), 0, []
         for r in range(self.K): self._start(r)
@@ -119,6 +128,21 @@ class RayActorPool:
     def where(self) -> list[dict]:
         "Node id and pid of each actor."
         return self.ray.get([a.where.remote() for a in self.actors])
+
+    def preview_frame(self, env_index:int) -> np.ndarray|None:
+        "The latest RGB frame of env `env_index` that came back from its actor (None before one); asks for the next; never blocks."
+        if isinstance(env_index, bool) or not isinstance(env_index, (int, np.integer)) or not 0 <= env_index < self.config.num_envs:
+            raise ValueError(f"env_index={env_index!r} is out of range: allowed 0-{self.config.num_envs - 1}")
+        call = self._frame_call
+        if call is not None and self.ray.wait([call[1]], timeout=0)[0]:
+            try: self._frame = (call[0], self.ray.get(call[1]))
+            except Exception: pass   # the actor died; its restart answers the next request
+            call = self._frame_call = None
+        if call is None or call[0] != env_index:
+            r, i = divmod(env_index, self.n)
+            self._frame_call = (env_index, self.actors[r].frame.remote(i))
+        env, frame = self._frame
+        return frame if env == env_index else None
 
 # %% ../nbs/05g_ray.ipynb #769476de
 def _restart(self:RayActorPool, r:int, why:str):

@@ -85,6 +85,8 @@ class Trainer:
 
     def preview_frame(self, env_index:int) -> np.ndarray|None:
         "Latest RGB frame `[H, W, 3]` uint8 of env `env_index` (None before the first); never blocks, any thread."
+        pool = self.envs
+        if hasattr(pool, 'preview_frame'): return pool.preview_frame(env_index)   # Ray actors: frames by remote call
         return self.preview.frame(env_index)
 
     @property

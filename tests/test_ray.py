@@ -1,10 +1,13 @@
 """Ray backend: a tiny asynchronous run through a two-node Ray cluster on loopback (head + worker, one CPU each)."""
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mario_a3c.callbacks import Callback
@@ -77,3 +80,50 @@ def test_two_node_async_training(cluster, tmp_path):
     nodes = {x['node'] for x in w.where}
     assert len(nodes) == 2, w.where      # one actor on each node (each has one CPU)
     assert not ray.is_initialized()      # the pool disconnected from the cluster when training ended
+
+
+def ray_config(cluster, tmp_path, **kw) -> TrainingConfig:
+    base = dict(mode='async', backend='ray', ray_address=cluster, actors=2, num_envs=4, queue_size=4, size=42,
+                channels='4,8', blocks=1, hidden=16, core_size=16, rollout_steps=5, total_updates=4, warmup_updates=1,
+                amp=False, compile=False, checkpoint_every=2, log_every_s=60.0, run_name='ray',
+                runs_dir=str(tmp_path / 'runs'), checkpoint_dir=str(tmp_path / 'models'),
+                tensorboard_dir=str(tmp_path / 'tb'))
+    return TrainingConfig(**{**base, **kw})
+
+
+class KillActor(Callback):
+    "SIGKILL actor 0's process (a real process of the cluster) at update 2; stop two updates after its restart."
+    def __init__(self): self.pid, self.restarted_at = None, None
+    def on_update(self, trainer, metrics):
+        if metrics['update'] == 2:
+            self.pid = trainer.envs.where()[0]['pid']
+            os.kill(self.pid, signal.SIGKILL)
+        if self.restarted_at is None and trainer.env_restarts: self.restarted_at = metrics['update']
+        if self.restarted_at is not None and metrics['update'] >= self.restarted_at + 2: trainer.stop()
+
+
+def test_killed_ray_actor_is_restarted(cluster, tmp_path):
+    notes, k = [], KillActor()
+    s = Trainer(ray_config(cluster, tmp_path, total_updates=60), [k], env_fn=CountingEnv, log=notes.append).train()
+    assert (s['stopped'], s['env_restarts']) == ('stop', 1), notes
+    assert s['updates'] == k.restarted_at + 2                    # training went on after the restart
+    assert any(n.startswith('ray actor 0 failed (') and n.endswith('restarting it (restart 1/5)') for n in notes), notes
+    with pytest.raises(ProcessLookupError): os.kill(k.pid, 0)     # the killed process is gone for real
+
+
+class Frames(Callback):
+    "Ask for env 3's frame (actor 1's second env) after each update, as the panel's thread would, until one arrives."
+    def __init__(self): self.frame = None
+    def on_update(self, trainer, metrics):
+        for _ in range(50):
+            if self.frame is None: self.frame = trainer.preview_frame(3)
+            if self.frame is not None: return
+            time.sleep(0.1)
+
+
+def test_preview_frame_comes_back_from_a_ray_actor(cluster, tmp_path):
+    f = Frames()
+    s = Trainer(ray_config(cluster, tmp_path, total_updates=2), [f]).train()      # real Mario envs on the actors
+    assert s['stopped'] == 'done'
+    assert f.frame is not None and f.frame.shape == (240, 256, 3) and f.frame.dtype == np.uint8
+    assert f.frame.std() > 0                                                    # a screen, not a blank buffer
