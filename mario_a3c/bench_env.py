@@ -55,7 +55,7 @@ def measure(benches:dict, seconds:float=20., rounds:int=5) -> dict:
     return {k: f / t for k, (f, t) in tot.items()}
 
 # %% ../nbs/01c_bench_env.ipynb #c1557fbe
-def bench_env(num_envs:int=4, # envs in the vector env measurements
+def bench_env(num_envs:int=8, # envs in the vector env measurements (the trainer's default)
               seconds:float=40., # measuring time of all setups together
               rounds:int=5, # alternations of the setups
               actions:str='simple', # action set of the random policy

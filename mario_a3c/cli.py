@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser('bench-env', help='environment throughput benchmark (JSON on the last line)')
     s.set_defaults(fn=_cmd_bench_env)
-    s.add_argument('--num-envs', type=int, default=4, help='envs in the sync/async vector measurements (default 4)')
+    s.add_argument('--num-envs', type=int, default=8, help='envs in the sync/async vector measurements (default 8, as in training)')
     s.add_argument('--seconds', type=float, default=40., help='measuring time of all four setups together (default 40)')
     s.add_argument('--rounds', type=int, default=5, help='alternations of the four setups (default 5)')
     s.add_argument('--actions', default='simple', help='action set of the random policy (default simple)')

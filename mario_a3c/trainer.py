@@ -4,7 +4,7 @@
 
 # %% ../nbs/05e_trainer.ipynb #a9d0ae19
 from __future__ import annotations
-import math, random, threading, time
+import math, os, random, threading, time
 from contextlib import contextmanager
 from collections import deque
 from dataclasses import replace
@@ -61,9 +61,11 @@ class Trainer:
         self.config = config = config.with_run_name().validate()
         self.log, self.env_fn = log, env_fn
         self.device = torch.device(config.resolve_device())
-        # acting shares the cores with the emulator workers: `threads` (default 1); learning runs while they wait, so it
-        # gets every core torch would use by default
-        self.learn_threads = _TORCH_THREADS
+        # acting shares the cores with the emulator workers: `threads` (default 1). In sync mode learning runs while they
+        # wait, so it gets every core torch would use by default; in async mode the actors never wait, so the learner
+        # gets the cores they leave (at least one): more threads only spin against the actors for the same cores
+        self.learn_threads = (_TORCH_THREADS if config.mode == 'sync'
+                              else max(1, min(_TORCH_THREADS, (os.cpu_count() or 1) - config.actors)))
         self.act_threads = config.threads or _TORCH_THREADS
         torch.set_num_threads(self.act_threads)
         random.seed(config.seed); np.random.seed(config.seed); torch.manual_seed(config.seed)
