@@ -73,7 +73,7 @@ class TrainingConfig:
     actions: str = 'simple'  # action set: right_only (5), simple (7) or complex (12 actions)
     frame_skip: int = 4  # emulator frames per agent step, 1-16
     gray: bool = True  # grayscale frames (else RGB, 3 channels per frame)
-    size: int = 84  # observation height and width in pixels, 16-512
+    size: int = 64  # observation height and width in pixels, 16-512
     stack: int = 4  # frames stacked per observation, 1-16
     reward: str = 'shaped'  # shaped (same on both stacks) or native
     random_stage: bool = False  # draw a stage per episode (from all 32, or from the stage_span stages)
@@ -82,8 +82,8 @@ class TrainingConfig:
     num_envs: int = 8  # environments stepped together
     vectorization: str = 'async'  # async (batched worker processes), gym-async (a process per env) or sync (this process)
     # Model
-    channels: str = '16,32,32'  # IMPALA conv channels per stage, comma separated
-    blocks: int = 2  # residual blocks per stage
+    channels: str = '8,16,16'  # IMPALA conv channels per stage, comma separated
+    blocks: int = 1  # residual blocks per stage
     hidden: int = 256  # features after the CNN
     recurrent_type: str = 'lstm'  # recurrent core: gru, lstm, transformer or none
     core_size: int = 256  # RNN hidden size / transformer width

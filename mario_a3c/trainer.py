@@ -62,10 +62,8 @@ class Trainer:
         self.log, self.env_fn = log, env_fn
         self.device = torch.device(config.resolve_device())
         # acting shares the cores with the emulator workers: `threads` (default 1). In sync mode learning runs while they
-        # wait, so it gets every core torch would use by default; in async mode the actors never wait, so the learner
-        # gets the cores they leave (at least one): more threads only spin against the actors for the same cores
-        self.learn_threads = (_TORCH_THREADS if config.mode == 'sync'
-                              else max(1, min(_TORCH_THREADS, (os.cpu_count() or 1) - config.actors)))
+        # wait, so it gets every core torch would use by default. In async mode see `_learn_threads`
+        self.learn_threads = _TORCH_THREADS
         self.act_threads = config.threads or _TORCH_THREADS
         torch.set_num_threads(self.act_threads)
         random.seed(config.seed); np.random.seed(config.seed); torch.manual_seed(config.seed)
@@ -153,6 +151,15 @@ def _episode(self:Trainer, ep:dict, frames:int):
     self.window.append((float(ep.get('r', math.nan)), float(ep.get('flag', 0.0)), float(ep.get('x', math.nan))))
     self.callbacks.on_episode_end(self, {**ep, 'episode': self.episodes, 'update': self.updates + 1, 'frames': frames})
 
+def _learn_threads(self:Trainer) -> int:
+    "Torch threads for this update's learning: all of torch's in sync mode; in async mode they depend on who waits."
+    c = self.config
+    if c.mode == 'sync' or c.backend == 'ray': return self.learn_threads   # Ray actors may live on other machines
+    # Busy actors hold their cores: threads beyond the cores they leave only spin against them. But when another batch is
+    # already queued the learner is the bottleneck, the actors are blocked on the full queue, and every core is free.
+    backlog = len(getattr(self.envs, 'pending', ())) >= c.actors
+    return self.learn_threads if backlog else max(1, min(self.learn_threads, (os.cpu_count() or 1) - c.actors))
+
 def _update(self:Trainer) -> dict|None:
     "grad_accum rollouts + one optimizer step; the update's metrics (None when the envs could not be restored)."
     c, t_start = self.config, time.perf_counter()
@@ -163,21 +170,21 @@ def _update(self:Trainer) -> dict|None:
         if out is None: self.learner.discard(); return None
         frames = self.frames + (i + 1) * c.rollout_steps * c.num_envs * c.frame_skip
         for ep in out.episodes: self._episode(ep, frames)
-        t = time.perf_counter()
-        with _threads(self.learn_threads):
+        t, n_threads = time.perf_counter(), self._learn_threads()
+        with _threads(n_threads):
             if reuse: m = self.learner.fit(out.rollout, self.replay)       # epochs x minibatches steps (grad_accum is 1)
             else: self.learner.accumulate(out.rollout, self.replay)
         learn_s += time.perf_counter() - t; act_s += out.act_s; env_s += out.env_s
     t = time.perf_counter()
     if not reuse:
-        with _threads(self.learn_threads): m = self.learner.step()
+        with _threads(n_threads): m = self.learner.step()
     now = time.perf_counter()
     learn_s += now - t
     self.updates += 1; self.frames += c.frames_per_update
     elapsed = max(now - self._t0, 1e-9)
     m.update({'update': self.updates, 'frames': self.frames, 'perf/fps': (self.frames - self._frames0) / elapsed,
               'perf/updates_per_s': (self.updates - self._updates0) / elapsed, 'perf/update_s': now - t_start,
-              'perf/act_s': act_s, 'perf/env_s': env_s, 'perf/learn_s': learn_s})
+              'perf/act_s': act_s, 'perf/env_s': env_s, 'perf/learn_s': learn_s, 'perf/learn_threads': n_threads})
     if c.mode == 'async':  # policy lag, queue waits, actor restarts (05f_actors)
         from mario_a3c.actors import pop_async_metrics
         m.update(pop_async_metrics(self))
@@ -185,7 +192,7 @@ def _update(self:Trainer) -> dict|None:
     if self.replay is not None: m['replay/size'] = len(self.replay)
     return m
 
-Trainer._episode, Trainer._update = _episode, _update
+Trainer._episode, Trainer._learn_threads, Trainer._update = _episode, _learn_threads, _update
 
 # %% ../nbs/05e_trainer.ipynb #9d75eefc
 def _state_dict(self:Trainer) -> dict:

@@ -4,6 +4,7 @@ import os
 import signal
 import threading
 import time
+import types
 from functools import partial
 
 import numpy as np
@@ -49,6 +50,20 @@ def test_vtrace_is_required():
     with pytest.raises(ValueError, match="num_envs=8 is not a multiple of actors=3"):
         TrainingConfig(mode='async', actors=3)
     TrainingConfig(mode='sync', returns='gae', actors=3)   # the actor fields matter only in async mode
+
+
+@pytest.mark.parametrize("cpus,actors,backlog,want", [(2, 2, 0, 1), (2, 2, 2, 2), (16, 4, 0, 12), (16, 4, 3, 12),
+                                                     (16, 4, 4, 16), (2, 1, 0, 1)])
+def test_async_learner_threads_follow_who_waits(tmp_path, monkeypatch, cpus, actors, backlog, want):
+    "The cores the actors leave (at least one), or every torch thread when a batch is already waiting for the learner."
+    monkeypatch.setattr(os, 'cpu_count', lambda: cpus)
+    t = Trainer(tiny(tmp_path, actors=actors, num_envs=4 * actors, queue_size=2 * actors), env_fn=CountingEnv)
+    t.learn_threads = cpus                                        # torch's default: one per core
+    t.envs = types.SimpleNamespace(pending=[object()] * backlog)  # rollouts queued after this update's batch
+    assert t._learn_threads() == want
+    sync = Trainer(tiny(tmp_path, mode='sync'), env_fn=CountingEnv)
+    sync.learn_threads = cpus; sync.envs = t.envs
+    assert sync._learn_threads() == cpus
 
 
 def test_async_end_to_end_checkpoint_and_resume(tmp_path):

@@ -175,11 +175,11 @@ def test_resume_rules(tmp_path):
         resolve_resume_config(meta, {"recurrent_type": "gru", "lr": 1e-3})
     assert message(e) == ("cannot resume with recurrent_type='gru': checkpoint a3c_world1_stage1_latest.pt was trained "
                           "with recurrent_type='lstm' (immutable)")
-    for k, v in dict(actions="complex", frame_skip=2, gray=False, size=64, stack=2, channels="16,32", blocks=1,
+    for k, v in dict(actions="complex", frame_skip=2, gray=False, size=84, stack=2, channels="16,32", blocks=2,
                      hidden=128, core_size=128, window=8, heads=2, noisy=True).items():
         with pytest.raises(ValueError, match=f"cannot resume with {k}="):
             resolve_resume_config(meta, {k: v})
-    c = resolve_resume_config(meta, {"hidden": 256, "channels": (16, 32, 32), "total_updates": 30000, "per": True})
+    c = resolve_resume_config(meta, {"hidden": 256, "channels": (8, 16, 16), "total_updates": 30000, "per": True})
     assert c == replace(TrainingConfig(), total_updates=30000, per=True)
 
 
