@@ -16,7 +16,8 @@ from .rollout import Rollout, Collected, EnvFailure, collect, check_batch
 from .vector import make_vec_env
 
 # %% auto #0
-__all__ = ['SharedSlots', 'WeightsBoard', 'ActorFailure', 'ActorPool', 'make_pool', 'async_collect', 'pop_async_metrics']
+__all__ = ['SharedSlots', 'WeightsBoard', 'ActorFailure', 'ActorPool', 'count_restart', 'make_pool', 'async_collect',
+           'pop_async_metrics']
 
 # %% ../nbs/05f_actors.ipynb #f495c508
 _FIELDS = ('obs', 'actions', 'behaviour_logp', 'rewards', 'dones', 'episode_start')
@@ -162,16 +163,19 @@ class ActorPool:
         self.procs[r], self.conns[r], self.seen[r] = p, parent, time.monotonic()
 
 # %% ../nbs/05f_actors.ipynb #97009af9
+def count_restart(pool, msg:str):
+    "Count one actor restart of `pool` and log `msg`; `ActorFailure` when `max_env_restarts` are used up (any backend)."
+    limit = pool.config.max_env_restarts
+    if pool.restarts >= limit: raise ActorFailure(f"{msg}; max_env_restarts={limit} used up")
+    pool.restarts += 1; pool.builds += 1   # a new build: the restarted actor's envs get fresh seeds
+    pool.log(f"{msg}; restarting it (restart {pool.restarts}/{limit})")
+
 def _restart(self:ActorPool, r:int, why:str):
     "Kill actor `r` if needed and start it again; `ActorFailure` when the restarts are used up."
     p = self.procs[r]
     if p.is_alive(): p.kill()
     p.join(5); self.conns[r].close()
-    msg = f"actor {r} (pid {p.pid}) {why}, exit code {p.exitcode}"
-    if self.restarts >= self.config.max_env_restarts:
-        raise ActorFailure(f"{msg}; max_env_restarts={self.config.max_env_restarts} used up")
-    self.restarts += 1; self.builds += 1
-    self.log(f"{msg}; restarting it (restart {self.restarts}/{self.config.max_env_restarts})")
+    count_restart(self, f"actor {r} (pid {p.pid}) {why}, exit code {p.exitcode}")
     self._start(r)
 
 def _poll(self:ActorPool, timeout:float):

@@ -198,7 +198,7 @@ def resolve_resume_config(meta:dict, # from `load_checkpoint` / `load_meta`
                          ) -> TrainingConfig:
     "The resumed run's config: the checkpoint's, with mutable overrides applied and immutable ones refused if different."
     name = Path(meta.get('path') or meta.get('file') or 'checkpoint').name
-    base = TrainingConfig.from_dict(meta['config'], source=f'checkpoint {name}')
+    base = TrainingConfig.from_stored(meta['config'], source=f'checkpoint {name}')
     for k in IMMUTABLE_FIELDS:
         if k in overrides and _norm(k, overrides[k]) != _norm(k, getattr(base, k)):
             raise ValueError(f"cannot resume with {k}={overrides[k]!r}: checkpoint {name} was trained with "

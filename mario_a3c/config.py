@@ -16,8 +16,8 @@ from .vector import VECTORIZATIONS
 
 # %% auto #0
 __all__ = ['RANGES', 'RECURRENT_TYPES', 'RETURNS', 'WANDB_MODES', 'MODES', 'BACKENDS', 'CHOICES', 'IMMUTABLE_FIELDS',
-           'TrainingConfig', 'resolve_device', 'FieldInfo', 'describe_fields', 'parameters_cell_source',
-           'add_config_args', 'explicit_overrides', 'config_from_args']
+           'STORED_BEFORE', 'TrainingConfig', 'resolve_device', 'FieldInfo', 'describe_fields',
+           'parameters_cell_source', 'add_config_args', 'explicit_overrides', 'config_from_args']
 
 # %% ../nbs/05_config.ipynb #38e65ce5
 class _Range(NamedTuple):
@@ -62,7 +62,9 @@ def _check_value(name:str, v):
 
 # %% ../nbs/05_config.ipynb #f44e1d66
 IMMUTABLE_FIELDS = ('actions', 'frame_skip', 'gray', 'size', 'stack',
-                    'channels', 'blocks', 'hidden', 'recurrent_type', 'core_size', 'window', 'heads', 'noisy')
+                    'channels', 'blocks', 'hidden', 'recurrent_type', 'core_size', 'window', 'heads', 'noisy', 'layer_norm')
+# what a field meant in configs stored before it existed (checkpoint metadata), where that differs from its default
+STORED_BEFORE = dict(layer_norm=False)
 
 @dataclass
 class TrainingConfig:
@@ -90,6 +92,7 @@ class TrainingConfig:
     window: int = 16  # transformer: past steps each step attends to
     heads: int = 4  # transformer: attention heads (must divide core_size)
     noisy: bool = False  # NoisyLinear policy and value heads (exploration by parameter noise)
+    layer_norm: bool = True  # LayerNorm on the CNN features before the core (without it an LSTM core can saturate)
     # Optimisation
     rollout_steps: int = 32  # agent steps per env per rollout
     total_updates: int = 10000  # optimizer steps in the run
@@ -198,7 +201,8 @@ class TrainingConfig:
         "`ImpalaActorCritic` arguments (`n_actions` defaults to the size of the action set)."
         return dict(n_actions=n_actions or self.n_actions, in_channels=self.in_channels, obs_size=self.size,
                     channels=self.channels_tuple, blocks=self.blocks, hidden=self.hidden, core=self.recurrent_type,
-                    core_size=self.core_size, window=self.window, heads=self.heads, noisy=self.noisy)
+                    core_size=self.core_size, window=self.window, heads=self.heads, noisy=self.noisy,
+                    layer_norm=self.layer_norm)
 
     def immutable(self) -> dict: return {k: getattr(self, k) for k in IMMUTABLE_FIELDS}
     def resolve_device(self) -> str: return resolve_device(self.device)
@@ -214,6 +218,10 @@ class TrainingConfig:
         "Build from a dict of field values (missing keys take defaults, unknown keys are an error)."
         _check_keys(d, source, cls)
         return cls(**d)
+    @classmethod
+    def from_stored(cls, d:dict, source:str='config') -> TrainingConfig:
+        "Build from a config stored by a run (checkpoint metadata): a field it predates means what it meant then."
+        return cls.from_dict({**STORED_BEFORE, **d}, source)
     @classmethod
     def from_json(cls, path) -> TrainingConfig:
         "Read a config JSON, or the `config` of a checkpoint's metadata JSON."

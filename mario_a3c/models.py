@@ -80,6 +80,7 @@ class ImpalaActorCritic(nn.Module):
                  noisy:bool=False,        # NoisyLinear policy and value heads
                  core_layers:int=1,       # stacked RNN layers / transformer blocks
                  channels_last:bool=True, # NHWC convolutions (faster on CPU)
+                 layer_norm:bool=False,   # LayerNorm on the CNN features before the core
                 ):
         super().__init__()
         channels = tuple(int(c) for c in channels)
@@ -88,6 +89,7 @@ class ImpalaActorCritic(nn.Module):
         self.channels_last = channels_last
         self.backbone = ImpalaBackbone(in_channels, obs_size, channels, blocks, hidden)
         if channels_last: self.backbone.to(memory_format=torch.channels_last)
+        self.norm = nn.LayerNorm(hidden) if layer_norm else nn.Identity()   # keeps the core's inputs at unit scale
         self.core = make_core(core, hidden, core_size, window, heads, core_layers)
         Head = NoisyLinear if noisy else nn.Linear
         self.policy, self.value = Head(self.core.out_size, n_actions), Head(self.core.out_size, 1)
@@ -109,7 +111,7 @@ class ImpalaActorCritic(nn.Module):
         T, B = obs.shape[:2]
         x = obs.flatten(0, 1).float().div_(255)  # [T*B, C, H, W] in [0, 1]
         if self.channels_last: x = x.contiguous(memory_format=torch.channels_last)
-        z = self.backbone(x).view(T, B, -1)      # [T, B, hidden]
+        z = self.norm(self.backbone(x)).view(T, B, -1)  # [T, B, hidden]
         y, state = self.core(z, state, episode_start.to(torch.bool))  # [T, B, out]
         logits, value = self.policy(y).float(), self.value(y).float().squeeze(-1)  # [T, B, A], [T, B]
         assert logits.shape == (T, B, self.n_actions) and value.shape == (T, B)
@@ -136,7 +138,7 @@ def count_parameters(model:nn.Module) -> int:
 
 def expected_parameter_count(n_actions:int, in_channels:int=4, obs_size:int=84, channels=(16, 32, 32), blocks:int=2,
                              hidden:int=256, core:str='lstm', core_size:int=256, window:int=16, heads:int=4,
-                             noisy:bool=False, core_layers:int=1, ff_mult:int=4) -> int:
+                             noisy:bool=False, core_layers:int=1, ff_mult:int=4, layer_norm:bool=False) -> int:
     "Closed-form parameter count of `ImpalaActorCritic` with these arguments."
     lin = lambda i, o: i * o + o     # weight + bias
     conv = lambda i, o: 9 * i * o + o  # 3x3 kernel + bias
@@ -144,7 +146,7 @@ def expected_parameter_count(n_actions:int, in_channels:int=4, obs_size:int=84, 
     for c in channels:
         n += conv(cin, c) + 2 * blocks * conv(c, c)
         cin, side = c, math.ceil(side / 2)
-    n += lin(cin * side * side, hidden)
+    n += lin(cin * side * side, hidden) + (2 * hidden if layer_norm else 0)   # fc, LayerNorm gain and bias
     out, D, L = hidden, core_size, core_layers
     if core in ('gru', 'lstm'):
         gates = 4 if core == 'lstm' else 3
@@ -156,7 +158,7 @@ def expected_parameter_count(n_actions:int, in_channels:int=4, obs_size:int=84, 
         out = D
     return n + (2 if noisy else 1) * (lin(out, n_actions) + lin(out, 1))
 
-# %% ../nbs/02_models.ipynb #1f7ed210
+# %% ../nbs/02_models.ipynb #a12fee2e
 STATE_BATCH_DIM = 1  # every core-state tensor is [..., B, ...] with B here
 
 def index_state(state:tuple, # core state, batch on dim 1

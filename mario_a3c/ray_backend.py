@@ -8,7 +8,7 @@ import os, time, warnings
 from collections import deque
 import numpy as np
 import torch
-from .actors import ActorFailure
+from .actors import count_restart
 from .config import TrainingConfig
 from .models import ImpalaActorCritic
 from .preview import rgb_screen
@@ -150,11 +150,7 @@ def _restart(self:RayActorPool, r:int, why:str):
     for ref in [ref for ref, (o, _) in self.inflight.items() if o == r]: del self.inflight[ref]
     try: self.ray.kill(self.actors[r])
     except Exception: pass
-    msg = f"ray actor {r} {why}"
-    if self.restarts >= self.config.max_env_restarts:
-        raise ActorFailure(f"{msg}; max_env_restarts={self.config.max_env_restarts} used up")
-    self.restarts += 1; self.builds += 1
-    self.log(f"{msg}; restarting it (restart {self.restarts}/{self.config.max_env_restarts})")
+    count_restart(self, f"ray actor {r} {why}")
     self._start(r)
 
 def _batch(self:RayActorPool) -> tuple[Rollout, list, float]:
