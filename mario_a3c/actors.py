@@ -213,6 +213,7 @@ def _batch(self:ActorPool) -> tuple[Rollout, list, float]:
         try: self.conns[i // self.m].send(i)
         except OSError: pass   # a dead actor's: its restart gets the buffer
         self.seen[i // self.m] = time.monotonic()
+    self._poll(0)   # take in what else is already waiting: `pending` then tells whether the learner is behind
     return rollout, [meta for _, meta in take], wait
 
 def _close(self:ActorPool, terminate:bool=False, timeout:float=5.0):

@@ -34,7 +34,7 @@ def test_design_fields_and_defaults():
                 queue_size=4, backend="mp", ray_address="")
     assert TrainingConfig().to_dict() == want
     assert set(IMMUTABLE_FIELDS) == {"actions", "frame_skip", "gray", "size", "stack", "channels", "blocks", "hidden",
-                                     "recurrent_type", "core_size", "window", "heads", "noisy"}
+                                     "recurrent_type", "core_size", "window", "heads", "noisy", "layer_norm"}
 
 
 def test_every_field_is_documented_and_typed():
