@@ -12,8 +12,9 @@ from .noisy import NoisyLinear
 from .cores import CORES, make_core
 
 # %% auto #0
-__all__ = ['STATE_BATCH_DIM', 'ResidualBlock', 'impala_stage', 'impala_out_size', 'ImpalaBackbone', 'ImpalaActorCritic',
-           'count_parameters', 'expected_parameter_count', 'index_state', 'batch_state', 'detach_state']
+__all__ = ['INITS', 'STATE_BATCH_DIM', 'ResidualBlock', 'impala_stage', 'impala_out_size', 'ImpalaBackbone', 'orthogonal_init',
+           'ImpalaActorCritic', 'count_parameters', 'expected_parameter_count', 'index_state', 'batch_state',
+           'detach_state']
 
 # %% ../nbs/02_models.ipynb #fee234b5
 def _conv(cin:int, cout:int) -> nn.Conv2d: return nn.Conv2d(cin, cout, 3, padding=1)
@@ -51,6 +52,19 @@ class ImpalaBackbone(nn.Module):
         return F.relu(self.fc(x))              # [N, hidden]
 
 # %% ../nbs/02_models.ipynb #0221f8ab
+INITS = ('orthogonal', 'torch')
+
+def orthogonal_init(model:nn.Module, # has `backbone`, `policy` and `value`
+                   ) -> nn.Module:
+    "Orthogonal weights (ReLU gain for the CNN, 0.01 policy, 1 value) and zero biases, in place; returns `model`."
+    for m in model.backbone.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.orthogonal_(m.weight, nn.init.calculate_gain('relu')); nn.init.zeros_(m.bias)
+    for head, gain in ((model.policy, 0.01), (model.value, 1.0)):
+        if type(head) is nn.Linear: nn.init.orthogonal_(head.weight, gain); nn.init.zeros_(head.bias)
+    return model
+
+# %% ../nbs/02_models.ipynb #ad1282e4
 def _check_args(n_actions, in_channels, obs_size, channels, blocks, hidden, core, core_size):
     "One-line ValueErrors for bad constructor arguments."
     if n_actions < 1: raise ValueError(f"n_actions must be >= 1, got {n_actions}")
@@ -63,7 +77,7 @@ def _check_args(n_actions, in_channels, obs_size, channels, blocks, hidden, core
     if hidden < 1 or core_size < 1: raise ValueError(f"hidden and core_size must be >= 1, got {hidden}, {core_size}")
     if core not in CORES: raise ValueError(f"core must be one of {CORES}, got {core!r}")
 
-# %% ../nbs/02_models.ipynb #7dfcdcd4
+# %% ../nbs/02_models.ipynb #ff93ebf5
 class ImpalaActorCritic(nn.Module):
     "IMPALA CNN + recurrent core + policy/value heads over time-major uint8 frames `[T, B, C, H, W]`."
     def __init__(self,
@@ -81,18 +95,21 @@ class ImpalaActorCritic(nn.Module):
                  core_layers:int=1,       # stacked RNN layers / transformer blocks
                  channels_last:bool=True, # NHWC convolutions (faster on CPU)
                  layer_norm:bool=False,   # LayerNorm on the CNN features before the core
+                 init:str='orthogonal',   # weight init of the CNN and heads: orthogonal or torch (PyTorch's defaults)
                 ):
         super().__init__()
         channels = tuple(int(c) for c in channels)
         _check_args(n_actions, in_channels, obs_size, channels, blocks, hidden, core, core_size)
+        if init not in INITS: raise ValueError(f"init={init!r} is not a weight init: allowed {', '.join(INITS)}")
         self.n_actions, self.in_channels, self.obs_size, self.core_kind = n_actions, in_channels, obs_size, core
         self.channels_last = channels_last
         self.backbone = ImpalaBackbone(in_channels, obs_size, channels, blocks, hidden)
-        if channels_last: self.backbone.to(memory_format=torch.channels_last)
         self.norm = nn.LayerNorm(hidden) if layer_norm else nn.Identity()   # keeps the core's inputs at unit scale
         self.core = make_core(core, hidden, core_size, window, heads, core_layers)
         Head = NoisyLinear if noisy else nn.Linear
         self.policy, self.value = Head(self.core.out_size, n_actions), Head(self.core.out_size, 1)
+        if init == 'orthogonal': orthogonal_init(self)
+        if channels_last: self.backbone.to(memory_format=torch.channels_last)   # after the init: it needs plain strides
 
     def initial_state(self, batch_size:int, device=None) -> tuple[Tensor, ...]:
         "Zero state for `batch_size` envs: a tuple of tensors with the batch on dim 1 (`()` for core='none')."
@@ -131,7 +148,7 @@ class ImpalaActorCritic(nn.Module):
         action = logp_all.argmax(-1) if deterministic else torch.multinomial(logp_all.exp(), 1, generator=generator)[:, 0]
         return action, logp_all.gather(-1, action[:, None])[:, 0], value[0], state
 
-# %% ../nbs/02_models.ipynb #ad1d8ffd
+# %% ../nbs/02_models.ipynb #dac2aa0e
 def count_parameters(model:nn.Module) -> int:
     "Number of trainable parameters."
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -158,7 +175,7 @@ def expected_parameter_count(n_actions:int, in_channels:int=4, obs_size:int=84, 
         out = D
     return n + (2 if noisy else 1) * (lin(out, n_actions) + lin(out, 1))
 
-# %% ../nbs/02_models.ipynb #a12fee2e
+# %% ../nbs/02_models.ipynb #7474d781
 STATE_BATCH_DIM = 1  # every core-state tensor is [..., B, ...] with B here
 
 def index_state(state:tuple, # core state, batch on dim 1
