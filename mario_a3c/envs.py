@@ -28,7 +28,7 @@ def color_resize(frame:np.ndarray, size:int=84) -> np.ndarray:
     "RGB `[H, W, 3]` uint8 -> channel-first `[3, size, size]` uint8."
     return np.ascontiguousarray(cv2.resize(frame, (size, size), interpolation=cv2.INTER_AREA).transpose(2, 0, 1))
 
-# %% ../nbs/01a_envs.ipynb #6120d948
+# %% ../nbs/01a_envs.ipynb #52bb20f3
 def bgra_screen(frame:np.ndarray) -> np.ndarray|None:
     "The emulator's BGRA buffer `[H, W, 4]` behind an RGB view with strides `(row, 4, -1)`, else None."
     if frame.ndim != 3 or frame.shape[2] != 3 or frame.strides[1:] != (4, -1): return None
@@ -43,7 +43,7 @@ def screen_gray(frame:np.ndarray) -> np.ndarray:
     if bgra is not None: return cv2.cvtColor(bgra, cv2.COLOR_BGRA2GRAY)
     return cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2GRAY)
 
-# %% ../nbs/01a_envs.ipynb #11cac3b5
+# %% ../nbs/01a_envs.ipynb #f8f41b9b
 class SkipMaxGray(gym.Wrapper, gym.utils.RecordConstructorArgs):
     "Repeat an action `skip` frames; observe the max of the last two frames, gray and resized to `size`."
     def __init__(self, env:gym.Env, skip:int=4, size:int=84):
@@ -68,7 +68,7 @@ class SkipMaxGray(gym.Wrapper, gym.utils.RecordConstructorArgs):
         g = last[-1] if len(last) == 1 else np.maximum(last[-2], last[-1])
         return self._resize(g), total, terminated, truncated, info
 
-# %% ../nbs/01a_envs.ipynb #f8f41b9b
+# %% ../nbs/01a_envs.ipynb #90d42664
 REWARDS = ('shaped', 'native')
 
 class ShapedReward(gym.Wrapper, gym.utils.RecordConstructorArgs):
@@ -104,7 +104,7 @@ class ShapedReward(gym.Wrapper, gym.utils.RecordConstructorArgs):
         self._last = info
         return obs, reward, terminated, truncated, info
 
-# %% ../nbs/01a_envs.ipynb #fc5339cf
+# %% ../nbs/01a_envs.ipynb #83713356
 KEEP_INFO = ('x_pos', 'y_pos', 'flag_get', 'life', 'score', 'time', 'coins', 'world', 'stage', 'native_reward', 'episode')
 
 class EpisodeStats(gym.Wrapper, gym.utils.RecordConstructorArgs):
@@ -131,7 +131,7 @@ class EpisodeStats(gym.Wrapper, gym.utils.RecordConstructorArgs):
                                    world=int(info['world']), stage=int(info['stage']), t=time.perf_counter() - self._t0)
         return obs, reward, terminated, truncated, self._slim(info)
 
-# %% ../nbs/01a_envs.ipynb #83713356
+# %% ../nbs/01a_envs.ipynb #948af142
 def stage_list(world:int=1, stage:int=1, stage_span:int=1, random_stage:bool=False) -> list[tuple[int, int]]:
     "The stages a schedule draws from."
     check_stage(world, stage)
@@ -141,7 +141,7 @@ def stage_list(world:int=1, stage:int=1, stage_span:int=1, random_stage:bool=Fal
         raise ValueError(f"stage_span={stage_span!r} from {world}-{stage}: allowed 1-{len(ALL_STAGES) - start}")
     return list(ALL_STAGES[start:start + stage_span])
 
-# %% ../nbs/01a_envs.ipynb #948af142
+# %% ../nbs/01a_envs.ipynb #d3741831
 class StageSchedule(gym.Env):
     "One emulator per stage, switched at reset: random or round-robin over `stages`."
     def __init__(self, stages:list[tuple[int, int]], random_stage:bool=False, render_mode:str|None=None):
@@ -167,7 +167,7 @@ class StageSchedule(gym.Env):
         for e in self._envs.values(): e.close()
         self._envs.clear()
 
-# %% ../nbs/01a_envs.ipynb #d3741831
+# %% ../nbs/01a_envs.ipynb #00466d70
 def make_env(world:int=1, # 1-8
              stage:int=1, # 1-4
              actions:str='simple', # right_only (5), simple (7) or complex (12 actions)
@@ -204,7 +204,7 @@ def make_env(world:int=1, # 1-8
         env = TransformObservation(env, lambda o: o.reshape(flat), gym.spaces.Box(0, 255, flat, np.uint8))
     return env
 
-# %% ../nbs/01a_envs.ipynb #9bf7243c
+# %% ../nbs/01a_envs.ipynb #7667fc6b
 def _check_int(name, v, lo, hi=None):
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo or (hi is not None and v > hi):
         raise ValueError(f"{name}={v!r} is out of range: allowed {lo}-{hi}" if hi else f"{name}={v!r} is out of range: allowed >= {lo}")
