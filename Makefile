@@ -33,8 +33,8 @@ $(LEGACY_VENV)/.stamp: setup.py constraints.txt settings.ini
 venv: $(VENV)/.stamp  ## create/refresh the modern-stack venv (Python >= 3.13)
 venv-legacy: $(LEGACY_VENV)/.stamp  ## create/refresh the legacy-stack venv (Python 3.11)
 
-train: venv  ## the main job: train Mario on World 1-1 with the default preset (ARGS="--help" for flags)
-	$(VENV)/bin/mario-a3c train $(ARGS)
+train: venv  ## the main job: train Mario on World 1-1 with the package's World 1-1 recipe (ARGS="--help" for flags)
+	$(VENV)/bin/mario-a3c train --config mario_a3c/configs/world1_stage1.json $(ARGS)
 
 sync-check: venv  ## notebooks and package agree, notebooks are clean, README matches nbs/index.ipynb
 	$(VENV)/bin/python .ci/sync_check.py
