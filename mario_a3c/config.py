@@ -114,6 +114,7 @@ class TrainingConfig:
     entropy_beta: float = 0.01  # weight of the entropy bonus
     value_coef: float = 0.5  # weight of the value loss
     ppo_clip: float = 0.0  # PPO's clipped surrogate for the policy term, ratio band 1 +- ppo_clip (0: off)
+    adv_norm: bool = False  # normalise each batch's policy-gradient advantages to zero mean and unit std (as PPO does)
     # Prioritized replay
     per: bool = False  # add replayed segments from a prioritized buffer to each update
     per_capacity: int = 2000  # segments kept in the buffer

@@ -15,11 +15,17 @@ from .segments import SegmentBatch
 from .rollout import Rollout, check_batch
 
 # %% auto #0
-__all__ = ['LOSS_FIELDS', 'compute_loss', 'cpu_has_native_bf16', 'amp_dtype', 'loss_and_grads', 'relative_error', 'cat_batches',
-           'take_columns', 'Learner']
+__all__ = ['LOSS_FIELDS', 'normalize_advantages', 'compute_loss', 'cpu_has_native_bf16', 'amp_dtype', 'loss_and_grads',
+           'relative_error', 'cat_batches', 'take_columns', 'Learner']
 
 # %% ../nbs/05d_learner.ipynb #64cc7ad0
-LOSS_FIELDS = ('returns', 'gamma', 'gae_lambda', 'rho_bar', 'c_bar', 'entropy_beta', 'value_coef', 'ppo_clip')
+def normalize_advantages(adv:Tensor, # [T, B] advantages
+                        eps:float=1e-8, # added to the standard deviation
+                       ) -> Tensor:
+    "`adv` shifted and scaled to zero mean and unit (population) standard deviation over all its elements."
+    return (adv - adv.mean()) / (adv.std(unbiased=False) + eps)
+
+LOSS_FIELDS = ('returns', 'gamma', 'gae_lambda', 'rho_bar', 'c_bar', 'entropy_beta', 'value_coef', 'ppo_clip', 'adv_norm')
 
 def compute_loss(model:Callable, # (obs, state, episode_start) -> (logits, value, state), e.g. `ImpalaActorCritic`
                  batch, # `Rollout` or `SegmentBatch`, on the model's device
@@ -46,8 +52,9 @@ def compute_loss(model:Callable, # (obs, state, episode_start) -> (logits, value
         pg_adv = rhos.clamp(max=config.rho_bar) * adv
     if config.ppo_clip > 0:  # the ratio moves into the clipped surrogate instead of weighting the advantage
         if config.returns == 'vtrace': adv = rewards + discounts * torch.cat([targets[1:], bootstrap[None]]) - values.detach()
-        pl = clipped_policy_loss(target_logp, blogp, adv, config.ppo_clip, weights)
-    else: pl = policy_loss(target_logp, pg_adv, weights)
+        pl = clipped_policy_loss(target_logp, blogp, normalize_advantages(adv) if config.adv_norm else adv,
+                                 config.ppo_clip, weights)
+    else: pl = policy_loss(target_logp, normalize_advantages(pg_adv) if config.adv_norm else pg_adv, weights)
     vl = value_loss(values, targets, weights)
     el = entropy_loss(logits, weights)
     loss = pl + config.value_coef * vl + config.entropy_beta * el
@@ -57,7 +64,7 @@ def compute_loss(model:Callable, # (obs, state, episode_start) -> (logits, value
     if config.ppo_clip > 0: metrics['ppo/clip_frac'] = ((rhos - 1).abs() > config.ppo_clip).float().mean()
     return loss, metrics
 
-# %% ../nbs/05d_learner.ipynb #3f6b959c
+# %% ../nbs/05d_learner.ipynb #f579b4d8
 def cpu_has_native_bf16() -> bool:
     "Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX)."
     cpu = getattr(torch, 'cpu', None)
@@ -75,7 +82,7 @@ def amp_dtype(amp:bool, # mixed precision requested
     log("amp: this CPU has no native bfloat16 (AVX512-BF16/AMX), where bf16 autocast is slower than float32: training in float32")
     return None
 
-# %% ../nbs/05d_learner.ipynb #997c1b45
+# %% ../nbs/05d_learner.ipynb #82ec03a6
 def loss_and_grads(model:nn.Module, # the network (gradients are zeroed first)
                    batch, # a `Rollout` or `SegmentBatch` on the model's device
                    config, # has LOSS_FIELDS
@@ -94,7 +101,7 @@ def relative_error(a:Tensor, b:Tensor) -> float:
     "||a - b|| / ||b||."
     return ((a - b).norm() / b.norm()).item()
 
-# %% ../nbs/05d_learner.ipynb #90b7a968
+# %% ../nbs/05d_learner.ipynb #362a7d6a
 def cat_batches(a, # `Rollout` or `SegmentBatch` [T, B1]
                 b, # `SegmentBatch` [T, B2] on the same device
                ) -> SegmentBatch:
@@ -108,7 +115,7 @@ def cat_batches(a, # `Rollout` or `SegmentBatch` [T, B1]
     assert check_batch(out) == (Ta, Ba + Bb)
     return out
 
-# %% ../nbs/05d_learner.ipynb #20263005
+# %% ../nbs/05d_learner.ipynb #a6dbc980
 def take_columns(r:Rollout, # [T(+1), B, ...]
                  cols:Tensor, # int64 [K] column (env) indices, on r's device
                 ) -> Rollout:
