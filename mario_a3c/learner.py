@@ -52,8 +52,8 @@ def compute_loss(model:Callable, # (obs, state, episode_start) -> (logits, value
         pg_adv = rhos.clamp(max=config.rho_bar) * adv
     if config.ppo_clip > 0:  # the ratio moves into the clipped surrogate instead of weighting the advantage
         if config.returns == 'vtrace': adv = rewards + discounts * torch.cat([targets[1:], bootstrap[None]]) - values.detach()
-        pl = clipped_policy_loss(target_logp, blogp, normalize_advantages(adv) if config.adv_norm else adv,
-                                 config.ppo_clip, weights)
+        adv = normalize_advantages(adv) if config.adv_norm else adv
+        pl = clipped_policy_loss(target_logp, blogp, adv, config.ppo_clip, weights)
     else: pl = policy_loss(target_logp, normalize_advantages(pg_adv) if config.adv_norm else pg_adv, weights)
     vl = value_loss(values, targets, weights)
     el = entropy_loss(logits, weights)
