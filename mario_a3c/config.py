@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .envs import REWARDS, check_env_args
-from .stacks import ACTION_SETS, action_set
+from .stacks import ACTION_SETS, action_set, held_button_names
 from .vector import VECTORIZATIONS
 
 # %% auto #0
@@ -61,7 +61,7 @@ def _check_value(name:str, v):
     if name in CHOICES and v not in CHOICES[name]: raise ValueError(f"{name}={v!r}: allowed {', '.join(CHOICES[name])}")
 
 # %% ../nbs/05_config.ipynb #f44e1d66
-IMMUTABLE_FIELDS = ('actions', 'frame_skip', 'gray', 'size', 'stack',
+IMMUTABLE_FIELDS = ('actions', 'frame_skip', 'gray', 'size', 'stack', 'held_buttons',
                     'channels', 'blocks', 'hidden', 'recurrent_type', 'core_size', 'window', 'heads', 'noisy', 'layer_norm')
 # what a field meant in configs stored before it existed (checkpoint metadata), where that differs from its default
 STORED_BEFORE = dict(layer_norm=False)
@@ -81,6 +81,7 @@ class TrainingConfig:
     random_stage: bool = False  # draw a stage per episode (from all 32, or from the stage_span stages)
     stage_span: int = 1  # stages from world-stage on that the envs cycle through
     max_episode_steps: int = 0  # truncate episodes after this many agent steps (0: no limit)
+    held_buttons: bool = False  # one input plane per button the last action held (a held A cannot jump again)
     num_envs: int = 8  # environments stepped together
     vectorization: str = 'async'  # async (batched worker processes), gym-async (a process per env) or sync (this process)
     # Model
@@ -166,7 +167,8 @@ class TrainingConfig:
     @property
     def channels_tuple(self) -> tuple[int, ...]: return tuple(int(c) for c in self.channels.split(','))
     @property
-    def in_channels(self) -> int: return self.stack * (1 if self.gray else 3)
+    def in_channels(self) -> int:
+        return self.stack * (1 if self.gray else 3) + (len(held_button_names(self.actions)) if self.held_buttons else 0)
     @property
     def n_actions(self) -> int: return len(action_set(self.actions))
     @property
@@ -196,7 +198,8 @@ class TrainingConfig:
         "`make_env` arguments: `make_vec_env(cfg.num_envs, vectorization=cfg.vectorization, **cfg.env_kwargs())`."
         return dict(world=self.world, stage=self.stage, actions=self.actions, frame_skip=self.frame_skip, gray=self.gray,
                     size=self.size, stack=self.stack, reward=self.reward, random_stage=self.random_stage,
-                    stage_span=self.stage_span, max_episode_steps=self.max_episode_steps or None)
+                    stage_span=self.stage_span, max_episode_steps=self.max_episode_steps or None,
+                    held_buttons=self.held_buttons)
 
     def model_kwargs(self, n_actions:int|None=None) -> dict:
         "`ImpalaActorCritic` arguments (`n_actions` defaults to the size of the action set)."

@@ -12,8 +12,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.wrappers import FrameStackObservation, MaxAndSkipObservation, TimeLimit, TransformObservation
 
-from .stacks import (ACTION_SETS, ALL_STAGES, JoypadActions, action_set, check_stage, make_raw_env,
-                              stack_name)
+from .stacks import (ACTION_SETS, ALL_STAGES, HeldButtons, JoypadActions, action_set, check_stage,
+                              make_raw_env, stack_name)
 
 # %% auto #0
 __all__ = ['REWARDS', 'KEEP_INFO', 'RENDER_MODES', 'gray_resize', 'color_resize', 'bgra_screen', 'screen_gray', 'SkipMaxGray',
@@ -181,11 +181,12 @@ def make_env(world:int=1, # 1-8
              full_game:bool=False, # play the whole game from 1-1 (3 lives) instead of one stage
              max_episode_steps:int|None=None, # truncate episodes after this many agent steps
              render_mode:str|None=None, # 'rgb_array' for video and frame previews
+             held_buttons:bool=False, # append a plane per button the last action held (`HeldButtons`)
             ) -> gym.Env:
-    "A Super Mario Bros env with uint8 observations `[stack*(1 or 3), size, size]`."
+    "A Super Mario Bros env with uint8 observations `[stack*(1 or 3) (+ buttons), size, size]`."
     check_env_args(world=world, stage=stage, actions=actions, frame_skip=frame_skip, gray=gray, size=size, stack=stack,
                    reward=reward, random_stage=random_stage, stage_span=stage_span, full_game=full_game,
-                   max_episode_steps=max_episode_steps, render_mode=render_mode)
+                   max_episode_steps=max_episode_steps, render_mode=render_mode, held_buttons=held_buttons)
     if full_game: env = make_raw_env(None, None, render_mode=render_mode)
     elif random_stage or stage_span > 1:
         env = StageSchedule(stage_list(world, stage, stage_span, random_stage), random_stage, render_mode=render_mode)
@@ -202,6 +203,7 @@ def make_env(world:int=1, # 1-8
     if not gray:
         flat = (3 * stack, size, size)
         env = TransformObservation(env, lambda o: o.reshape(flat), gym.spaces.Box(0, 255, flat, np.uint8))
+    if held_buttons: env = HeldButtons(env, actions)  # [C + K, size, size]
     return env
 
 # %% ../nbs/01a_envs.ipynb #7667fc6b
@@ -213,11 +215,11 @@ RENDER_MODES = (None, 'rgb_array')
 
 def check_env_args(world=1, stage=1, actions='simple', frame_skip=4, gray=True, size=84, stack=4, reward='shaped',
                    random_stage=False, stage_span=1, full_game=False, max_episode_steps=None, render_mode=None,
-                   **unknown):
+                   held_buttons=False, **unknown):
     "Validate `make_env` arguments in the parent process, before any worker starts."
     if unknown: raise TypeError(f"unknown environment option(s): {', '.join(unknown)}")
     check_stage(world, stage); action_set(actions)
-    for name, v in (('gray', gray), ('random_stage', random_stage), ('full_game', full_game)):
+    for name, v in (('gray', gray), ('random_stage', random_stage), ('full_game', full_game), ('held_buttons', held_buttons)):
         if not isinstance(v, (bool, np.bool_)): raise ValueError(f"{name}={v!r} is not a bool: allowed True, False")
     if render_mode not in RENDER_MODES: raise ValueError(f"render_mode={render_mode!r}: allowed None, 'rgb_array'")
     _check_int('frame_skip', frame_skip, 1, 16); _check_int('size', size, 16, 512); _check_int('stack', stack, 1, 16)

@@ -12,8 +12,9 @@ import gymnasium as gym
 import numpy as np
 
 # %% auto #0
-__all__ = ['WORLDS', 'STAGES', 'ALL_STAGES', 'ACTION_SETS', 'INFO_KEYS', 'stack_name', 'stack_versions', 'check_stage',
-           'stage_env_id', 'action_set', 'button_mask', 'JoypadActions', 'make_raw_env']
+__all__ = ['WORLDS', 'STAGES', 'ALL_STAGES', 'ACTION_SETS', 'PLANE_BUTTONS', 'INFO_KEYS', 'stack_name', 'stack_versions',
+           'check_stage', 'stage_env_id', 'action_set', 'button_mask', 'JoypadActions', 'held_button_names',
+           'HeldButtons', 'make_raw_env']
 
 # %% ../nbs/01_stacks.ipynb #157a7e0a
 def _version(pkg:str) -> str|None:
@@ -91,6 +92,36 @@ class JoypadActions(gym.ActionWrapper, gym.utils.RecordConstructorArgs):
     def get_action_meanings(self) -> list[str]: return ['+'.join(c) for c in self.combos]
 
 # %% ../nbs/01_stacks.ipynb #6035cd07
+PLANE_BUTTONS = ('A', 'B', 'right', 'left', 'down', 'up')   # plane order; start and select are in no action set
+
+def held_button_names(actions:str='simple') -> list[str]:
+    "The buttons an action set uses, in `PLANE_BUTTONS` order: one plane each under `held_buttons`."
+    combos = action_set(actions)
+    return [b for b in PLANE_BUTTONS if any(b in c for c in combos)]
+
+class HeldButtons(gym.Wrapper, gym.utils.RecordConstructorArgs):
+    "Appends one plane per button of the action set to `[C, H, W]` observations: 255 where the last action held it."
+    def __init__(self, env:gym.Env, actions:str='simple'):
+        gym.utils.RecordConstructorArgs.__init__(self, actions=actions)
+        gym.Wrapper.__init__(self, env)
+        names, combos = held_button_names(actions), action_set(actions)
+        self.planes = np.array([[255 * (b in c) for b in names] for c in combos], np.uint8)  # [n_actions, K]
+        C, H, W = env.observation_space.shape
+        self.observation_space = gym.spaces.Box(0, 255, (C + len(names), H, W), np.uint8)
+
+    def _obs(self, obs, held):  # [C, H, W] + [K] -> [C+K, H, W]
+        planes = np.broadcast_to(held[:, None, None], (len(held), *obs.shape[1:]))
+        return np.concatenate([obs, planes])
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        return self._obs(obs, np.zeros(self.planes.shape[1], np.uint8)), info
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        return self._obs(obs, self.planes[int(action)]), reward, terminated, truncated, info
+
+# %% ../nbs/01_stacks.ipynb #ca26976c
 INFO_KEYS = ('x_pos', 'y_pos', 'flag_get', 'life', 'score', 'time', 'coins', 'world', 'stage', 'status')
 
 class _LegacyResetInfo(gym.Wrapper):

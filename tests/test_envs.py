@@ -170,3 +170,25 @@ def test_frame_counter_counts_emulator_frames():
     assert isinstance(env.get_wrapper_attr("combos"), list)
     joy = JoypadActions(make_raw_env(1, 1), "complex")
     assert joy.action_space.n == 12 and joy.action(0) == 0
+
+
+def test_held_buttons_planes_and_the_jump_they_explain():
+    """A held A does not jump again: the planes must show the last action's buttons, and the game must agree."""
+    env = make_env(1, 1, gray=False, size=42, stack=2, held_buttons=True)
+    obs, _ = env.reset(seed=0)
+    names = ["A", "B", "right", "left"]  # the buttons the simple set uses, in plane order
+    assert obs.shape == (6 + 4, 42, 42) == env.observation_space.shape and not obs[6:].any()
+    frames = make_env(1, 1, gray=False, size=42, stack=2)
+    plain, _ = frames.reset(seed=0)
+    combos, ys = action_set("simple"), []
+    seq = [1] * 10 + [2] * 20 + [2] * 4 + [1] + [2] * 4  # walk, jump, keep A down after landing, release, jump again
+    for a in seq:
+        obs, *_, info = env.step(a)
+        plain, *_ = frames.step(a)
+        assert np.array_equal(obs[:6], plain)  # the frames are untouched
+        for k, b in enumerate(names):
+            assert set(np.unique(obs[6 + k])) == {255 if b in combos[a] else 0}, (a, b)
+        ys.append(info["y_pos"])
+    ground = ys[29]
+    assert ys[30:34] == [ground] * 4  # right+A again while A is down: no jump
+    assert max(ys[35:]) > ground + 10  # after one step without A, right+A jumps
