@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # mario-a3c training image: CUDA 12 runtime on Ubuntu 24.04, Python 3.13 managed by uv, PyTorch's CUDA 12.8 wheel.
 #   docker build -t mario-a3c .
-#   docker run --gpus all --shm-size=2g -v "$PWD/output:/app/output" mario-a3c          # train World 1-1 (defaults)
+#   docker run --gpus all --shm-size=2g -v "$PWD/output:/app/output" mario-a3c          # train World 1-1 (the recipe)
 #   docker run --gpus all --shm-size=2g -v "$PWD/output:/app/output" mario-a3c train --world 1 --stage 2 \
 #       --checkpoint-dir output/trained_models --tensorboard-dir output/tensorboard        # any subcommand and flags
 # Everything a run writes (run folders, checkpoints, TensorBoard events) goes under /app/output, a volume.
@@ -48,4 +48,5 @@ RUN uv pip install --no-deps . \
 USER 1001
 VOLUME ["/app/output"]
 ENTRYPOINT ["mario-a3c"]
-CMD ["train", "--checkpoint-dir", "output/trained_models", "--tensorboard-dir", "output/tensorboard"]
+# the World 1-1 recipe, as `make train` runs it
+CMD ["train", "--config", "mario_a3c/configs/world1_stage1.json", "--checkpoint-dir", "output/trained_models", "--tensorboard-dir", "output/tensorboard"]

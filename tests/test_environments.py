@@ -96,6 +96,8 @@ def test_dockerfile_essentials():
     assert re.search(r'^ENTRYPOINT \["mario-a3c"\]$', text, re.M)
     cmd = json.loads(re.search(r"^CMD (\[.*\])$", text, re.M).group(1))
     assert cmd[0] == "train" and all(cmd[cmd.index(f) + 1].startswith("output/") for f in ("--checkpoint-dir", "--tensorboard-dir"))
+    recipe = cmd[cmd.index("--config") + 1]  # the World 1-1 recipe, copied into the image with the package
+    assert (ROOT / recipe).is_file() and recipe.startswith("mario_a3c/")
 
 
 def test_dockerignore_keeps_the_context_small_but_complete():
