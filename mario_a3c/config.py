@@ -82,6 +82,7 @@ class TrainingConfig:
     stage_span: int = 1  # stages from world-stage on that the envs cycle through
     max_episode_steps: int = 0  # truncate episodes after this many agent steps (0: no limit)
     held_buttons: bool = False  # one input plane per button the last action held (a held A cannot jump again)
+    sticky_actions: float = 0.0  # chance that a step repeats the previous action instead: 0 (off) up to below 1; training only
     num_envs: int = 8  # environments stepped together
     vectorization: str = 'async'  # async (batched worker processes), gym-async (a process per env) or sync (this process)
     # Model
@@ -199,7 +200,7 @@ class TrainingConfig:
         return dict(world=self.world, stage=self.stage, actions=self.actions, frame_skip=self.frame_skip, gray=self.gray,
                     size=self.size, stack=self.stack, reward=self.reward, random_stage=self.random_stage,
                     stage_span=self.stage_span, max_episode_steps=self.max_episode_steps or None,
-                    held_buttons=self.held_buttons)
+                    held_buttons=self.held_buttons, sticky_actions=self.sticky_actions)
 
     def model_kwargs(self, n_actions:int|None=None) -> dict:
         "`ImpalaActorCritic` arguments (`n_actions` defaults to the size of the action set)."

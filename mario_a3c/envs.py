@@ -10,7 +10,7 @@ from functools import partial
 import cv2
 import gymnasium as gym
 import numpy as np
-from gymnasium.wrappers import FrameStackObservation, MaxAndSkipObservation, TimeLimit, TransformObservation
+from gymnasium.wrappers import FrameStackObservation, MaxAndSkipObservation, StickyAction, TimeLimit, TransformObservation
 
 from .stacks import (ACTION_SETS, ALL_STAGES, HeldButtons, JoypadActions, action_set, check_stage,
                               make_raw_env, stack_name)
@@ -182,11 +182,13 @@ def make_env(world:int=1, # 1-8
              max_episode_steps:int|None=None, # truncate episodes after this many agent steps
              render_mode:str|None=None, # 'rgb_array' for video and frame previews
              held_buttons:bool=False, # append a plane per button the last action held (`HeldButtons`)
+             sticky_actions:float=0.0, # probability that a step repeats the previous action instead (ALE's sticky actions)
             ) -> gym.Env:
     "A Super Mario Bros env with uint8 observations `[stack*(1 or 3) (+ buttons), size, size]`."
     check_env_args(world=world, stage=stage, actions=actions, frame_skip=frame_skip, gray=gray, size=size, stack=stack,
                    reward=reward, random_stage=random_stage, stage_span=stage_span, full_game=full_game,
-                   max_episode_steps=max_episode_steps, render_mode=render_mode, held_buttons=held_buttons)
+                   max_episode_steps=max_episode_steps, render_mode=render_mode, held_buttons=held_buttons,
+                   sticky_actions=sticky_actions)
     if full_game: env = make_raw_env(None, None, render_mode=render_mode)
     elif random_stage or stage_span > 1:
         env = StageSchedule(stage_list(world, stage, stage_span, random_stage), random_stage, render_mode=render_mode)
@@ -204,6 +206,7 @@ def make_env(world:int=1, # 1-8
         flat = (3 * stack, size, size)
         env = TransformObservation(env, lambda o: o.reshape(flat), gym.spaces.Box(0, 255, flat, np.uint8))
     if held_buttons: env = HeldButtons(env, actions)  # [C + K, size, size]
+    if sticky_actions: env = StickyAction(env, sticky_actions)  # outermost: the planes show the action that ran
     return env
 
 # %% ../nbs/01a_envs.ipynb #7667fc6b
@@ -215,7 +218,7 @@ RENDER_MODES = (None, 'rgb_array')
 
 def check_env_args(world=1, stage=1, actions='simple', frame_skip=4, gray=True, size=84, stack=4, reward='shaped',
                    random_stage=False, stage_span=1, full_game=False, max_episode_steps=None, render_mode=None,
-                   held_buttons=False, **unknown):
+                   held_buttons=False, sticky_actions=0.0, **unknown):
     "Validate `make_env` arguments in the parent process, before any worker starts."
     if unknown: raise TypeError(f"unknown environment option(s): {', '.join(unknown)}")
     check_stage(world, stage); action_set(actions)
@@ -228,3 +231,5 @@ def check_env_args(world=1, stage=1, actions='simple', frame_skip=4, gray=True, 
     if full_game and (random_stage or stage_span > 1):
         raise ValueError("full_game=True plays the whole game: it cannot be combined with random_stage or stage_span")
     if max_episode_steps is not None: _check_int('max_episode_steps', max_episode_steps, 1)
+    if isinstance(sticky_actions, bool) or not isinstance(sticky_actions, (int, float)) or not 0 <= sticky_actions < 1:
+        raise ValueError(f"sticky_actions={sticky_actions!r} is out of range: allowed 0 <= p < 1")

@@ -78,10 +78,10 @@ def eval_env_kwargs(config:TrainingConfig, # the checkpoint's training config
                     max_steps:int|None=None, # truncate episodes after this many env steps
                     render:bool=False, # colour frames from `env.render()` (video, callback)
                    ) -> dict:
-    "`make_env` arguments for evaluation: the training preprocessing on one fixed stage."
+    "`make_env` arguments for evaluation: the training preprocessing on one fixed stage, without sticky actions."
     world, stage = check_stage(config.world if world is None else world, config.stage if stage is None else stage)
     return {**config.env_kwargs(), 'world': world, 'stage': stage, 'random_stage': False, 'stage_span': 1,
-            'max_episode_steps': max_steps, 'render_mode': 'rgb_array' if render else None}
+            'max_episode_steps': max_steps, 'render_mode': 'rgb_array' if render else None, 'sticky_actions': 0.0}
 
 # %% ../nbs/07_evaluate.ipynb #cc6295bd
 def summarize(episodes:list[dict]) -> dict:

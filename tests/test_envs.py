@@ -192,3 +192,22 @@ def test_held_buttons_planes_and_the_jump_they_explain():
     ground = ys[29]
     assert ys[30:34] == [ground] * 4  # right+A again while A is down: no jump
     assert max(ys[35:]) > ground + 10  # after one step without A, right+A jumps
+
+
+def test_sticky_actions_repeat_the_executed_action_at_the_stationary_rate():
+    """With repeat probability p, executed != chosen has stationary rate p / (1 + p) when the choices alternate."""
+    def rate(p, n=400):
+        env = make_env(1, 1, size=42, stack=1, held_buttons=True, sticky_actions=p)
+        env.reset(seed=7)
+        differs = 0
+        for t in range(n):
+            chosen = 2 if t % 2 else 1  # right+A, right
+            obs, _, term, trunc, _ = env.step(chosen)
+            differs += bool(obs[1, 0, 0]) != (chosen == 2)  # plane 1 (after one gray frame): A held by what ran
+            if term or trunc:
+                env.reset()
+        return differs / n
+    assert rate(0.0) == 0.0
+    assert abs(rate(0.25) - 0.25 / 1.25) < 0.07
+    with pytest.raises(ValueError, match=r"sticky_actions=1 is out of range: allowed 0 <= p < 1"):
+        make_env(1, 1, sticky_actions=1)
