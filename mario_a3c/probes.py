@@ -22,8 +22,12 @@ ENEMY_FLAGS = slice(0x0F, 0x14)   # RAM: one "enemy active" flag per enemy slot 
 def emulator_ram(env) -> np.ndarray:
     "The NES RAM (2 kB, writable) of a `make_env` env, on either stack."
     inner = env.unwrapped
-    inner = getattr(inner, 'gym_env', inner)   # legacy: shimmy's adapter holds the old gym env
-    return inner.unwrapped.ram
+    for _ in range(8):   # legacy: shimmy's adapter -> old gym's API adapter -> the emulator
+        if hasattr(inner, 'ram'): return inner.ram
+        inner = getattr(inner, 'gym_env', None) or getattr(inner, 'env', None)
+        if inner is None: break
+        inner = getattr(inner, 'unwrapped', inner)
+    raise TypeError(f"{type(env.unwrapped).__name__} has no NES emulator inside")
 
 class Player:
     "Feeds one env's observations to a model, carrying its recurrent state: `player(obs) -> (probabilities [A], value)`."

@@ -211,3 +211,23 @@ def test_sticky_actions_repeat_the_executed_action_at_the_stationary_rate():
     assert abs(rate(0.25) - 0.25 / 1.25) < 0.07
     with pytest.raises(ValueError, match=r"sticky_actions=1 is out of range: allowed 0 <= p < 1"):
         make_env(1, 1, sticky_actions=1)
+
+
+def test_enemy_flags_in_ram_remove_the_first_goomba():
+    """The probes' RAM switch on this stack: walking right, Mario dies at the first Goomba only where enemies are on."""
+    from mario_a3c.probes import ENEMY_FLAGS, emulator_ram
+    with_enemies, without = make_env(1, 1, size=42), make_env(1, 1, size=42)
+    with_enemies.reset(seed=0)
+    without.reset(seed=0)
+    differ = []
+    for _ in range(60):
+        emulator_ram(without)[ENEMY_FLAGS] = 0
+        oa, _, died, _, ia = with_enemies.step(1)
+        ob, _, ended, _, ib = without.step(1)
+        assert ia["x_pos"] == ib["x_pos"] and not ended
+        differ.append(bool((oa != ob).any()))
+        if died:
+            break
+    assert died and not ia["flag_get"]  # the Goomba killed the Mario that has enemies
+    first = differ.index(True)
+    assert 5 < first < len(differ) - 3 and all(differ[first:])  # the screens differ from when it scrolls into view
