@@ -31,15 +31,18 @@ def emulator_ram(env) -> np.ndarray:
 
 class Player:
     "Feeds one env's observations to a model, carrying its recurrent state: `player(obs) -> (probabilities [A], value)`."
-    def __init__(self, model): self.model = model; self.reset()
+    def __init__(self, model):
+        self.model, self.device = model, next(model.parameters()).device
+        self.reset()
     def reset(self):
-        self.state, self.start = self.model.initial_state(1), torch.ones(1, dtype=torch.bool)
+        self.state = self.model.initial_state(1, self.device)
+        self.start = torch.ones(1, dtype=torch.bool, device=self.device)
     @torch.no_grad()
     def __call__(self, obs) -> tuple[np.ndarray, float]:
-        o = torch.as_tensor(np.asarray(obs))[None, None]                       # [1, 1, C, H, W]
+        o = torch.as_tensor(np.asarray(obs), device=self.device)[None, None]   # [1, 1, C, H, W] uint8
         logits, value, self.state = self.model(o, self.state, self.start[None])
-        self.start = torch.zeros(1, dtype=torch.bool)
-        return logits[0, 0].float().softmax(-1).numpy(), float(value[0, 0])
+        self.start = torch.zeros_like(self.start)
+        return logits[0, 0].float().softmax(-1).cpu().numpy(), float(value[0, 0])
 
 def _jump_actions(actions:str) -> list[int]: return [i for i, c in enumerate(action_set(actions)) if 'A' in c]
 
@@ -69,7 +72,7 @@ def enemy_sensitivity(model, # an `ImpalaActorCritic` (None when `player_fn` is 
         for e in envs: e.close()
     return rows
 
-# %% ../nbs/07a_probes.ipynb #74d7e375
+# %% ../nbs/07a_probes.ipynb #f08b49d1
 def held_press_rate(model, # an `ImpalaActorCritic` (None when `player_fn` is given)
                     config, # its `TrainingConfig`
                     episodes:int=6, # sampled episodes (seeds seed, seed + 1, ...)
