@@ -256,8 +256,10 @@ def async_collect(trainer) -> Collected|None:
     finally:
         if pool is not None: trainer.env_restarts, trainer.env_builds = pool.restarts, pool.builds
     pool._acc.append(([trainer.updates - m['version'] for m in metas], wait, [m['put_wait_s'] for m in metas]))
+    n = trainer.config.num_envs // trainer.config.actors
     return Collected(rollout, None, None, None, [e for m in metas for e in m['episodes']],
-                     sum(m['act_s'] for m in metas), sum(m['env_s'] for m in metas))
+                     sum(m['act_s'] for m in metas), sum(m['env_s'] for m in metas),
+                     tuple(m['actor'] * n + j for m in metas for j in range(n)))
 
 def pop_async_metrics(trainer) -> dict:
     "The `async/*` metrics of the batches taken since the last call."

@@ -39,6 +39,7 @@ RANGES = dict(
     adam_eps=_Range(0, open_lo=True), gamma=_Range(0, 1), gae_lambda=_Range(0, 1), rho_bar=_Range(0, open_lo=True),
     c_bar=_Range(0, open_lo=True), entropy_beta=_Range(0), value_coef=_Range(0), per_capacity=_Range(1),
     per_alpha=_Range(0), per_beta=_Range(0, 1), per_batch=_Range(1), per_warmup=_Range(1), threads=_Range(0),
+    sil_coef=_Range(0), sil_value_coef=_Range(0), sil_batch=_Range(1), sil_capacity=_Range(1), sil_alpha=_Range(0), sil_beta=_Range(0, 1),
     seed=_Range(0), step_timeout=_Range(0, open_lo=True), max_env_restarts=_Range(0), max_nan_steps=_Range(1),
     checkpoint_every=_Range(1), log_every_s=_Range(0), avg_window=_Range(1), actors=_Range(1), queue_size=_Range(1))
 RECURRENT_TYPES = ('gru', 'lstm', 'transformer', 'none')
@@ -124,6 +125,14 @@ class TrainingConfig:
     per_beta: float = 0.4  # importance-sampling exponent, 0-1
     per_batch: int = 4  # replayed segments added to each update
     per_warmup: int = 16  # segments stored before replay starts
+    # Self-imitation
+    sil: bool = False  # also imitate the best past episodes where their return beat the value (needs recurrent_type none)
+    sil_coef: float = 1.0  # weight of the self-imitation loss
+    sil_value_coef: float = 0.01  # weight of its value term, half the squared (R - V)+
+    sil_batch: int = 32  # stored transitions added to each minibatch
+    sil_capacity: int = 8192  # transitions kept, about 70 kB each at 64x64 RGB with held-button planes
+    sil_alpha: float = 0.6  # priority exponent on (R - V)+ (0: uniform)
+    sil_beta: float = 0.1  # importance-sampling exponent, 0-1
     # System
     amp: bool = True  # mixed precision: bfloat16 autocast on CPU, float16 + GradScaler on CUDA
     compile: bool = True  # torch.compile the model when available
@@ -254,6 +263,8 @@ def _validate(cfg:TrainingConfig):
         raise ValueError(f"warmup_updates={cfg.warmup_updates} is out of range: allowed 0-{cfg.total_updates} (total_updates)")
     if cfg.per_warmup > cfg.per_capacity:
         raise ValueError(f"per_warmup={cfg.per_warmup} is out of range: allowed 1-{cfg.per_capacity} (per_capacity)")
+    if cfg.sil and cfg.recurrent_type != 'none':
+        raise ValueError(f"sil=True with recurrent_type={cfg.recurrent_type!r}: allowed none (stored transitions carry no core state)")
     if cfg.mode == 'async' and cfg.returns != 'vtrace':
         raise ValueError(f"returns={cfg.returns!r} with mode='async': allowed vtrace (only V-trace corrects for the actors' stale policy)")
     if cfg.mode == 'async' and cfg.num_envs % cfg.actors:

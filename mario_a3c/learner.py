@@ -13,6 +13,7 @@ from .returns import vtrace, gae, policy_loss, clipped_policy_loss, value_loss, 
 from .schedules import warmup_cosine
 from .segments import SegmentBatch
 from .rollout import Rollout, check_batch
+from .self_imitation import self_imitation_loss
 
 # %% auto #0
 __all__ = ['LOSS_FIELDS', 'normalize_advantages', 'compute_loss', 'cpu_has_native_bf16', 'amp_dtype', 'loss_and_grads',
@@ -157,16 +158,22 @@ class Learner:
         "Autocast context for this device (a no-op when AMP is off)."
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
 
-    def _backward(self, batch, weights):
-        with self.autocast(): loss, m = compute_loss(self.forward, batch, self.config, weights)
+    def _backward(self, batch, weights, stored=None):
+        with self.autocast():
+            loss, m = compute_loss(self.forward, batch, self.config, weights)
+            if stored is not None:   # self-imitation on transitions of the best past episodes
+                _, obs, actions, returns, w = stored
+                sl, sm, m['sil_adv'] = self_imitation_loss(self.forward, obs, actions, returns, w, self.config.sil_value_coef)
+                loss = loss + self.config.sil_coef * sl; m.update(sm)
         finite = bool(torch.isfinite(loss))
         if finite: self.scaler.scale(loss / self.config.grad_accum).backward()
         return finite, m
 
     def accumulate(self, rollout:Rollout, # fresh rollout (CPU or device)
                    replay=None, # `PrioritizedReplay` when config.per, else None
+                   sil=None, # `EpisodeMemory` when config.sil, else None
                   ) -> dict:
-        "Forward and backward of one rollout plus `per_batch` replayed segments; gradients add up until `step()`."
+        "Forward and backward of one rollout plus `per_batch` replayed segments and `sil_batch` stored transitions; gradients add up until `step()`."
         c, B = self.config, rollout.B
         if self._n == 0: self.opt.zero_grad(set_to_none=True)  # a new step: drop stray gradients
         batch, weights, idx = rollout.to(self.device, non_blocking=True), None, None
@@ -174,14 +181,20 @@ class Learner:
             idx, seg, w = replay.sample(c.per_batch, c.per_beta)
             batch = cat_batches(batch, seg.to(self.device, non_blocking=True))              # [T(+1), B+K, ...]
             weights = torch.cat([torch.ones(B), torch.from_numpy(w)]).to(self.device)      # [B+K]
-        try: finite, m = self._backward(batch, weights)
+        stored = None
+        if sil is not None and len(sil) >= c.sil_batch:
+            stored = tuple(x.to(self.device, non_blocking=True) if torch.is_tensor(x) else x for x in sil.sample(c.sil_batch, c.sil_beta))
+        try: finite, m = self._backward(batch, weights, stored)
         except Exception as e:
             if self.compile_state != 'trying': raise
             self._fallback(e); self.opt.zero_grad(set_to_none=True)
-            finite, m = self._backward(batch, weights)
+            finite, m = self._backward(batch, weights, stored)
         if self.compile_state == 'trying': self.compile_state = 'on'
         self._bad |= not finite
         td = m.pop('td_abs').float().cpu().numpy()
+        if stored is not None:
+            adv = m.pop('sil_adv').float().cpu().numpy()
+            if np.isfinite(adv).all(): sil.update_priorities(stored[0], adv)
         if replay is not None:
             if idx is not None:
                 if np.isfinite(td[B:]).all(): replay.update_priorities(idx, td[B:])
@@ -230,6 +243,7 @@ class Learner:
 
     def fit(self, rollout:Rollout, # one update's fresh rollout (CPU or device)
             replay=None, # `PrioritizedReplay` when config.per (sampled and filled on the first pass only)
+            sil=None, # `EpisodeMemory` when config.sil (sampled for every minibatch)
            ) -> dict:
         "`epochs` passes over `rollout`, each in `minibatches` column groups with an optimizer step per group; the schedule advances once."
         c, B = self.config, rollout.B
@@ -239,12 +253,12 @@ class Learner:
         for epoch in range(c.epochs):
             order = torch.randperm(B) if c.minibatches > 1 else torch.arange(B)   # torch's seeded RNG: resumable
             for cols in order.chunk(c.minibatches):
-                self.accumulate(take_columns(rollout, cols.to(self.device)), replay if epoch == 0 else None)
+                self.accumulate(take_columns(rollout, cols.to(self.device)), replay if epoch == 0 else None, sil)
                 outs.append(self._apply(schedule=False))
         n_steps = sum(o['opt/skipped'] == 0.0 for o in outs)
         if n_steps: self.sched.step(); self.steps += 1
         finite_mean = lambda xs: float(np.mean(xs)) if (xs := [x for x in xs if math.isfinite(x)]) else float('nan')
-        out = {k: finite_mean([o[k] for o in outs if k in o]) for k in outs[0]}
+        out = {k: finite_mean([o[k] for o in outs if k in o]) for k in dict.fromkeys(k for o in outs for k in o)}
         out.update({k: outs[-1][k] for k in ('opt/lr', 'opt/nan_streak', 'opt/amp_scale') if k in outs[-1]})
         out.update({'opt/skipped': float(n_steps == 0), 'opt/steps': float(n_steps)})
         return out

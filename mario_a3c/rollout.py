@@ -134,6 +134,7 @@ class Collected(NamedTuple):
     episodes: list         # `finished_episodes` dicts of the episodes that ended in this rollout, in order
     act_s: float           # seconds spent in `model.act`
     env_s: float           # seconds spent waiting for the vector env
+    env_ids: tuple|None = None  # env of each rollout column when they come in another order (async batches); None: 0..B-1
 
 def _check_same_step(envs):
     mode = envs.metadata.get('autoreset_mode')

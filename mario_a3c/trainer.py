@@ -17,6 +17,7 @@ from .vector import make_vec_env
 from .preview import FramePreview
 from .models import ImpalaActorCritic
 from .replay import PrioritizedReplay
+from .self_imitation import EpisodeMemory
 from .rollout import collect, EnvFailure
 from .learner import Learner
 from .checkpoint import (save_checkpoint, load_checkpoint, make_meta, capture_rng_state, restore_rng_state,
@@ -70,6 +71,7 @@ class Trainer:
         self.model = ImpalaActorCritic(**config.model_kwargs()).to(self.device)
         self.learner = Learner(self.model, config, self.device, log=log)
         self.replay = PrioritizedReplay(config.per_capacity, config.per_alpha, seed=config.seed) if config.per else None
+        self.sil = EpisodeMemory(config.sil_capacity, config.gamma, config.sil_alpha, seed=config.seed) if config.sil else None
         self.updates = self.frames = self.episodes = self.env_builds = self.env_restarts = 0
         self.window = deque(maxlen=config.avg_window)  # (return, flag, x) of the last episodes
         self.best_avg_return, self._best_at = None, 0
@@ -171,9 +173,10 @@ def _update(self:Trainer) -> dict|None:
         frames = self.frames + (i + 1) * c.rollout_steps * c.num_envs * c.frame_skip
         for ep in out.episodes: self._episode(ep, frames)
         t, n_threads = time.perf_counter(), self._learn_threads()
+        if self.sil is not None: self.sil.add_rollout(out.rollout, out.env_ids)
         with _threads(n_threads):
-            if reuse: m = self.learner.fit(out.rollout, self.replay)       # epochs x minibatches steps (grad_accum is 1)
-            else: self.learner.accumulate(out.rollout, self.replay)
+            if reuse: m = self.learner.fit(out.rollout, self.replay, self.sil)       # epochs x minibatches steps (grad_accum is 1)
+            else: self.learner.accumulate(out.rollout, self.replay, self.sil)
         learn_s += time.perf_counter() - t; act_s += out.act_s; env_s += out.env_s
     t = time.perf_counter()
     if not reuse:
@@ -190,6 +193,9 @@ def _update(self:Trainer) -> dict|None:
         m.update(pop_async_metrics(self))
     if self.window: m.update({'charts/avg_return': self.avg_return, 'charts/flag_rate': self.flag_rate})
     if self.replay is not None: m['replay/size'] = len(self.replay)
+    if self.sil is not None:
+        m.update({'sil/size': len(self.sil), 'sil/episodes': self.sil.episodes, 'sil/best_return': self.sil.best_return,
+                  'sil/min_return': self.sil.min_return})
     return m
 
 Trainer._episode, Trainer._learn_threads, Trainer._update = _episode, _learn_threads, _update
@@ -247,7 +253,7 @@ def _from_checkpoint(cls, path, # a `.pt` checkpoint (or its `.json`)
 Trainer.state_dict, Trainer.load_state_dict, Trainer.save, Trainer._after_update = _state_dict, _load_state_dict, _save, _after_update
 Trainer.from_checkpoint = classmethod(_from_checkpoint)
 
-# %% ../nbs/05e_trainer.ipynb #1362a0bb
+# %% ../nbs/05e_trainer.ipynb #ebd28e63
 def _summary(self:Trainer, stopped:str, checkpoint=None) -> dict:
     "Where the run stands: counters, averages, speed of this `train()` call, why it stopped, the last checkpoint."
     wall = time.perf_counter() - self._t0
@@ -293,7 +299,7 @@ def _train(self:Trainer) -> dict:
 
 Trainer.summary, Trainer.train = _summary, _train
 
-# %% ../nbs/05e_trainer.ipynb #ca6d9e37
+# %% ../nbs/05e_trainer.ipynb #15c0a6a5
 def train(config:TrainingConfig|dict|None=None, # the run; None: defaults
           callbacks:Iterable=(), # extra callbacks
           **kwargs, # config fields (override `config`)
