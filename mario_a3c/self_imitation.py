@@ -4,7 +4,8 @@
 
 # %% ../nbs/04a_self_imitation.ipynb #d0b199e1
 from __future__ import annotations
-import heapq
+import heapq, os
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -145,6 +146,41 @@ def _probs(self:EpisodeMemory) -> np.ndarray:
 EpisodeMemory.sample, EpisodeMemory.update_priorities, EpisodeMemory.probs = _sample, _update_priorities, _probs
 
 # %% ../nbs/04a_self_imitation.ipynb #c92c6874
+def _save(self:EpisodeMemory, path) -> Path:
+    "Write the kept episodes to `path` (.npz, atomic: a temp file renamed over it); return the path."
+    path = Path(path)
+    order = sorted(self.kept, key=lambda k: k[1])                  # oldest first
+    slots = np.concatenate([k[2] for k in order]) if order else np.zeros(0, np.int64)
+    shape = (0, 0, 0, 0) if self.obs is None else self.obs.shape
+    arrays = dict(obs=self.obs[slots] if self.obs is not None else np.zeros(shape, np.uint8), actions=self.actions[slots],
+                  returns=self.returns[slots], priorities=self.tree[slots], lengths=np.array([len(k[2]) for k in order], np.int64),
+                  scores=np.array([k[0] for k in order]), gamma=np.float64(self.gamma))
+    tmp = path.with_name(path.name + '.tmp')
+    with open(tmp, 'wb') as f: np.savez(f, **arrays)
+    os.replace(tmp, path)
+    return path
+
+def _load(self:EpisodeMemory, path) -> EpisodeMemory:
+    "Fill an empty memory with the episodes `save` wrote (the best that fit, if this memory is smaller)."
+    if len(self) or self.partial: raise ValueError(f"load needs an empty memory; this one holds {len(self)} transitions")
+    with np.load(path) as z:
+        if abs(float(z['gamma']) - self.gamma) > 1e-12:
+            raise ValueError(f"{path}: its returns use gamma={float(z['gamma'])}, this memory gamma={self.gamma}")
+        obs, acts, rets, pri, lengths, scores = (z[k] for k in ('obs', 'actions', 'returns', 'priorities', 'lengths', 'scores'))
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    for i in np.argsort(-scores, kind='stable'):                   # best first, so the best fit
+        L = int(lengths[i]); sl = slice(starts[i], starts[i] + L)
+        if L > len(self.free): continue
+        if self.obs is None: self.obs = np.zeros((self.capacity, *obs.shape[1:]), np.uint8)
+        slots = np.array([self.free.pop() for _ in range(L)], np.int64)
+        self.obs[slots], self.actions[slots], self.returns[slots] = obs[sl], acts[sl], rets[sl]
+        self.tree.update(slots, pri[sl])
+        heapq.heappush(self.kept, (float(scores[i]), self.serial, slots)); self.serial += 1
+    return self
+
+EpisodeMemory.save, EpisodeMemory.load = _save, _load
+
+# %% ../nbs/04a_self_imitation.ipynb #bc109b14
 def self_imitation_loss(model:Callable, # (obs, state, episode_start) -> (logits, value, state)
                         obs:Tensor, # uint8 [K, C, H, W] stored frames
                         actions:Tensor, # int64 [K] stored actions

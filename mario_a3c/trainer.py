@@ -25,7 +25,7 @@ from .checkpoint import (save_checkpoint, load_checkpoint, make_meta, capture_rn
 from .callbacks import Callback, CallbackList, JsonlLogger, TensorBoardLogger, ConsoleLogger, WandbLogger
 
 # %% auto #0
-__all__ = ['MIN_BEST_EPISODES', 'standard_callbacks', 'Trainer', 'train']
+__all__ = ['MIN_BEST_EPISODES', 'standard_callbacks', 'Trainer', 'memory_path', 'train']
 
 # %% ../nbs/05e_trainer.ipynb #d60df6ef
 def standard_callbacks(config:TrainingConfig) -> list[Callback]:
@@ -241,14 +241,24 @@ def _after_update(self:Trainer):
         self.best_avg_return, self._best_at = avg, self.updates
         self.save('best')
 
+def memory_path(checkpoint) -> Path:
+    "Where the self-imitation memory of a run that stopped at `checkpoint` (.pt or .json) is kept: `<stem>.sil.npz`."
+    return Path(checkpoint).with_suffix('.sil.npz')
+
 def _from_checkpoint(cls, path, # a `.pt` checkpoint (or its `.json`)
                     overrides:dict|None=None, # mutable fields to change, e.g. {'total_updates': 20000}
                     callbacks:Iterable=(), **kwargs, # as for `Trainer`
                    ) -> Trainer:
-    "A trainer that continues the run saved at `path`."
+    "A trainer that continues the run saved at `path` (with its self-imitation memory when one was saved)."
     state, meta = load_checkpoint(path)
     config = resolve_resume_config(meta, dict(overrides or {}))
-    return cls(config, callbacks, **kwargs).load_state_dict(state, path)
+    t = cls(config, callbacks, **kwargs).load_state_dict(state, path)
+    if t.sil is not None and memory_path(path).exists():
+        try:
+            t.sil.load(memory_path(path))
+            t.log(f"self-imitation memory: {t.sil.episodes} episodes ({len(t.sil)} transitions) from {memory_path(path).name}")
+        except (ValueError, OSError, KeyError) as e: t.log(f"self-imitation memory not loaded: {e}")
+    return t
 
 Trainer.state_dict, Trainer.load_state_dict, Trainer.save, Trainer._after_update = _state_dict, _load_state_dict, _save, _after_update
 Trainer.from_checkpoint = classmethod(_from_checkpoint)
@@ -293,13 +303,14 @@ def _train(self:Trainer) -> dict:
     self.learner.discard()
     saved_at, path = self._latest
     if saved_at != self.updates or path is None: path = self.save('latest')  # unless this update's is already saved
+    if self.sil is not None and path is not None: self.sil.save(memory_path(path))
     out = self.summary(stopped, path)
     self.callbacks.on_train_end(self, out)
     return out
 
 Trainer.summary, Trainer.train = _summary, _train
 
-# %% ../nbs/05e_trainer.ipynb #15c0a6a5
+# %% ../nbs/05e_trainer.ipynb #367fe770
 def train(config:TrainingConfig|dict|None=None, # the run; None: defaults
           callbacks:Iterable=(), # extra callbacks
           **kwargs, # config fields (override `config`)
