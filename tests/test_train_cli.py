@@ -59,6 +59,19 @@ def test_held_buttons_and_sticky_actions_train_then_evaluate(tmp_path):
     assert json.loads(res.stdout.strip().splitlines()[-1])["episodes"][0]["length"] == 20
 
 
+def test_self_imitation_async_keeps_episodes_across_a_resume(tmp_path):
+    """Async actors' episodes reach the memory whole; a stopped run saves it and the resumed run starts from it."""
+    run_cli("train", *TINY, *out_dirs(tmp_path), "--total-updates", "6", "--run-name", "s", "--mode", "async",
+            "--actors", "2", "--recurrent-type", "none", "--sil", "--sil-batch", "4", "--max-episode-steps", "6")
+    ckpt = tmp_path / "ckpt" / "a3c_world1_stage1_latest.pt"
+    last = metrics(tmp_path / "runs" / "s")[-1]
+    episodes = metrics(tmp_path / "runs" / "s", "episode")
+    assert last["sil/episodes"] == len(episodes) and last["sil/size"] == sum(e["l"] for e in episodes), (last, episodes)
+    assert (tmp_path / "ckpt" / "a3c_world1_stage1_latest.sil.npz").exists()
+    res = run_cli("train", "--resume", str(ckpt), "--total-updates", "7")
+    assert f"self-imitation memory: {len(episodes)} episodes" in res.stdout + res.stderr, res.stdout[-2000:]
+
+
 def test_resume_continues_counters_and_curves(tmp_path):
     run_cli("train", *TINY, *out_dirs(tmp_path), "--total-updates", "2", "--run-name", "r")
     ckpt = tmp_path / "ckpt" / "a3c_world1_stage1_latest.pt"
