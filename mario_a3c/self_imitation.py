@@ -68,13 +68,11 @@ def _priority(self:EpisodeMemory, adv) -> np.ndarray:
 def _store(self:EpisodeMemory, obs:np.ndarray, actions:np.ndarray, rewards:np.ndarray, values:np.ndarray) -> bool:
     "Keep one finished episode if it fits or outscores the episodes that must make room; True when kept."
     L, score = len(actions), float(np.sum(rewards, dtype=np.float64))
-    need, evict = L - len(self.free), []
-    if L > self.capacity: need = None
-    for k in heapq.nsmallest(len(self.kept), self.kept) if need is not None and need > 0 else []:
-        if need <= 0: break
-        if k[0] >= score: need = None; break   # room only at the cost of an episode at least as good
-        evict.append(k); need -= len(k[2])
-    if need is None: self.dropped += 1; return False
+    room, evict = len(self.free), []
+    for k in heapq.nsmallest(len(self.kept), self.kept) if room < L else []:
+        if room >= L or k[0] >= score: break   # enough room, or room only at the cost of an episode at least as good
+        evict.append(k); room += len(k[2])
+    if room < L: self.dropped += 1; return False
     for k in evict:
         self.kept.remove(k); self.tree.update(k[2], np.zeros(len(k[2]))); self.free.extend(k[2].tolist())
     heapq.heapify(self.kept)
