@@ -62,7 +62,7 @@ def _check_value(name:str, v):
     if name in CHOICES and v not in CHOICES[name]: raise ValueError(f"{name}={v!r}: allowed {', '.join(CHOICES[name])}")
 
 # %% ../nbs/05_config.ipynb #f44e1d66
-IMMUTABLE_FIELDS = ('actions', 'frame_skip', 'gray', 'size', 'stack', 'held_buttons',
+IMMUTABLE_FIELDS = ('actions', 'frame_skip', 'gray', 'size', 'stack', 'held_buttons', 'repress_jump',
                     'channels', 'blocks', 'hidden', 'recurrent_type', 'core_size', 'window', 'heads', 'noisy', 'layer_norm')
 # what a field meant in configs stored before it existed (checkpoint metadata), where that differs from its default
 STORED_BEFORE = dict(layer_norm=False)
@@ -84,6 +84,7 @@ class TrainingConfig:
     max_episode_steps: int = 0  # truncate episodes after this many agent steps (0: no limit)
     held_buttons: bool = False  # one input plane per button the last action held (a held A cannot jump again)
     sticky_actions: float = 0.0  # chance that a step repeats the previous action instead: 0 (off) up to below 1; training only
+    repress_jump: bool = False  # an action holding A jumps again whenever Mario stands on the ground (A is let up for a frame)
     num_envs: int = 8  # environments stepped together
     vectorization: str = 'async'  # async (batched worker processes), gym-async (a process per env) or sync (this process)
     # Model
@@ -209,7 +210,7 @@ class TrainingConfig:
         return dict(world=self.world, stage=self.stage, actions=self.actions, frame_skip=self.frame_skip, gray=self.gray,
                     size=self.size, stack=self.stack, reward=self.reward, random_stage=self.random_stage,
                     stage_span=self.stage_span, max_episode_steps=self.max_episode_steps or None,
-                    held_buttons=self.held_buttons, sticky_actions=self.sticky_actions)
+                    held_buttons=self.held_buttons, sticky_actions=self.sticky_actions, repress_jump=self.repress_jump)
 
     def model_kwargs(self, n_actions:int|None=None) -> dict:
         "`ImpalaActorCritic` arguments (`n_actions` defaults to the size of the action set)."

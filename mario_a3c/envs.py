@@ -12,7 +12,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.wrappers import FrameStackObservation, MaxAndSkipObservation, StickyAction, TimeLimit, TransformObservation
 
-from .stacks import (ACTION_SETS, ALL_STAGES, HeldButtons, JoypadActions, action_set, check_stage,
+from .stacks import (ACTION_SETS, ALL_STAGES, HeldButtons, JoypadActions, RepressJump, action_set, check_stage,
                               make_raw_env, stack_name)
 
 # %% auto #0
@@ -183,16 +183,18 @@ def make_env(world:int=1, # 1-8
              render_mode:str|None=None, # 'rgb_array' for video and frame previews
              held_buttons:bool=False, # append a plane per button the last action held (`HeldButtons`)
              sticky_actions:float=0.0, # probability that a step repeats the previous action instead (ALE's sticky actions)
+             repress_jump:bool=False, # an action holding A jumps again on the ground (`RepressJump`)
             ) -> gym.Env:
     "A Super Mario Bros env with uint8 observations `[stack*(1 or 3) (+ buttons), size, size]`."
     check_env_args(world=world, stage=stage, actions=actions, frame_skip=frame_skip, gray=gray, size=size, stack=stack,
                    reward=reward, random_stage=random_stage, stage_span=stage_span, full_game=full_game,
                    max_episode_steps=max_episode_steps, render_mode=render_mode, held_buttons=held_buttons,
-                   sticky_actions=sticky_actions)
+                   sticky_actions=sticky_actions, repress_jump=repress_jump)
     if full_game: env = make_raw_env(None, None, render_mode=render_mode)
     elif random_stage or stage_span > 1:
         env = StageSchedule(stage_list(world, stage, stage_span, random_stage), random_stage, render_mode=render_mode)
     else: env = make_raw_env(world, stage, render_mode=render_mode)
+    if repress_jump: env = RepressJump(env)   # per emulator frame, on button masks
     env = JoypadActions(env, actions)
     if gray: env = SkipMaxGray(env, frame_skip, size)                 # [size, size]
     else:
@@ -218,11 +220,12 @@ RENDER_MODES = (None, 'rgb_array')
 
 def check_env_args(world=1, stage=1, actions='simple', frame_skip=4, gray=True, size=84, stack=4, reward='shaped',
                    random_stage=False, stage_span=1, full_game=False, max_episode_steps=None, render_mode=None,
-                   held_buttons=False, sticky_actions=0.0, **unknown):
+                   held_buttons=False, sticky_actions=0.0, repress_jump=False, **unknown):
     "Validate `make_env` arguments in the parent process, before any worker starts."
     if unknown: raise TypeError(f"unknown environment option(s): {', '.join(unknown)}")
     check_stage(world, stage); action_set(actions)
-    for name, v in (('gray', gray), ('random_stage', random_stage), ('full_game', full_game), ('held_buttons', held_buttons)):
+    for name, v in (('gray', gray), ('random_stage', random_stage), ('full_game', full_game), ('held_buttons', held_buttons),
+                    ('repress_jump', repress_jump)):
         if not isinstance(v, (bool, np.bool_)): raise ValueError(f"{name}={v!r} is not a bool: allowed True, False")
     if render_mode not in RENDER_MODES: raise ValueError(f"render_mode={render_mode!r}: allowed None, 'rgb_array'")
     _check_int('frame_skip', frame_skip, 1, 16); _check_int('size', size, 16, 512); _check_int('stack', stack, 1, 16)

@@ -11,23 +11,13 @@ import torch
 
 from .envs import make_env
 from .evaluate import eval_env_kwargs
-from .stacks import action_set
+from .stacks import action_set, emulator_ram   # the RAM accessor lives with the stacks
 
 # %% auto #0
-__all__ = ['ENEMY_FLAGS', 'emulator_ram', 'Player', 'enemy_sensitivity', 'held_press_rate']
+__all__ = ['ENEMY_FLAGS', 'Player', 'enemy_sensitivity', 'held_press_rate']
 
 # %% ../nbs/07a_probes.ipynb #cbb0b880
 ENEMY_FLAGS = slice(0x0F, 0x14)   # RAM: one "enemy active" flag per enemy slot (5 slots)
-
-def emulator_ram(env) -> np.ndarray:
-    "The NES RAM (2 kB, writable) of a `make_env` env, on either stack."
-    inner = env.unwrapped
-    for _ in range(8):   # legacy: shimmy's adapter -> old gym's API adapter -> the emulator
-        if hasattr(inner, 'ram'): return inner.ram
-        inner = getattr(inner, 'gym_env', None) or getattr(inner, 'env', None)
-        if inner is None: break
-        inner = getattr(inner, 'unwrapped', inner)
-    raise TypeError(f"{type(env.unwrapped).__name__} has no NES emulator inside")
 
 class Player:
     "Feeds one env's observations to a model, carrying its recurrent state: `player(obs) -> (probabilities [A], value)`."

@@ -12,9 +12,9 @@ import gymnasium as gym
 import numpy as np
 
 # %% auto #0
-__all__ = ['WORLDS', 'STAGES', 'ALL_STAGES', 'ACTION_SETS', 'PLANE_BUTTONS', 'INFO_KEYS', 'stack_name', 'stack_versions',
-           'check_stage', 'stage_env_id', 'action_set', 'button_mask', 'JoypadActions', 'held_button_names',
-           'HeldButtons', 'make_raw_env']
+__all__ = ['WORLDS', 'STAGES', 'ALL_STAGES', 'ACTION_SETS', 'PLANE_BUTTONS', 'INFO_KEYS', 'A_MASK', 'FLOAT_STATE', 'stack_name',
+           'stack_versions', 'check_stage', 'stage_env_id', 'action_set', 'button_mask', 'JoypadActions',
+           'held_button_names', 'HeldButtons', 'make_raw_env', 'emulator_ram', 'RepressJump']
 
 # %% ../nbs/01_stacks.ipynb #157a7e0a
 def _version(pkg:str) -> str|None:
@@ -149,3 +149,41 @@ def make_raw_env(world:int|None=1, stage:int|None=1, render_mode:str|None=None) 
         warnings.simplefilter('ignore')
         inner = old_gym.make(env_id, apply_api_compatibility=True, disable_env_checker=True, render_mode=render_mode)
     return _LegacyResetInfo(GymV26CompatibilityV0(env=inner))
+
+# %% ../nbs/01_stacks.ipynb #1073bc62
+def emulator_ram(env) -> np.ndarray:
+    "The NES RAM (2 kB, writable) inside `env`, through wrappers, the legacy adapters and a stage schedule, on either stack."
+    inner = env.unwrapped
+    for _ in range(8):   # legacy: shimmy's adapter -> old gym's API adapter -> the emulator
+        if hasattr(inner, 'ram'): return inner.ram
+        inner = getattr(inner, 'gym_env', None) or getattr(inner, 'current', None) or getattr(inner, 'env', None)
+        if inner is None: break
+        inner = getattr(inner, 'unwrapped', inner)
+    raise TypeError(f"{type(env.unwrapped).__name__} has no NES emulator inside")
+
+A_MASK, FLOAT_STATE = button_mask(['A']), 0x1D   # the A bit of a button mask; RAM: Mario's float state (0: on the ground)
+
+class RepressJump(gym.ActionWrapper, gym.utils.RecordConstructorArgs):
+    "Button masks in, button masks out: A held on the ground for 2 frames is let up for a frame, so it presses again."
+    def __init__(self, env:gym.Env):
+        gym.utils.RecordConstructorArgs.__init__(self)
+        gym.ActionWrapper.__init__(self, env)
+        self._ram, self.grounded_a, self.releases = None, 0, 0
+
+    def reset(self, **kwargs):
+        out = self.env.reset(**kwargs)
+        self._ram, self.grounded_a = emulator_ram(self.env), 0   # a stage schedule may have switched emulators
+        return out
+
+    def action(self, mask:int) -> int:
+        mask = int(mask)
+        if mask & A_MASK and self.grounded_a >= 2 and self._ram[FLOAT_STATE] == 0:
+            mask &= ~A_MASK; self.releases += 1
+        return mask
+
+    def step(self, mask):
+        mask = self.action(mask)
+        out = self.env.step(mask)
+        on_ground = self._ram[FLOAT_STATE] == 0
+        self.grounded_a = self.grounded_a + 1 if mask & A_MASK and on_ground else 0
+        return out

@@ -22,7 +22,7 @@ def test_design_fields_and_defaults():
     "The field set and defaults agreed in the trainer design (a hand-written copy, not read from the class)."
     want = dict(world=1, stage=1, actions="simple", frame_skip=4, gray=True, size=64, stack=4, reward="shaped",
                 random_stage=False, stage_span=1, max_episode_steps=0, held_buttons=False, sticky_actions=0.0,
-                num_envs=8, vectorization="async",
+                repress_jump=False, num_envs=8, vectorization="async",
                 channels="8,16,16", blocks=1, hidden=256, recurrent_type="lstm", core_size=256, window=16, heads=4,
                 noisy=False, layer_norm=True, rollout_steps=32, total_updates=10000, lr=2.5e-4, weight_decay=0.0, warmup_updates=100,
                 lr_floor=0.1, grad_accum=1, epochs=1, minibatches=1, clip_grad=40.0, adam_eps=1e-5, returns="vtrace", gamma=0.99,
@@ -35,7 +35,7 @@ def test_design_fields_and_defaults():
                 log_every_s=10.0, avg_window=100, wandb_project="", wandb_mode="offline", mode="sync", actors=2,
                 queue_size=4, backend="mp", ray_address="")
     assert TrainingConfig().to_dict() == want
-    assert set(IMMUTABLE_FIELDS) == {"actions", "frame_skip", "gray", "size", "stack", "held_buttons", "channels", "blocks", "hidden",
+    assert set(IMMUTABLE_FIELDS) == {"actions", "frame_skip", "gray", "size", "stack", "held_buttons", "repress_jump", "channels", "blocks", "hidden",
                                      "recurrent_type", "core_size", "window", "heads", "noisy", "layer_norm"}
 
 

@@ -194,6 +194,30 @@ def test_held_buttons_planes_and_the_jump_they_explain():
     assert max(ys[35:]) > ground + 10  # after one step without A, right+A jumps
 
 
+def test_repress_jump_jumps_again_on_the_ground_and_keeps_high_jumps():
+    """Held right+A: one take-off without `repress_jump`, one per landing with it; a single long press is unchanged."""
+    def play(seq, **kw):
+        env = make_env(1, 1, size=42, stack=1, **kw)
+        env.reset(seed=0)
+        ys = []
+        for a in seq:
+            *_, term, trunc, info = env.step(a)
+            ys.append(info["y_pos"])
+            if term or trunc:
+                break
+        env.close()
+        return ys
+    def take_offs(ys):  # steps where Mario leaves the ground (y_pos 79 on World 1-1's floor)
+        return sum(a == 79 and b > 79 for a, b in zip([79] + ys, ys))
+    held = [1] * 5 + [2] * 40  # walk, then hold right+A
+    assert take_offs(play(held)) == 1
+    assert take_offs(play(held, repress_jump=True)) >= 3
+    long_press = [1] * 5 + [2] * 6 + [1] * 10  # one press of 24 frames
+    assert play(long_press, repress_jump=True) == play(long_press)
+    with pytest.raises(ValueError, match=r"repress_jump=1 is not a bool"):
+        make_env(1, 1, repress_jump=1)
+
+
 def test_sticky_actions_repeat_the_executed_action_at_the_stationary_rate():
     """With repeat probability p, executed != chosen has stationary rate p / (1 + p) when the choices alternate."""
     def rate(p, n=400):

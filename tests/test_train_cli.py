@@ -47,14 +47,14 @@ def test_cli_trains_each_core(tmp_path, core, returns, per):
     assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
 
 
-def test_held_buttons_and_sticky_actions_train_then_evaluate(tmp_path):
+def test_held_buttons_sticky_actions_and_repress_jump_train_then_evaluate(tmp_path):
     """The planes widen the network's input: training, the checkpoint and evaluation must agree on it."""
     run_cli("train", *TINY, *out_dirs(tmp_path), "--total-updates", "2", "--run-name", "h", "--no-gray",
-            "--held-buttons", "--sticky-actions", "0.25")
+            "--held-buttons", "--sticky-actions", "0.25", "--repress-jump")
     ckpt = tmp_path / "ckpt" / "a3c_world1_stage1_latest.pt"
     meta = json.loads(ckpt.with_suffix(".json").read_text())
     assert meta["config"]["held_buttons"] is True and meta["config"]["sticky_actions"] == 0.25
-    assert meta["immutable"]["held_buttons"] is True
+    assert meta["immutable"]["held_buttons"] is True and meta["immutable"]["repress_jump"] is True
     res = run_cli("eval", "--checkpoint", str(ckpt), "--episodes", "1", "--max-steps", "20", "--json")
     assert json.loads(res.stdout.strip().splitlines()[-1])["episodes"][0]["length"] == 20
 
