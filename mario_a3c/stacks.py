@@ -168,7 +168,7 @@ class RepressJump(gym.ActionWrapper, gym.utils.RecordConstructorArgs):
     def __init__(self, env:gym.Env):
         gym.utils.RecordConstructorArgs.__init__(self)
         gym.ActionWrapper.__init__(self, env)
-        self._ram, self.grounded_a, self.releases = None, 0, 0
+        self._ram, self.grounded_a = None, 0   # frames A has been held on the ground, as of the last step
 
     def reset(self, **kwargs):
         out = self.env.reset(**kwargs)
@@ -177,9 +177,7 @@ class RepressJump(gym.ActionWrapper, gym.utils.RecordConstructorArgs):
 
     def action(self, mask:int) -> int:
         mask = int(mask)
-        if mask & A_MASK and self.grounded_a >= 2 and self._ram[FLOAT_STATE] == 0:
-            mask &= ~A_MASK; self.releases += 1
-        return mask
+        return mask & ~A_MASK if mask & A_MASK and self.grounded_a >= 2 else mask   # the RAM is as the last step left it
 
     def step(self, mask):
         mask = self.action(mask)
