@@ -113,8 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from mario_a3c.tune_report import add_tune_parser
     add_tune_parser(sub)  # `tune`: Optuna search (nbs/10b_tune_report.ipynb)
-    from mario_a3c.evaluate import add_eval_parser
-    add_eval_parser(sub)  # `eval`: play a checkpoint or a shipped agent (nbs/07_evaluate.ipynb)
+    from mario_a3c.eval_cli import add_eval_parser
+    add_eval_parser(sub)  # `eval`: play a checkpoint or a shipped agent, or rank checkpoints (nbs/07b_eval_cli.ipynb)
     return p
 
 # %% ../nbs/09_cli.ipynb #c2f61562

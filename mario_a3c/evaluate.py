@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_evaluate.ipynb #fe58708f
 from __future__ import annotations
-import argparse, json, re, time, warnings
+import json, re, time, warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -19,7 +19,7 @@ from .stacks import action_set, check_stage
 
 # %% auto #0
 __all__ = ['PRETRAINED_DIR', 'tiny_checkpoint', 'load_agent', 'CopyRender', 'eval_env_kwargs', 'summarize', 'evaluate',
-           'list_pretrained', 'pretrained_path', 'export_pretrained', 'format_table', 'add_eval_parser', 'run_eval']
+           'list_pretrained', 'pretrained_path', 'export_pretrained']
 
 # %% ../nbs/07_evaluate.ipynb #2d0c3bcc
 def tiny_checkpoint(directory, # folder for the run's files (checkpoint, config)
@@ -147,8 +147,8 @@ def evaluate(checkpoint, # a `.pt` checkpoint (or its `.json`)
                             'flag': stats['flag'], 'noops': min(n_noop, stats['l']), 'truncated': bool(truncated and not terminated)})
     finally: env.close(); torch.set_num_threads(before)
     videos = [str(Path(video_dir) / f'{prefix}-episode-{i}.mp4') for i in range(len(results))] if video else []
-    return dict(checkpoint=meta['path'], world=kw['world'], stage=kw['stage'], deterministic=deterministic, noop_max=noop_max,
-                seed=seed, episodes=results, **summarize(results), videos=videos, stopped=stopped)
+    return dict(checkpoint=meta['path'], frames=meta.get('frames'), world=kw['world'], stage=kw['stage'], deterministic=deterministic,
+                noop_max=noop_max, seed=seed, episodes=results, **summarize(results), videos=videos, stopped=stopped)
 
 # %% ../nbs/07_evaluate.ipynb #84fded92
 PRETRAINED_DIR = Path(mario_a3c.__file__).parent / 'pretrained'  # package data: shipped agents
@@ -201,48 +201,3 @@ def export_pretrained(checkpoint, # a `.pt` checkpoint from training
     n = sum(v.numel() for v in weights.values() if v.is_floating_point())
     if log: log(f"pretrained {config.world}-{config.stage}: {dest} ({dest.stat().st_size / 1e6:.2f} MB, {n} parameters in {meta['weights_dtype']})")
     return dest
-
-# %% ../nbs/07_evaluate.ipynb #5c578c4d
-def format_table(result:dict) -> str:
-    "Per-episode return, length, max x and flag, then the clear rate."
-    rows = [f"{'episode':>7} {'return':>9} {'length':>7} {'max x':>6} {'flag':>5}"]
-    for i, e in enumerate(result['episodes'], 1):
-        rows.append(f"{i:>7} {e['return']:>9.2f} {e['length']:>7} {e['max_x']:>6} {'yes' if e['flag'] else 'no':>5}")
-    n, flags = len(result['episodes']), sum(e['flag'] for e in result['episodes'])
-    rows.append(f"clear rate {flags}/{n} = {result['clear_rate'] or 0:.0%}" +
-                (f", mean return {result['mean_return']:.2f}, mean max x {result['mean_max_x']:.0f}" if n else ''))
-    return '\n'.join(rows)
-
-# %% ../nbs/07_evaluate.ipynb #9281d5bb
-def add_eval_parser(subparsers) -> argparse.ArgumentParser:
-    "Add the `eval` subcommand to a `mario-a3c` subparsers object."
-    s = subparsers.add_parser('eval', help='play a checkpoint: return, length, max x, flag per episode; clear rate')
-    s.set_defaults(fn=run_eval)
-    src = s.add_mutually_exclusive_group(required=True)
-    src.add_argument('--checkpoint', metavar='PATH', help='checkpoint (.pt) to play; its .json says how it was trained')
-    src.add_argument('--pretrained', metavar='W-S', help='a shipped agent, e.g. 1-1')
-    s.add_argument('--episodes', type=int, default=5, metavar='N', help='episodes to play (default 5)')
-    s.add_argument('--sample', action='store_true', help='sample actions from the policy (default: argmax)')
-    s.add_argument('--noop-max', type=int, default=0, metavar='N', help='random 0..N NOOP steps at each episode start (default 0)')
-    s.add_argument('--world', type=int, default=None, metavar='W', help="world to play (default: the checkpoint's)")
-    s.add_argument('--stage', type=int, default=None, metavar='S', help="stage to play (default: the checkpoint's)")
-    s.add_argument('--video', action='store_true', help='write an MP4 per episode')
-    s.add_argument('--video-dir', default='output/eval', metavar='DIR', help='folder of the videos (default output/eval)')
-    s.add_argument('--seed', type=int, default=0, help='seeds no-op starts, sampling, resets (default 0)')
-    s.add_argument('--max-steps', type=int, default=10_000, metavar='N', help='truncate episodes after N env steps (default 10000)')
-    s.add_argument('--device', default='cpu', help='cpu, cuda or auto (default cpu)')
-    s.add_argument('--json', action='store_true', help='end with the result as one JSON line')
-    return s
-
-def run_eval(args:argparse.Namespace) -> int:
-    "The `eval` subcommand: play, print the table (and the JSON line)."
-    ckpt = args.checkpoint or pretrained_path(args.pretrained)
-    res = evaluate(ckpt, episodes=args.episodes, deterministic=not args.sample, noop_max=args.noop_max, world=args.world,
-                   stage=args.stage, video=args.video, video_dir=args.video_dir, seed=args.seed, max_steps=args.max_steps,
-                   device=args.device)
-    print(f"{res['checkpoint']} on {res['world']}-{res['stage']}, {'sampled' if args.sample else 'argmax'} actions, "
-          f"no-op starts 0-{args.noop_max}, seed {args.seed}")
-    print(format_table(res))
-    for v in res['videos']: print(f'video: {v}')
-    if args.json: print(json.dumps(res))
-    return 0

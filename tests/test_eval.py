@@ -72,6 +72,33 @@ def test_cli_table_and_json(ckpt):
     assert plain[-1].startswith("clear rate") and not plain[-1].startswith("{")
 
 
+def test_cli_ranks_several_checkpoints(ckpt, tmp_path):
+    other = tiny_checkpoint(tmp_path / "seed3", seed=3)   # another network: it plays differently
+    args = ("--episodes", 2, "--max-steps", 40, "--noop-max", 3, "--seed", 2)
+    res = run_cli("--checkpoint", ckpt, other, *args, "--json")
+    lines = res.stdout.strip().splitlines()
+    out = json.loads(lines[-1])
+    # the reference: each checkpoint played on its own by the same command
+    ref = {}
+    for c in (ckpt, other):
+        one = json.loads(run_cli("--checkpoint", c, *args, "--json").stdout.strip().splitlines()[-1])
+        eps = one["episodes"]
+        ref[one["checkpoint"]] = dict(clears=sum(e["flag"] for e in eps), mean_max_x=np.mean([e["max_x"] for e in eps]),
+                                      mean_return=np.mean([e["return"] for e in eps]), frames=one["frames"])
+    assert sorted(r["checkpoint"] for r in out["ranking"]) == sorted(ref)
+    for r in out["ranking"]:
+        want = ref[r["checkpoint"]]
+        assert (r["clears"], r["frames"]) == (want["clears"], want["frames"])
+        assert (r["mean_max_x"], r["mean_return"]) == pytest.approx((want["mean_max_x"], want["mean_return"]))
+    keys = [(-r["clear_rate"], -r["mean_max_x"], -r["mean_return"]) for r in out["ranking"]]
+    assert keys == sorted(keys) and out["best"] == out["ranking"][0]["checkpoint"]
+    table = lines[lines.index(next(l for l in lines if l.split()[:2] == ["rank", "clears"])) + 1:-1]
+    assert [l.split()[-1] for l in table] == [r["checkpoint"] for r in out["ranking"]]
+    # a missing file among several stops the ranking with the one-line error that names it
+    missing = tmp_path / "gone.pt"
+    assert f"checkpoint {missing} does not exist" in one_error_line("--checkpoint", ckpt, missing, process=True)
+
+
 def test_returns_match_a_naive_loop(ckpt):
     _, config, _ = load_agent(ckpt)
     res, steps = play(ckpt, episodes=2, max_steps=40, noop_max=6, seed=2)
