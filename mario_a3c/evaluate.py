@@ -18,8 +18,8 @@ from .envs import make_env
 from .stacks import action_set, check_stage
 
 # %% auto #0
-__all__ = ['PRETRAINED_DIR', 'tiny_checkpoint', 'load_agent', 'CopyRender', 'eval_env_kwargs', 'summarize', 'evaluate',
-           'list_pretrained', 'pretrained_path', 'export_pretrained']
+__all__ = ['PRETRAINED_DIR', 'LOCAL_FIELDS', 'tiny_checkpoint', 'load_agent', 'CopyRender', 'eval_env_kwargs', 'summarize',
+           'evaluate', 'list_pretrained', 'pretrained_path', 'export_pretrained']
 
 # %% ../nbs/07_evaluate.ipynb #2d0c3bcc
 def tiny_checkpoint(directory, # folder for the run's files (checkpoint, config)
@@ -177,6 +177,8 @@ def pretrained_path(name:str, # a stage, 'W-S' (e.g. '1-1')
     return p
 
 # %% ../nbs/07_evaluate.ipynb #5dae2903
+LOCAL_FIELDS = ('run_name', 'runs_dir', 'checkpoint_dir', 'tensorboard_dir', 'ray_address')  # where a run wrote, not what it learned
+
 def export_pretrained(checkpoint, # a `.pt` checkpoint from training
                       dest_dir=None, # folder of shipped agents (default: the package's)
                       half:bool=True, # store the weights in float16
@@ -193,7 +195,8 @@ def export_pretrained(checkpoint, # a `.pt` checkpoint from training
     weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
     dest = Path(dest_dir or PRETRAINED_DIR) / f'a3c_world{config.world}_stage{config.stage}.pt'
     meta = {k: v for k, v in meta.items() if k != 'path'}
-    meta.update(file=dest.name, save_id=f'{time.time_ns():x}', exported_from=src.name, weights_dtype=str(dtype).split('.')[-1],
+    local = {k: getattr(TrainingConfig(), k) for k in LOCAL_FIELDS}   # the trainer's folders mean nothing where the agent ships
+    meta.update(config={**meta['config'], **local}, run_name='', file=dest.name, save_id=f'{time.time_ns():x}', exported_from=src.name, weights_dtype=str(dtype).split('.')[-1],
                 exported_at=datetime.now(timezone.utc).isoformat(timespec='seconds'))
     text = json.dumps(meta, indent=1) + '\n'
     atomic_write(dest, lambda f: torch.save({'format_version': FORMAT_VERSION, 'meta': json.loads(text), 'state': {'model': weights}}, f))

@@ -1,6 +1,6 @@
 """Evaluation end to end: the `mario-a3c eval` command on a tiny checkpoint, real MP4s, one-line errors, fp16 pretrained
 agents, seeded no-op starts. Numbers are checked against independent references (a naive env loop, NumPy means)."""
-import contextlib, io, json, shutil, subprocess, sys
+import contextlib, io, json, os, shutil, subprocess, sys
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -229,7 +229,10 @@ def test_export_pretrained_roundtrip(ckpt, tmp_path, monkeypatch):
     assert {v.dtype for v in payload["state"]["model"].values()} == {torch.float16}
     assert dest.stat().st_size < 0.6 * ckpt.stat().st_size
     meta = json.loads(meta_path(dest).read_text())
-    assert meta["config"] == json.loads(meta_path(ckpt).read_text())["config"] and meta["weights_dtype"] == "float16"
+    trained = json.loads(meta_path(ckpt).read_text())["config"]
+    assert {k: v for k, v in meta["config"].items() if k not in ev.LOCAL_FIELDS} == {k: v for k, v in trained.items() if k not in ev.LOCAL_FIELDS}
+    assert meta["config"]["runs_dir"] == TrainingConfig().runs_dir != trained["runs_dir"] and meta["run_name"] == ""
+    assert meta["weights_dtype"] == "float16"
 
     m32, config, _ = load_agent(ckpt); m16, _, _ = load_agent(dest)
     sd32 = m32.state_dict()
@@ -271,3 +274,35 @@ def test_full_size_agent_ships_under_10_mb(tmp_path):
     assert dest.stat().st_size < 10e6 and dest.stat().st_size == pytest.approx(2 * n, rel=0.05)
     m, _, _ = load_agent(dest)
     assert sum(p.numel() for p in m.parameters()) == n
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_world1_1_agent_clears_the_stage():
+    "The agent inside the package plays argmax episodes from random no-op starts and reaches the flag in each."
+    res = run_cli("--pretrained", "1-1", "--episodes", 2, "--noop-max", 30, "--seed", 3, "--json")
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    shipped = Path(out["checkpoint"])
+    assert shipped == ROOT / "mario_a3c" / "pretrained" / "a3c_world1_stage1.pt" and shipped.stat().st_size < 10e6
+    assert [(e["flag"], e["max_x"]) for e in out["episodes"]] == [(True, 3161)] * 2, out["episodes"]
+    assert len({e["noops"] for e in out["episodes"]}) == 2   # two different starts, not one episode twice
+    meta = json.loads(meta_path(shipped).read_text())
+    assert meta["weights_dtype"] == "float16" and meta["config"]["repress_jump"] is True
+
+
+def test_a_plain_install_carries_the_shipped_agent(tmp_path):
+    "Build a wheel from the sources, install it into an empty folder: `pretrained_path('1-1')` finds the agent there."
+    src = tmp_path / "src"; src.mkdir()
+    for name in ("setup.py", "settings.ini", "pyproject.toml", "README.md"): shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "mario_a3c", src / "mario_a3c", ignore=shutil.ignore_patterns("__pycache__"))
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist", src], check=True, capture_output=True, timeout=600)
+    (whl,) = (tmp_path / "dist").glob("mario_a3c-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", tmp_path / "site", whl], check=True, capture_output=True, timeout=600)
+    code = "from mario_a3c.evaluate import pretrained_path, list_pretrained; print(pretrained_path('1-1')); print(list_pretrained())"
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(tmp_path / "site")}, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300, check=True)
+    path, names = r.stdout.strip().splitlines()[-2:]
+    assert Path(path) == tmp_path / "site" / "mario_a3c" / "pretrained" / "a3c_world1_stage1.pt" and names == "['1-1']"
+    assert Path(path).read_bytes() == (ROOT / "mario_a3c" / "pretrained" / "a3c_world1_stage1.pt").read_bytes()
