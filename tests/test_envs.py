@@ -255,3 +255,11 @@ def test_enemy_flags_in_ram_remove_the_first_goomba():
     assert died and not ia["flag_get"]  # the Goomba killed the Mario that has enemies
     first = differ.index(True)
     assert 5 < first < len(differ) - 3 and all(differ[first:])  # the screens differ from when it scrolls into view
+
+
+def test_shipped_world1_1_agent_reaches_the_flag_on_this_stack():
+    "The agent in the package was trained on the modern stack; both stacks emulate the same game, so it clears here too."
+    from mario_a3c.evaluate import evaluate, pretrained_path
+    res = evaluate(pretrained_path("1-1"), episodes=1, noop_max=30, seed=4, max_steps=2000)
+    (ep,) = res["episodes"]
+    assert (ep["flag"], ep["max_x"], ep["truncated"]) == (True, 3161, False), ep
