@@ -5,7 +5,6 @@
 # %% ../nbs/07b_eval_cli.ipynb #1a56e13e
 from __future__ import annotations
 import argparse, json
-from pathlib import Path
 
 from .evaluate import evaluate, pretrained_path
 
