@@ -196,7 +196,8 @@ def export_pretrained(checkpoint, # a `.pt` checkpoint from training
     dest = Path(dest_dir or PRETRAINED_DIR) / f'a3c_world{config.world}_stage{config.stage}.pt'
     meta = {k: v for k, v in meta.items() if k != 'path'}
     local = {k: getattr(TrainingConfig(), k) for k in LOCAL_FIELDS}   # the trainer's folders mean nothing where the agent ships
-    meta.update(config={**meta['config'], **local}, run_name='', file=dest.name, save_id=f'{time.time_ns():x}', exported_from=src.name, weights_dtype=str(dtype).split('.')[-1],
+    meta.update(config={**meta['config'], **local}, run_name='', file=dest.name, save_id=f'{time.time_ns():x}',
+                exported_from=src.name, weights_dtype=str(dtype).split('.')[-1],
                 exported_at=datetime.now(timezone.utc).isoformat(timespec='seconds'))
     text = json.dumps(meta, indent=1) + '\n'
     atomic_write(dest, lambda f: torch.save({'format_version': FORMAT_VERSION, 'meta': json.loads(text), 'state': {'model': weights}}, f))
