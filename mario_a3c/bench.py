@@ -11,7 +11,7 @@ import numpy as np
 
 from .callbacks import Callback
 from .config import TrainingConfig
-from .bench_env import _run_for, _Single
+from .bench_env import _run_for, _Single, cpu_busy, cpu_util
 from .stacks import JoypadActions, make_raw_env, stack_versions
 
 # %% auto #0
@@ -44,11 +44,11 @@ def raw_fps(num_procs:int=8, # worker processes, one emulator each
 
 # %% ../nbs/06_bench.ipynb #7471d79d
 class _Clock(Callback):
-    "Record (time, frames) per update; stop the trainer `seconds` after the warm-up."
+    "Record (time, frames, machine CPU) per update; stop the trainer `seconds` after the warm-up."
     def __init__(self, warmup_s:float, seconds:float): self.warmup_s, self.seconds, self.marks, self.metrics = warmup_s, seconds, [], []
     def on_train_begin(self, trainer): self.t0 = time.perf_counter()
     def on_update(self, trainer, metrics):
-        now = time.perf_counter(); self.marks.append((now, trainer.frames))
+        now = time.perf_counter(); self.marks.append((now, trainer.frames, cpu_busy()))
         if now - self.t0 >= self.warmup_s: self.metrics.append(metrics)
         start = [m for m in self.marks if m[0] - self.t0 >= self.warmup_s]
         if start and now - start[0][0] >= self.seconds: trainer.stop()
@@ -57,7 +57,7 @@ def train_fps(config:TrainingConfig|None=None, # the preset to measure (default:
               seconds:float=40., # measuring time after the warm-up
               warmup_s:float=20., # time excluded at the start
              ) -> dict:
-    "Emulator frames/s consumed by learning with the real trainer, plus the run's summary."
+    "Emulator frames/s consumed by learning with the real trainer, the machine's CPU utilisation meanwhile, the run's summary."
     from mario_a3c.trainer import Trainer
     tmp = tempfile.mkdtemp(prefix='mario-bench-')
     cfg = replace(config or TrainingConfig(), total_updates=10**6, warmup_updates=1, run_name='bench',
@@ -67,13 +67,16 @@ def train_fps(config:TrainingConfig|None=None, # the preset to measure (default:
     summary = Trainer(cfg, [clock]).train()
     marks = [m for m in clock.marks if m[0] - clock.t0 >= warmup_s]
     if len(marks) < 2: raise RuntimeError(f"too few updates after the warm-up ({len(clock.marks)} in all): raise seconds")
-    (t0, f0), (t1, f1) = marks[0], marks[-1]
+    (t0, f0, c0), (t1, f1, c1) = marks[0], marks[-1]
     profile = {k: round(float(np.mean([m[k] for m in clock.metrics if k in m])), 3)   # where an update's time goes
                for k in sorted({k for m in clock.metrics for k in m}) if k.startswith(('perf/', 'async/'))}
-    return dict(train_fps=(f1 - f0) / (t1 - t0), updates=len(marks) - 1, summary=summary, profile=profile)
+    return dict(train_fps=(f1 - f0) / (t1 - t0), cpu_util=cpu_util(c0, c1), updates=len(marks) - 1, summary=summary,
+                profile=profile)
 
 # %% ../nbs/06_bench.ipynb #ad57aed2
 BENCH_MODES = ('sync', 'async', 'both')
+
+def _r3(x): return None if x is None else round(x, 3)
 
 def bench(seconds:float=40., # measuring time of each side
           warmup_s:float=20., # trainer warm-up excluded from its measurement
@@ -85,12 +88,16 @@ def bench(seconds:float=40., # measuring time of each side
     mode = mode or cfg.mode
     if mode not in BENCH_MODES: raise ValueError(f"mode={mode!r}: allowed {', '.join(BENCH_MODES)}")
     modes = ['sync', 'async'] if mode == 'both' else [mode]
-    raw = raw_fps(cfg.num_envs, seconds, cfg.actions)
+    c0 = cpu_busy(); raw = raw_fps(cfg.num_envs, seconds, cfg.actions); util_raw = cpu_util(c0, cpu_busy())
     runs = {m: train_fps(replace(cfg, mode=m), seconds, warmup_s) for m in modes}
     tr, s = runs[modes[0]], runs[modes[0]]['summary']
     out = dict(raw_fps=round(raw, 1), train_fps=round(tr['train_fps'], 1), ratio=round(tr['train_fps'] / raw, 3))
     for m, r in runs.items():
         out.update({f'train_fps_{m}': round(r['train_fps'], 1), f'ratio_{m}': round(r['train_fps'] / raw, 3)})
+    out['cpu_util'] = dict(raw=_r3(util_raw), **{m: _r3(r['cpu_util']) for m, r in runs.items()})
+    for m, r in runs.items():   # the ratio if this mode kept every core busy at its frames per CPU-second
+        full = None if not (util_raw and r['cpu_util']) else r['train_fps'] / r['cpu_util'] / (raw / util_raw)
+        out[f'ratio_at_full_cpu_{m}'] = _r3(full)
     out.update(num_envs=cfg.num_envs, rollout_steps=cfg.rollout_steps, recurrent_type=cfg.recurrent_type,
                channels=cfg.channels, vectorization=cfg.vectorization, per=cfg.per, updates=tr['updates'],
                device=str(s.get('device', cfg.resolve_device())), stack=stack_versions()['stack'], cpus=os.cpu_count())

@@ -13,7 +13,7 @@ from .stacks import JoypadActions, make_raw_env, stack_versions
 from .vector import make_vec_env
 
 # %% auto #0
-__all__ = ['measure', 'bench_env']
+__all__ = ['cpu_busy', 'cpu_util', 'measure', 'bench_env']
 
 # %% ../nbs/01c_bench_env.ipynb #9ac71035
 def _run_for(seconds:float, step) -> float:
@@ -33,6 +33,21 @@ class _Single:
         _, _, term, trunc, _ = self.env.step(int(self.rng.integers(self.n)))
         if term or trunc: self.env.reset()
 
+# %% ../nbs/01c_bench_env.ipynb #c32e6f59
+def cpu_busy() -> tuple[float, float]|None:
+    "CPU seconds (busy, available) of the whole machine since boot, all cores, from `/proc/stat`; None where it is missing."
+    try:
+        with open('/proc/stat') as f: v = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError): return None
+    user, nice, system, idle, iowait, irq, softirq, steal = v + [0] * (8 - len(v))
+    hz = os.sysconf('SC_CLK_TCK')
+    return (user + nice + system + irq + softirq) / hz, (sum(v) - steal) / hz
+
+def cpu_util(start, end) -> float|None:
+    "Share of the machine's CPU (0-1, all cores) that was busy between two `cpu_busy()` readings."
+    if start is None or end is None or end[1] <= start[1]: return None
+    return (end[0] - start[0]) / (end[1] - start[1])
+
 # %% ../nbs/01c_bench_env.ipynb #1f541549
 class _Vector:
     "A vector env of the full stack and a random policy; `frames` sums every worker's emulator frames."
@@ -44,14 +59,19 @@ class _Vector:
     def frames(self) -> int: return sum(self.envs.get_attr('frames'))
     def step(self): self.envs.step(self.rng.integers(self.n, size=self.num))
 
-def measure(benches:dict, seconds:float=20., rounds:int=5) -> dict:
+def measure(benches:dict, seconds:float=20., rounds:int=5,
+            utils:dict|None=None, # if given, filled with each bench's machine CPU utilisation (`cpu_util`)
+           ) -> dict:
     "Frames/s of each bench, measured in `rounds` alternating slices of `seconds / rounds` in all."
     tot = {k: [0, 0.] for k in benches}
+    cpu = {k: [0., 0.] for k in benches}    # busy, available CPU seconds
     per = seconds / (len(benches) * rounds)
     for _ in range(rounds):
         for name, b in benches.items():
-            f0 = b.frames; el = _run_for(per, b.step)
+            f0 = b.frames; c0 = cpu_busy(); el = _run_for(per, b.step); c1 = cpu_busy()
             tot[name][0] += b.frames - f0; tot[name][1] += el
+            if c0 and c1: cpu[name][0] += c1[0] - c0[0]; cpu[name][1] += c1[1] - c0[1]
+    if utils is not None: utils.update({k: cpu_util((0., 0.), tuple(v)) for k, v in cpu.items()})
     return {k: f / t for k, (f, t) in tot.items()}
 
 # %% ../nbs/01c_bench_env.ipynb #c1557fbe
@@ -64,10 +84,13 @@ def bench_env(num_envs:int=8, # envs in the vector env measurements (the trainer
     benches = dict(raw=_Single(JoypadActions(make_raw_env(1, 1), actions), 0),  # the emulator's own speed
                    wrapped=_Single(make_env(1, 1, actions=actions), 0),
                    sync=_Vector(num_envs, 'sync', actions, 0), async_=_Vector(num_envs, 'async', actions, 0))
-    try: m = measure(benches, seconds, rounds)
+    u = {}
+    try: m = measure(benches, seconds, rounds, utils=u)
     finally:
         for b in benches.values(): (b.envs if isinstance(b, _Vector) else b.env).close()
     out = dict(stack=stack_versions()['stack'], cpus=os.cpu_count(), num_envs=num_envs, raw_fps=m['raw'],
                wrapped_fps=m['wrapped'], wrapper_ratio=m['wrapped'] / m['raw'], sync_fps=m['sync'],
                async_fps=m['async_'], async_speedup=m['async_'] / m['raw'])
-    return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out.items()}
+    out = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out.items()}
+    out['cpu_util'] = {k.rstrip('_'): None if v is None else round(v, 3) for k, v in u.items()}   # machine CPU busy per setup
+    return out

@@ -192,3 +192,8 @@ def test_cli_bench_both_json_last_line(capsys):
     assert abs(last['ratio_async'] - last['train_fps_async'] / last['raw_fps']) < 1e-2
     assert [r['actors'] for r in last['scaling']] == [1, 2]
     assert 'async/learner_wait_s' in last['profile']['async'] and 'perf/learn_s' in last['profile']['sync']
+    u = last['cpu_util']                                     # the machine's CPU while each side ran
+    assert set(u) == {'raw', 'sync', 'async'} and all(0 < x <= 1 for x in u.values())
+    for m in ('sync', 'async'):   # the frames per CPU-second of the mode against the raw emulators', recomputed
+        want = last[f'train_fps_{m}'] / u[m] / (last['raw_fps'] / u['raw'])
+        assert abs(last[f'ratio_at_full_cpu_{m}'] - want) < 0.02 * want + 2e-3, m
