@@ -15,7 +15,8 @@ from .segments import Segment
 from .stacks import action_set
 
 # %% auto #0
-__all__ = ['CountingEnv', 'Rollout', 'check_batch', 'EnvFailure', 'vec_step', 'finished_episodes', 'Collected', 'collect']
+__all__ = ['CountingEnv', 'Rollout', 'check_batch', 'EnvFailure', 'vec_step', 'guarded', 'finished_episodes', 'Collected',
+           'collect']
 
 # %% ../nbs/05c_rollout.ipynb #f56ca688
 class CountingEnv(gym.Env):
@@ -106,11 +107,13 @@ def vec_step(envs:gym.vector.VectorEnv, # the vector env
              timeout:float|None=None, # seconds before a worker counts as hung (worker processes only)
             ) -> tuple:
     "`envs.step(actions)` with a timeout for worker processes; any failure is raised as `EnvFailure`."
-    try:
-        if timeout and hasattr(envs, 'processes'):   # worker processes: Gymnasium's or our batched ones
-            envs.step_async(actions)
-            return envs.step_wait(timeout=timeout)
-        return envs.step(actions)
+    if timeout and hasattr(envs, 'processes'):   # worker processes: Gymnasium's or our batched ones
+        return guarded(lambda: (envs.step_async(actions), envs.step_wait(timeout=timeout))[1])
+    return guarded(envs.step, actions)
+
+def guarded(fn:Callable, *args, **kwargs):
+    "`fn(*args, **kwargs)`, with any exception raised as `EnvFailure` (for calls into a vector env)."
+    try: return fn(*args, **kwargs)
     except Exception as e:
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else 'no message'
         raise EnvFailure(f"vector env step failed: {type(e).__name__}: {msg}") from e
@@ -154,6 +157,7 @@ def collect(envs:gym.vector.VectorEnv, # vector env in SameStep autoreset mode
             generator:torch.Generator|None=None, # sampling generator
            ) -> Collected:
     "Step `envs` `T` times with `model.act`; return the rollout and the carried observation, start flags and state."
+    # envs that step their groups apart (`BatchedAsyncVectorEnv(groups=G)`) are double-buffered: see below
     if T < 1: raise ValueError(f"T={T} must be >= 1")
     _check_same_step(envs)
     B = last_obs.shape[0]
@@ -166,19 +170,43 @@ def collect(envs:gym.vector.VectorEnv, # vector env in SameStep autoreset mode
     init_state = tuple(s.clone() for s in state)  # plain tensors, usable by autograd in the learner
     on_cpu = torch.device(device).type == 'cpu'
     episodes, act_s, env_s = [], 0.0, 0.0
+    groups = getattr(envs, 'group_slices', None)
+    groups = groups if groups is not None and len(groups) > 1 and hasattr(envs, 'step_group_async') else None
+
+    def act(t:int, g:slice):   # the policy acts on step t's observations of the envs g; their state is updated in place
+        o, s = (obs[t, g], starts[t, g]) if on_cpu else (obs[t, g].to(device, non_blocking=True), starts[t, g].to(device))
+        a, lp, v, new = model.act(o, tuple(x[:, g] for x in state), s, generator=generator)
+        actions[t, g], logp[t, g], values[t, g] = a, lp, v   # copies to CPU (a sync point on CUDA)
+        for x, y in zip(state, new): x[:, g] = y
+
+    def store(t:int, g:slice, step):   # the envs g's results of step t
+        next_obs, r, term, trunc, info = step
+        obs[t + 1, g].copy_(torch.from_numpy(next_obs))
+        rewards[t, g].copy_(torch.from_numpy(r))
+        dones[t, g].copy_(torch.from_numpy(term | trunc))
+        starts[t + 1, g] = dones[t, g]
+        if 'final_info' in info: episodes.extend({**e, 'env': e['env'] + g.start} for e in finished_episodes(info))
+
     with torch.inference_mode(), (autocast or contextlib.nullcontext)():
-        for t in range(T):
-            t0 = time.perf_counter()
-            o, s = (obs[t], starts[t]) if on_cpu else (obs[t].to(device, non_blocking=True), starts[t].to(device))
-            a, lp, v, state = model.act(o, state, s, generator=generator)
-            actions[t], logp[t], values[t] = a, lp, v   # copies to CPU (a sync point on CUDA)
-            t1 = time.perf_counter()
-            next_obs, r, term, trunc, info = vec_step(envs, actions[t].numpy(), step_timeout)
-            env_s += time.perf_counter() - t1; act_s += t1 - t0
-            obs[t + 1].copy_(torch.from_numpy(next_obs))
-            rewards[t].copy_(torch.from_numpy(r))
-            dones[t].copy_(torch.from_numpy(term | trunc))
-            starts[t + 1] = dones[t]
-            if 'final_info' in info: episodes.extend(finished_episodes(info))
+        state = tuple(s.clone() for s in state)
+        if groups is None:   # lock step: act on all envs, step all envs
+            every = slice(0, B)
+            for t in range(T):
+                t0 = time.perf_counter(); act(t, every); t1 = time.perf_counter()
+                step = vec_step(envs, actions[t].numpy(), step_timeout)
+                env_s += time.perf_counter() - t1; act_s += t1 - t0
+                store(t, every, step)
+        else:   # double buffering: act on one group while the workers step the others
+            for i, g in enumerate(groups):
+                t0 = time.perf_counter(); act(0, g); act_s += time.perf_counter() - t0
+                guarded(envs.step_group_async, i, actions[0, g].numpy())
+            for t in range(T):
+                for i, g in enumerate(groups):
+                    t1 = time.perf_counter(); step = guarded(envs.step_group_wait, i, timeout=step_timeout)
+                    env_s += time.perf_counter() - t1
+                    store(t, g, step)
+                    if t + 1 < T:
+                        t0 = time.perf_counter(); act(t + 1, g); act_s += time.perf_counter() - t0
+                        guarded(envs.step_group_async, i, actions[t + 1, g].numpy())
     rollout = Rollout(obs, actions, logp, rewards, dones, starts, init_state, values)
     return Collected(rollout, state, obs[T], starts[T], episodes, act_s, env_s)

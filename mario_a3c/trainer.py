@@ -25,7 +25,7 @@ from .checkpoint import (save_checkpoint, load_checkpoint, make_meta, capture_rn
 from .callbacks import Callback, CallbackList, JsonlLogger, TensorBoardLogger, ConsoleLogger, WandbLogger
 
 # %% auto #0
-__all__ = ['MIN_BEST_EPISODES', 'standard_callbacks', 'Trainer', 'memory_path', 'train']
+__all__ = ['ENV_GROUPS', 'MIN_BEST_EPISODES', 'standard_callbacks', 'Trainer', 'memory_path', 'train']
 
 # %% ../nbs/05e_trainer.ipynb #d60df6ef
 def standard_callbacks(config:TrainingConfig) -> list[Callback]:
@@ -38,6 +38,7 @@ def standard_callbacks(config:TrainingConfig) -> list[Callback]:
 
 # %% ../nbs/05e_trainer.ipynb #5dbe5d3e
 _TORCH_THREADS = torch.get_num_threads()  # torch's own choice (one per core), read before any trainer changes it
+ENV_GROUPS = 2  # with worker processes, rollouts act on one half of the envs while the workers step the other
 
 @contextmanager
 def _threads(n:int):
@@ -103,7 +104,9 @@ def _start_envs(self:Trainer):
     seed, self.env_builds = c.seed + c.num_envs * self.env_builds, self.env_builds + 1
     try:  # bad env arguments (TypeError/ValueError) raise as themselves
         env_fn = self.preview.env_fn(self.env_fn, **c.env_kwargs())   # envs answer preview requests after a step
-        self.envs = make_vec_env(c.num_envs, vectorization=c.vectorization, env_fn=env_fn, **c.env_kwargs())
+        groups = ENV_GROUPS if c.vectorization == 'async' else 1   # double-buffered rollouts (`collect`)
+        self.envs = make_vec_env(c.num_envs, vectorization=c.vectorization, env_fn=env_fn, groups=min(groups, c.num_envs),
+                                 **c.env_kwargs())
         obs, _ = self.envs.reset(seed=seed)
         self.preview.bind(self.envs)
     except (TypeError, ValueError): raise

@@ -28,6 +28,7 @@ def make_vec_env(num_envs:int=8, # number of environments
                  context:str|None='forkserver', # multiprocessing start method for async workers
                  autoreset_mode:str='SameStep', # 'SameStep' or Gymnasium's 'NextStep'
                  fallback:bool=True, # fall back to sync when async workers cannot start
+                 groups:int=1, # 'async': env groups stepped apart for double buffering (`step_group_async`)
                  env_fn:Callable|None=None, # custom env factory taking **env_kwargs (default `make_env`)
                  **env_kwargs, # `make_env` arguments: world, stage, actions, random_stage, ...
                 ) -> gym.vector.VectorEnv:
@@ -42,12 +43,14 @@ def make_vec_env(num_envs:int=8, # number of environments
         raise ValueError(f"context={context!r}: allowed {', '.join(mp.get_all_start_methods())}")
     if vectorization == 'async' and autoreset_mode != 'SameStep':
         raise ValueError(f"autoreset_mode={autoreset_mode!r} needs vectorization='gym-async' or 'sync' ('async' is SameStep)")
+    if groups != 1 and vectorization != 'async':
+        raise ValueError(f"groups={groups!r} needs vectorization='async' (got {vectorization!r})")
     if env_fn is None: check_env_args(**env_kwargs)
     fns = [partial(env_fn or make_env, **env_kwargs)] * num_envs
     mode = AutoresetMode(autoreset_mode)
     if vectorization in ('async', 'gym-async'):
         try:
-            if vectorization == 'async': return BatchedAsyncVectorEnv(fns, num_workers=num_workers, context=context)
+            if vectorization == 'async': return BatchedAsyncVectorEnv(fns, num_workers=num_workers, context=context, groups=groups)
             return AsyncVectorEnv(fns, context=context, autoreset_mode=mode)
         except Exception as e:
             if not fallback: raise

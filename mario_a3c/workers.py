@@ -6,6 +6,7 @@
 from __future__ import annotations
 import multiprocessing as mp
 import os, traceback
+from collections import deque
 from multiprocessing import shared_memory
 from typing import Callable, Sequence
 
@@ -17,31 +18,33 @@ from gymnasium.vector.utils import CloudpickleWrapper, batch_space
 __all__ = ['WorkerError', 'BatchedAsyncVectorEnv']
 
 # %% ../nbs/01d_workers.ipynb #e7355740
-def _worker(fns, lo:int, shm_name:str, shape:tuple, dtype, n_total:int, conn, parent_conn):
-    "Serve reset/step/get_attr/call/close for the envs `fns` (global indices lo, lo+1, ...)."
+def _worker(fns, idx:list, shm_name:str, shape:tuple, dtype, n_total:int, conn, parent_conn):
+    "Serve reset/step/get_attr/call/close for the envs `fns` (global indices `idx`)."
     parent_conn.close()
     shm = None
     try:
         envs = [fn() for fn in fns]
         shm = shared_memory.SharedMemory(name=shm_name)
-        obs = np.ndarray((n_total, *shape), dtype=dtype, buffer=shm.buf)[lo:lo + len(envs)]
+        obs = np.ndarray((n_total, *shape), dtype=dtype, buffer=shm.buf)
         conn.send(('ok', None))
         while True:
             cmd, data = conn.recv()
-            if cmd == 'step':
-                k = len(envs); rew, term, trunc, infos = np.zeros(k), np.zeros(k, bool), np.zeros(k, bool), []
-                for i, (env, a) in enumerate(zip(envs, data)):
-                    o, rew[i], term[i], trunc[i], info = env.step(a)
+            if cmd == 'step':   # data: (positions of the envs to step, or None for all; their actions)
+                pos, actions = data
+                pos = range(len(envs)) if pos is None else pos
+                k = len(pos); rew, term, trunc, infos = np.zeros(k), np.zeros(k, bool), np.zeros(k, bool), []
+                for i, (j, a) in enumerate(zip(pos, actions)):
+                    o, rew[i], term[i], trunc[i], info = envs[j].step(a)
                     if term[i] or trunc[i]:
                         final = {'final_obs': o, 'final_info': info}
-                        o, info = env.reset()
+                        o, info = envs[j].reset()
                         info = (final, info)
-                    obs[i] = o; infos.append(info)
+                    obs[idx[j]] = o; infos.append(info)
                 conn.send(('ok', (rew, term, trunc, infos)))
             elif cmd == 'reset':
                 seeds, options = data; infos = []
                 for i, env in enumerate(envs):
-                    obs[i], info = env.reset(seed=seeds[i], options=options); infos.append(info)
+                    obs[idx[i]], info = env.reset(seed=seeds[i], options=options); infos.append(info)
                 conn.send(('ok', infos))
             elif cmd == 'get_attr': conn.send(('ok', [env.get_wrapper_attr(data) for env in envs]))
             elif cmd == 'call':
@@ -68,11 +71,14 @@ class BatchedAsyncVectorEnv(gym.vector.VectorEnv):
                  num_workers:int|None=None, # worker processes (default: one per CPU core, at most one per env)
                  context:str|None='forkserver', # multiprocessing start method
                  start_timeout:float=120., # seconds to wait for the workers to build their envs
+                 groups:int=1, # contiguous env groups that `step_group_async` can step on their own (double buffering)
                 ):
         n = len(env_fns)
         if n < 1: raise ValueError(f"num_envs={n} is out of range: allowed >= 1")
         w = min(num_workers or os.cpu_count() or 1, n)
         if w < 1: raise ValueError(f"num_workers={num_workers!r} is out of range: allowed >= 1")
+        if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or not 1 <= groups <= n:
+            raise ValueError(f"groups={groups!r} is out of range: allowed 1 to num_envs={n}")
         self.num_envs, self.autoreset_mode = n, gym.vector.AutoresetMode.SAME_STEP
         self.metadata = {'autoreset_mode': self.autoreset_mode}
         dummy = env_fns[0]()
@@ -83,24 +89,34 @@ class BatchedAsyncVectorEnv(gym.vector.VectorEnv):
         shape, dtype = self.single_observation_space.shape, self.single_observation_space.dtype
         self._shm = shared_memory.SharedMemory(create=True, size=max(1, n * int(np.prod(shape)) * np.dtype(dtype).itemsize))
         self._obs = np.ndarray((n, *shape), dtype=dtype, buffer=self._shm.buf)
-        bounds = np.linspace(0, n, w + 1).round().astype(int)
-        self.slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+        gb = np.linspace(0, n, groups + 1).round().astype(int)
+        self.group_slices = [slice(int(a), int(b)) for a, b in zip(gb[:-1], gb[1:])]
+        # every group is spread over the workers, so that each worker has envs of every group to step
+        self.worker_envs = [[] for _ in range(w)]   # global env indices of each worker
+        for g in self.group_slices:
+            for k, part in enumerate(np.array_split(np.arange(g.start, g.stop), w)): self.worker_envs[k] += part.tolist()
+        self._group_pos = [[[j for j, i in enumerate(ids) if g.start <= i < g.stop] for g in self.group_slices]
+                           for ids in self.worker_envs]   # [worker][group] -> positions among the worker's envs
         ctx = mp.get_context(context)
-        self.conns, self.processes, self.closed, self._waiting = [], [], False, False
-        for s in self.slices:
+        self.conns, self.processes, self.closed, self._pending = [], [], False, deque()
+        for ids in self.worker_envs:
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=_worker, daemon=True, name=f'mario-env-worker-{s.start}',
-                            args=([CloudpickleWrapper(f) for f in env_fns[s]], s.start, self._shm.name, shape, dtype, n,
+            p = ctx.Process(target=_worker, daemon=True, name=f'mario-env-worker-{ids[0]}',
+                            args=([CloudpickleWrapper(env_fns[i]) for i in ids], ids, self._shm.name, shape, dtype, n,
                                   child, parent))
             p.start(); child.close()
             self.conns.append(parent); self.processes.append(p)
         try: self._gather(timeout=start_timeout)
         except BaseException: self.close(terminate=True); raise
 
-    def _gather(self, timeout:float|None=None) -> list:
-        "One answer per worker; a worker error is re-raised here, a dead worker raises EOFError."
+    @property
+    def num_groups(self) -> int: return len(self.group_slices)
+
+    def _gather(self, timeout:float|None=None, workers:Sequence[int]|None=None) -> list:
+        "One answer per worker (of `workers`, default all); a worker error is re-raised here, a dead worker raises EOFError."
         out = []
-        for conn, p in zip(self.conns, self.processes):
+        for i in (range(len(self.conns)) if workers is None else workers):
+            conn, p = self.conns[i], self.processes[i]
             if timeout is not None and not conn.poll(timeout):
                 raise TimeoutError(f"env worker {p.name} (pid {p.pid}) did not answer within {timeout} s")
             status, data = conn.recv()
@@ -111,45 +127,91 @@ class BatchedAsyncVectorEnv(gym.vector.VectorEnv):
         return out
 
     def _send(self, cmd:str, datas:list|None=None):
+        if self._pending and cmd != 'step':
+            raise RuntimeError(f"{cmd} while a step is in flight: collect it with step_wait / step_group_wait first")
         for i, conn in enumerate(self.conns): conn.send((cmd, None if datas is None else datas[i]))
 
 # %% ../nbs/01d_workers.ipynb #37db9470
 def _reset(self:BatchedAsyncVectorEnv, *, seed:int|list|None=None, options:dict|None=None):
     "Reset every env; `seed=s` seeds env i with `s + i`."
     seeds = [None] * self.num_envs if seed is None else ([seed + i for i in range(self.num_envs)] if isinstance(seed, int) else list(seed))
-    self._send('reset', [(seeds[s], options) for s in self.slices])
+    self._send('reset', [([seeds[i] for i in ids], options) for ids in self.worker_envs])
     infos = {}
-    for s, part in zip(self.slices, self._gather()):
-        for i, info in zip(range(s.start, s.stop), part): infos = self._add_info(infos, info, i)
+    for i, info in enumerate(self._in_env_order(self._gather())): infos = self._add_info(infos, info, i)
     return self._obs.copy(), infos
+
+def _info_rows(infos:dict, s:slice) -> dict:
+    "The rows `s` of every array in a gathered `info` (nested dicts included)."
+    return {k: _info_rows(v, s) if isinstance(v, dict) else v[s] for k, v in infos.items()}
+
+def _start(self:BatchedAsyncVectorEnv, group:int|None, actions):
+    "Send each worker the actions of its envs in `group` (None: all envs)."
+    s = slice(0, self.num_envs) if group is None else self.group_slices[group]
+    actions = np.asarray(actions)
+    if len(actions) != s.stop - s.start: raise ValueError(f"{len(actions)} actions for {s.stop - s.start} envs")
+    sent = []
+    for w, ids in enumerate(self.worker_envs):
+        pos = None if group is None else self._group_pos[w][group]
+        if pos == []: continue   # no env of this group in this worker
+        part = [ids[j] - s.start for j in (range(len(ids)) if pos is None else pos)]
+        self.conns[w].send(('step', (pos, actions[part]))); sent.append(w)
+    self._pending.append((group, sent))
+
+def _finish(self:BatchedAsyncVectorEnv, group:int|None, timeout:float|None):
+    "Collect the oldest step in flight, which must be `group`'s: (obs, rewards, terminations, truncations, infos) of its envs."
+    if not self._pending: raise RuntimeError("no step in flight: call step_async / step_group_async first")
+    g, sent = self._pending[0]
+    if g != group: raise RuntimeError(f"the oldest step in flight is group {g}'s, not {group}'s: collect in the order sent")
+    parts = self._gather(timeout, sent); self._pending.popleft()
+    s = slice(0, self.num_envs) if group is None else self.group_slices[group]
+    k = s.stop - s.start
+    rew, term, trunc, infos = np.zeros(k), np.zeros(k, bool), np.zeros(k, bool), {}
+    pairs = []   # (index in the group, info) in worker order
+    for w, p in zip(sent, parts):
+        ids = self.worker_envs[w]
+        at = [ids[j] - s.start for j in (range(len(ids)) if group is None else self._group_pos[w][group])]
+        rew[at], term[at], trunc[at] = p[0], p[1], p[2]
+        pairs += zip(at, p[3])
+    for i, info in sorted(pairs, key=lambda x: x[0]):   # Gymnasium's `_add_info` sizes its arrays for all N envs
+        if isinstance(info, tuple):   # an episode ended: its last step, then the new episode's start
+            infos = self._add_info(infos, info[0], s.start + i); info = info[1]
+        infos = self._add_info(infos, info, s.start + i)
+    return self._obs[s].copy(), rew, term, trunc, _info_rows(infos, s)
 
 def _step_async(self:BatchedAsyncVectorEnv, actions):
     "Send each worker the actions of its envs."
-    actions = np.asarray(actions)
-    self._send('step', [actions[s] for s in self.slices]); self._waiting = True
+    _start(self, None, actions)
 
 def _step_wait(self:BatchedAsyncVectorEnv, timeout:float|None=None):
     "Collect the step started by `step_async`: observations `[N, ...]`, rewards, terminations, truncations, infos."
-    parts = self._gather(timeout); self._waiting = False
-    rew, term, trunc = (np.concatenate([p[j] for p in parts]) for j in range(3))
-    infos = {}
-    for s, p in zip(self.slices, parts):
-        for i, info in zip(range(s.start, s.stop), p[3]):
-            if isinstance(info, tuple):   # an episode ended: its last step, then the new episode's start
-                infos = self._add_info(infos, info[0], i); info = info[1]
-            infos = self._add_info(infos, info, i)
-    return self._obs.copy(), rew, term, trunc, infos
+    return _finish(self, None, timeout)
+
+def _step_group_async(self:BatchedAsyncVectorEnv, group:int, actions):
+    "Step only the envs of `group` (`group_slices[group]`) with `actions`; other groups may be in flight meanwhile."
+    if not 0 <= group < self.num_groups: raise ValueError(f"group={group!r} is out of range: allowed 0 to {self.num_groups - 1}")
+    _start(self, group, actions)
+
+def _step_group_wait(self:BatchedAsyncVectorEnv, group:int, timeout:float|None=None):
+    "Collect `group`'s step (steps are collected in the order they were sent): its envs' obs, rewards, ..., infos."
+    return _finish(self, group, timeout)
 
 def _step(self:BatchedAsyncVectorEnv, actions):
     self.step_async(actions); return self.step_wait()
 
+def _in_env_order(self:BatchedAsyncVectorEnv, parts:list) -> tuple:
+    "Per-worker answers (one per env of the worker) as one tuple in env order."
+    out = [None] * self.num_envs
+    for ids, part in zip(self.worker_envs, parts):
+        for i, x in zip(ids, part): out[i] = x
+    return tuple(out)
+
 def _get_attr(self:BatchedAsyncVectorEnv, name:str) -> tuple:
     "An attribute of every env (searched through its wrappers)."
-    self._send('get_attr', [name] * len(self.conns)); return tuple(x for part in self._gather() for x in part)
+    self._send('get_attr', [name] * len(self.conns)); return self._in_env_order(self._gather())
 
 def _call(self:BatchedAsyncVectorEnv, name:str, *args, **kwargs) -> tuple:
     "Call a method of every env, e.g. `call('render')`."
-    self._send('call', [(name, args, kwargs)] * len(self.conns)); return tuple(x for part in self._gather() for x in part)
+    self._send('call', [(name, args, kwargs)] * len(self.conns)); return self._in_env_order(self._gather())
 
 def _render(self:BatchedAsyncVectorEnv): return self.call('render')
 
@@ -157,7 +219,7 @@ def _close_extras(self:BatchedAsyncVectorEnv, timeout:float|None=5., terminate:b
     "Stop the workers: politely, or with `terminate=True` at once (SIGKILL also ends a stopped or hung worker)."
     if not terminate:
         try:
-            if self._waiting: self._gather(timeout)
+            while self._pending: self._gather(timeout, self._pending.popleft()[1])
             self._send('close'); self._gather(timeout)
         except Exception: terminate = True
     for p in self.processes:
@@ -170,6 +232,8 @@ def _close_extras(self:BatchedAsyncVectorEnv, timeout:float|None=5., terminate:b
 BatchedAsyncVectorEnv.reset, BatchedAsyncVectorEnv.step_async, BatchedAsyncVectorEnv.step_wait = _reset, _step_async, _step_wait
 BatchedAsyncVectorEnv.step, BatchedAsyncVectorEnv.get_attr, BatchedAsyncVectorEnv.call = _step, _get_attr, _call
 BatchedAsyncVectorEnv.render, BatchedAsyncVectorEnv.close_extras = _render, _close_extras
+BatchedAsyncVectorEnv._in_env_order = _in_env_order
+BatchedAsyncVectorEnv.step_group_async, BatchedAsyncVectorEnv.step_group_wait = _step_group_async, _step_group_wait
 
 # %% ../nbs/01d_workers.ipynb #db161704
 def _raises_on_step(parent_pid:int, **kw):
