@@ -51,13 +51,27 @@ def cpu_util(start, end) -> float|None:
 # %% ../nbs/01c_bench_env.ipynb #1f541549
 class _Vector:
     "A vector env of the full stack and a random policy; `frames` sums every worker's emulator frames."
-    def __init__(self, num_envs:int, vectorization:str, actions:str, seed:int):
-        self.envs = make_vec_env(num_envs, vectorization=vectorization, world=1, stage=1, actions=actions)
+    def __init__(self, num_envs:int, vectorization:str, actions:str, seed:int, groups:int=1):
+        self.envs = make_vec_env(num_envs, vectorization=vectorization, world=1, stage=1, actions=actions, groups=groups)
         self.envs.reset(seed=seed); self.rng, self.n, self.num = np.random.default_rng(seed), self.envs.single_action_space.n, num_envs
+        self.groups, self.next = getattr(self.envs, 'group_slices', [slice(0, num_envs)]), None
         for _ in range(5): self.step()                                  # warm up the workers
+        self.stop()
     @property
     def frames(self) -> int: return sum(self.envs.get_attr('frames'))
-    def step(self): self.envs.step(self.rng.integers(self.n, size=self.num))
+    def _send(self, i:int):
+        g = self.groups[i]; self.envs.step_group_async(i, self.rng.integers(self.n, size=g.stop - g.start))
+    def step(self):
+        if len(self.groups) == 1: return self.envs.step(self.rng.integers(self.n, size=self.num))
+        if self.next is None:   # double buffering, as `collect` does: every group in flight, then wait/resend in turn
+            for i in range(len(self.groups)): self._send(i)
+            self.next = 0
+        self.envs.step_group_wait(self.next); self._send(self.next); self.next = (self.next + 1) % len(self.groups)
+    def stop(self):
+        "Collect the steps in flight (part of the measured time), so that `frames` can be read."
+        if self.next is None: return
+        for k in range(len(self.groups)): self.envs.step_group_wait((self.next + k) % len(self.groups))
+        self.next = None
 
 def measure(benches:dict, seconds:float=20., rounds:int=5,
             utils:dict|None=None, # if given, filled with each bench's machine CPU utilisation (`cpu_util`)
@@ -68,7 +82,10 @@ def measure(benches:dict, seconds:float=20., rounds:int=5,
     per = seconds / (len(benches) * rounds)
     for _ in range(rounds):
         for name, b in benches.items():
-            f0 = b.frames; c0 = cpu_busy(); el = _run_for(per, b.step); c1 = cpu_busy()
+            f0 = b.frames; c0 = cpu_busy(); t0 = time.perf_counter()
+            _run_for(per, b.step)
+            if hasattr(b, 'stop'): b.stop()
+            el = time.perf_counter() - t0; c1 = cpu_busy()
             tot[name][0] += b.frames - f0; tot[name][1] += el
             if c0 and c1: cpu[name][0] += c1[0] - c0[0]; cpu[name][1] += c1[1] - c0[1]
     if utils is not None: utils.update({k: cpu_util((0., 0.), tuple(v)) for k, v in cpu.items()})
@@ -83,14 +100,17 @@ def bench_env(num_envs:int=8, # envs in the vector env measurements (the trainer
     "All environment throughput figures of one run, as a JSON-ready dict."
     benches = dict(raw=_Single(JoypadActions(make_raw_env(1, 1), actions), 0),  # the emulator's own speed
                    wrapped=_Single(make_env(1, 1, actions=actions), 0),
-                   sync=_Vector(num_envs, 'sync', actions, 0), async_=_Vector(num_envs, 'async', actions, 0))
+                   sync=_Vector(num_envs, 'sync', actions, 0),
+                   async_lockstep=_Vector(num_envs, 'async', actions, 0),   # Gymnasium's API: step all envs, wait for all
+                   async_=_Vector(num_envs, 'async', actions, 0, groups=min(2, num_envs)))   # as the trainer steps them
     u = {}
     try: m = measure(benches, seconds, rounds, utils=u)
     finally:
         for b in benches.values(): (b.envs if isinstance(b, _Vector) else b.env).close()
     out = dict(stack=stack_versions()['stack'], cpus=os.cpu_count(), num_envs=num_envs, raw_fps=m['raw'],
                wrapped_fps=m['wrapped'], wrapper_ratio=m['wrapped'] / m['raw'], sync_fps=m['sync'],
-               async_fps=m['async_'], async_speedup=m['async_'] / m['raw'])
+               async_fps=m['async_'], async_speedup=m['async_'] / m['raw'],
+               async_lockstep_fps=m['async_lockstep'], async_lockstep_speedup=m['async_lockstep'] / m['raw'])
     out = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out.items()}
     out['cpu_util'] = {k.rstrip('_'): None if v is None else round(v, 3) for k, v in u.items()}   # machine CPU busy per setup
     return out

@@ -91,10 +91,8 @@ class BatchedAsyncVectorEnv(gym.vector.VectorEnv):
         self._obs = np.ndarray((n, *shape), dtype=dtype, buffer=self._shm.buf)
         gb = np.linspace(0, n, groups + 1).round().astype(int)
         self.group_slices = [slice(int(a), int(b)) for a, b in zip(gb[:-1], gb[1:])]
-        # every group is spread over the workers, so that each worker has envs of every group to step
-        self.worker_envs = [[] for _ in range(w)]   # global env indices of each worker
-        for g in self.group_slices:
-            for k, part in enumerate(np.array_split(np.arange(g.start, g.stop), w)): self.worker_envs[k] += part.tolist()
+        # envs are dealt to the workers in turn, so each group is spread over them and each worker gets envs to step
+        self.worker_envs = [list(range(k, n, w)) for k in range(w)]   # global env indices of each worker
         self._group_pos = [[[j for j, i in enumerate(ids) if g.start <= i < g.stop] for g in self.group_slices]
                            for ids in self.worker_envs]   # [worker][group] -> positions among the worker's envs
         ctx = mp.get_context(context)
