@@ -214,6 +214,23 @@ def scaling():
         print(f"{k:>18}: {v:6.0f} frames/s  ({v / raw:.2f}x raw)")
 
 
+def double_buffer():
+    """8 envs in 2 workers stepped in lock step and double-buffered (two groups), with the machine's CPU use, in one run."""
+    from mario_a3c.bench_env import _Single, _Vector, measure
+    from mario_a3c.stacks import JoypadActions, make_raw_env
+    benches = {"raw, 1 process": _Single(JoypadActions(make_raw_env(1, 1), "simple"), 0),
+               "lock step": _Vector(8, "async", "simple", 0), "double-buffered": _Vector(8, "async", "simple", 0, groups=2)}
+    utils = {}
+    try:
+        m = measure(benches, seconds=90, rounds=15, utils=utils)
+    finally:
+        for k, b in benches.items():
+            (b.envs if isinstance(b, _Vector) else b.env).close()
+    raw = m["raw, 1 process"]
+    for k, v in m.items():
+        print(f"{k:>16}: {v:6.0f} frames/s  ({v / raw:.2f}x raw), machine CPU {utils[k]:.2f}")
+
+
 if __name__ == "__main__":
     names = [n for n, f in globals().items() if callable(f) and not n.startswith("_") and f.__module__ == "__main__"]
     if len(sys.argv) != 2 or sys.argv[1] not in names:
