@@ -122,10 +122,11 @@ def test_resume_rejects_conflicting_immutable_override(tmp_path):
 
 
 def test_killed_worker_rebuilds_and_training_continues(tmp_path):
-    killed = []
+    killed, groups = [], []
 
     class KillWorker(Callback):
         def on_update(self, trainer, metrics):
+            groups.append(trainer.envs.num_groups)   # rollouts double-buffered over two env groups
             if metrics['update'] == 1:
                 pid = trainer.envs.processes[1].pid
                 os.kill(pid, signal.SIGKILL)
@@ -134,6 +135,7 @@ def test_killed_worker_rebuilds_and_training_continues(tmp_path):
     t = Trainer(tiny(tmp_path, vectorization='async', total_updates=3), callbacks=[KillWorker()], log=notes.append)
     s = t.train()
     assert killed and (s['stopped'], s['updates'], s['env_restarts']) == ('done', 3, 1)
+    assert groups == [2, 2, 2]
     assert t.env_builds == 2 and any('rebuilding the envs (restart 1/5)' in n for n in notes)
     assert [u['update'] for u in read_metrics(t.config.metrics_path, 'update')] == [1, 2, 3]
 
