@@ -67,9 +67,10 @@ setup(
         f"Natural Language :: {cfg['language']}",
     ] + [f"Programming Language :: Python :: {v}" for v in py_versions],
     python_requires=f">={cfg['min_python']}",
-    packages=find_packages(include=["mario_a3c", "mario_a3c.*"]),
+    # the data folders are listed as packages of their own, so setuptools ships them without a discovery warning
+    packages=find_packages(include=["mario_a3c", "mario_a3c.*"]) + ["mario_a3c.configs", "mario_a3c.pretrained"],
     include_package_data=True,
-    package_data={"mario_a3c": ["pretrained/*", "configs/*"]},
+    package_data={"mario_a3c.configs": ["*.json"], "mario_a3c.pretrained": ["*.pt", "*.json"]},
     install_requires=requirements,
     extras_require=extras,
     entry_points={
