@@ -196,19 +196,25 @@ def independent():
             print(f"{kind:>7}, {n} process(es): {sum(fps):6.0f} frames/s in all")
 
 
+def _measure(benches, **kw):
+    """`mario_a3c.bench_env.measure(benches, **kw)`, closing every bench's envs afterwards."""
+    from mario_a3c.bench_env import _Vector, measure
+    try:
+        return measure(benches, **kw)
+    finally:
+        for b in benches.values():
+            (b.envs if isinstance(b, _Vector) else b.env).close()
+
+
 def scaling():
     """Vector env throughput against the number of envs, both async implementations, in one interleaved run."""
-    from mario_a3c.bench_env import _Single, _Vector, measure
+    from mario_a3c.bench_env import _Single, _Vector
     from mario_a3c.stacks import JoypadActions, make_raw_env
     benches = {"raw, 1 process": _Single(JoypadActions(make_raw_env(1, 1), "simple"), 0)}
     for mode in ("async", "gym-async"):
         for n in (2, 4, 8):
             benches[f"{mode}, {n} envs"] = _Vector(n, mode, "simple", 0)
-    try:
-        m = measure(benches, seconds=84, rounds=6)
-    finally:
-        for k, b in benches.items():
-            (b.envs if isinstance(b, _Vector) else b.env).close()
+    m = _measure(benches, seconds=84, rounds=6)
     raw = m["raw, 1 process"]
     for k, v in m.items():
         print(f"{k:>18}: {v:6.0f} frames/s  ({v / raw:.2f}x raw)")
@@ -216,16 +222,12 @@ def scaling():
 
 def double_buffer():
     """8 envs in 2 workers stepped in lock step and double-buffered (two groups), with the machine's CPU use, in one run."""
-    from mario_a3c.bench_env import _Single, _Vector, measure
+    from mario_a3c.bench_env import _Single, _Vector
     from mario_a3c.stacks import JoypadActions, make_raw_env
     benches = {"raw, 1 process": _Single(JoypadActions(make_raw_env(1, 1), "simple"), 0),
                "lock step": _Vector(8, "async", "simple", 0), "double-buffered": _Vector(8, "async", "simple", 0, groups=2)}
     utils = {}
-    try:
-        m = measure(benches, seconds=90, rounds=15, utils=utils)
-    finally:
-        for k, b in benches.items():
-            (b.envs if isinstance(b, _Vector) else b.env).close()
+    m = _measure(benches, seconds=90, rounds=15, utils=utils)
     raw = m["raw, 1 process"]
     for k, v in m.items():
         print(f"{k:>16}: {v:6.0f} frames/s  ({v / raw:.2f}x raw), machine CPU {utils[k]:.2f}")
