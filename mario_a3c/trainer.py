@@ -104,7 +104,8 @@ def _start_envs(self:Trainer):
     seed, self.env_builds = c.seed + c.num_envs * self.env_builds, self.env_builds + 1
     try:  # bad env arguments (TypeError/ValueError) raise as themselves
         env_fn = self.preview.env_fn(self.env_fn, **c.env_kwargs())   # envs answer preview requests after a step
-        groups = ENV_GROUPS if c.vectorization == 'async' else 1   # double-buffered rollouts (`collect`)
+        # double-buffered rollouts (`collect`) when acting leaves cores to the workers: with every core acting they are slower
+        groups = ENV_GROUPS if c.vectorization == 'async' and self.act_threads < (os.cpu_count() or 1) else 1
         self.envs = make_vec_env(c.num_envs, vectorization=c.vectorization, env_fn=env_fn, groups=min(groups, c.num_envs),
                                  **c.env_kwargs())
         obs, _ = self.envs.reset(seed=seed)

@@ -140,6 +140,17 @@ def test_killed_worker_rebuilds_and_training_continues(tmp_path):
     assert [u['update'] for u in read_metrics(t.config.metrics_path, 'update')] == [1, 2, 3]
 
 
+
+def test_every_core_acting_means_lock_step(tmp_path):
+    groups, before = [], torch.get_num_threads()
+
+    class Groups(Callback):
+        def on_update(self, trainer, metrics): groups.append(trainer.envs.num_groups)
+    try:   # with as many acting threads as cores, double buffering would take the workers' cores: one group
+        s = Trainer(tiny(tmp_path, vectorization='async', threads=os.cpu_count(), total_updates=1), callbacks=[Groups()]).train()
+    finally: torch.set_num_threads(before)
+    assert s['stopped'] == 'done' and groups == [1]
+
 def test_hung_worker_rebuilds_then_gives_up(tmp_path):
     notes = []
     cfg = tiny(tmp_path, vectorization='async', total_updates=10, step_timeout=1.0, max_env_restarts=1)
