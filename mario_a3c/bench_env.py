@@ -46,7 +46,7 @@ def cpu_busy() -> tuple[float, float]|None:
 def cpu_util(start, end) -> float|None:
     "Share of the machine's CPU (0-1, all cores) that was busy between two `cpu_busy()` readings."
     if start is None or end is None or end[1] <= start[1]: return None
-    return (end[0] - start[0]) / (end[1] - start[1])
+    return min(1., (end[0] - start[0]) / (end[1] - start[1]))   # a fully busy machine can round to 1 + 1e-12
 
 # %% ../nbs/01c_bench_env.ipynb #1f541549
 class _Vector:
