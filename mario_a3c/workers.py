@@ -125,7 +125,7 @@ class BatchedAsyncVectorEnv(gym.vector.VectorEnv):
         return out
 
     def _send(self, cmd:str, datas:list|None=None):
-        if self._pending and cmd != 'step':
+        if self._pending:   # a worker answers in order: a step's answer would be taken for this command's
             raise RuntimeError(f"{cmd} while a step is in flight: collect it with step_wait / step_group_wait first")
         for i, conn in enumerate(self.conns): conn.send((cmd, None if datas is None else datas[i]))
 
@@ -174,7 +174,7 @@ def _finish(self:BatchedAsyncVectorEnv, group:int|None, timeout:float|None):
         if isinstance(info, tuple):   # an episode ended: its last step, then the new episode's start
             infos = self._add_info(infos, info[0], s.start + i); info = info[1]
         infos = self._add_info(infos, info, s.start + i)
-    return self._obs[s].copy(), rew, term, trunc, _info_rows(infos, s)
+    return self._obs[s].copy(), rew, term, trunc, infos if group is None else _info_rows(infos, s)
 
 def _step_async(self:BatchedAsyncVectorEnv, actions):
     "Send each worker the actions of its envs."
