@@ -5,6 +5,7 @@
 # %% ../nbs/01c_bench_env.ipynb #db94fd3f
 from __future__ import annotations
 import json, os, time
+import multiprocessing as mp
 
 import numpy as np
 
@@ -32,6 +33,7 @@ class _Single:
     def step(self):
         _, _, term, trunc, _ = self.env.step(int(self.rng.integers(self.n)))
         if term or trunc: self.env.reset()
+    def close(self): self.env.close()
 
 # %% ../nbs/01c_bench_env.ipynb #c32e6f59
 def cpu_busy() -> tuple[float, float]|None:
@@ -72,6 +74,7 @@ class _Vector:
         if self.next is None: return
         for k in range(len(self.groups)): self.envs.step_group_wait((self.next + k) % len(self.groups))
         self.next = None
+    def close(self): self.envs.close()
 
 def measure(benches:dict, seconds:float=20., rounds:int=5,
             utils:dict|None=None, # if given, filled with each bench's machine CPU utilisation (`cpu_util`)
@@ -83,6 +86,7 @@ def measure(benches:dict, seconds:float=20., rounds:int=5,
     for _ in range(rounds):
         for name, b in benches.items():
             f0 = b.frames; c0 = cpu_busy(); t0 = time.perf_counter()
+            if hasattr(b, 'start'): b.start()
             _run_for(per, b.step)
             if hasattr(b, 'stop'): b.stop()
             el = time.perf_counter() - t0; c1 = cpu_busy()
@@ -91,25 +95,78 @@ def measure(benches:dict, seconds:float=20., rounds:int=5,
     if utils is not None: utils.update({k: cpu_util((0., 0.), tuple(v)) for k, v in cpu.items()})
     return {k: f / t for k, (f, t) in tot.items()}
 
+# %% ../nbs/01c_bench_env.ipynb #5d6c0a93
+def _raw_spin(actions:str, seed:int, slot:int, frames, idle, go, quit):
+    "Worker of `_RawParallel`: step a raw emulator with random actions while `go` is set, counting frames in `frames[slot]`."
+    try:
+        env = JoypadActions(make_raw_env(1, 1), actions); env.reset(seed=seed)
+        rng, n = np.random.default_rng(seed), env.action_space.n
+        while True:
+            if not go.is_set():
+                idle[slot] = 1; go.wait(); idle[slot] = 0
+                if quit.is_set(): break
+            _, _, term, trunc, _ = env.step(int(rng.integers(n)))
+            frames[slot] = env.frames
+            if term or trunc: env.reset()
+        env.close()
+    except KeyboardInterrupt: pass
+
+class _RawParallel:
+    "The raw emulator free-running in `procs` processes (default: one per core), paused between slices."
+    def __init__(self, actions:str, seed:int, procs:int|None=None, context:str='forkserver', timeout:float=120.):
+        ctx, self.n = mp.get_context(context), procs or os.cpu_count() or 1
+        self._frames, self._idle = ctx.Array('q', self.n, lock=False), ctx.Array('b', self.n, lock=False)
+        self._go, self._quit = ctx.Event(), ctx.Event()
+        self.procs = [ctx.Process(target=_raw_spin, name=f'mario-raw-emulator-{i}', daemon=True,
+                                  args=(actions, seed + i, i, self._frames, self._idle, self._go, self._quit))
+                      for i in range(self.n)]
+        for p in self.procs: p.start()
+        try: self._wait(lambda: all(self._idle), timeout, 'build its emulator')
+        except BaseException: self.close(); raise
+    def _wait(self, done, timeout:float, what:str):
+        t0 = time.perf_counter()
+        while not done():
+            if dead := [p for p in self.procs if not p.is_alive()]:
+                raise RuntimeError(f"raw emulator process {dead[0].name} exited (code {dead[0].exitcode}): could not {what}")
+            if time.perf_counter() - t0 > timeout: raise TimeoutError(f"a raw emulator process did not {what} within {timeout} s")
+            time.sleep(0.001)
+    @property
+    def frames(self) -> int: return sum(self._frames)
+    def start(self):
+        self._go.set(); self._wait(lambda: not any(self._idle), 10., 'start stepping')
+    def step(self): time.sleep(0.01)   # the processes step on their own; the parent only keeps the clock
+    def stop(self):
+        "Pause every process after its current frame, so that `frames` holds still."
+        self._go.clear(); self._wait(lambda: all(self._idle), 10., 'pause')
+    def close(self):
+        self._quit.set(); self._go.set()
+        for p in self.procs:
+            p.join(5)
+            if p.is_alive(): p.terminate()
+
 # %% ../nbs/01c_bench_env.ipynb #c1557fbe
 def bench_env(num_envs:int=8, # envs in the vector env measurements (the trainer's default)
-              seconds:float=40., # measuring time of all setups together
-              rounds:int=5, # alternations of the setups
+              seconds:float=60., # measuring time of all setups together
+              rounds:int=6, # alternations of the setups
               actions:str='simple', # action set of the random policy
              ) -> dict:
     "All environment throughput figures of one run, as a JSON-ready dict."
-    benches = dict(raw=_Single(JoypadActions(make_raw_env(1, 1), actions), 0),  # the emulator's own speed
-                   wrapped=_Single(make_env(1, 1, actions=actions), 0),
-                   sync=_Vector(num_envs, 'sync', actions, 0),
-                   async_lockstep=_Vector(num_envs, 'async', actions, 0),   # Gymnasium's API: step all envs, wait for all
-                   async_=_Vector(num_envs, 'async', actions, 0, groups=min(2, num_envs)))   # as the trainer steps them
-    u = {}
-    try: m = measure(benches, seconds, rounds, utils=u)
+    benches, u = {}, {}
+    try:
+        benches['raw'] = _Single(JoypadActions(make_raw_env(1, 1), actions), 0)   # the emulator's own speed
+        benches['raw_parallel'] = _RawParallel(actions, 0)                          # ... in one process per core
+        benches['wrapped'] = _Single(make_env(1, 1, actions=actions), 0)
+        benches['sync'] = _Vector(num_envs, 'sync', actions, 0)
+        benches['async_lockstep'] = _Vector(num_envs, 'async', actions, 0)   # Gymnasium's API: step all envs, wait for all
+        benches['async_'] = _Vector(num_envs, 'async', actions, 0, groups=min(2, num_envs))   # as the trainer steps them
+        m = measure(benches, seconds, rounds, utils=u)
     finally:
-        for b in benches.values(): (b.envs if isinstance(b, _Vector) else b.env).close()
+        for b in benches.values(): b.close()
     out = dict(stack=stack_versions()['stack'], cpus=os.cpu_count(), num_envs=num_envs, raw_fps=m['raw'],
+               raw_parallel_fps=m['raw_parallel'], raw_parallel_speedup=m['raw_parallel'] / m['raw'],
                wrapped_fps=m['wrapped'], wrapper_ratio=m['wrapped'] / m['raw'], sync_fps=m['sync'],
                async_fps=m['async_'], async_speedup=m['async_'] / m['raw'],
+               async_vs_raw_parallel=m['async_'] / m['raw_parallel'],
                async_lockstep_fps=m['async_lockstep'], async_lockstep_speedup=m['async_lockstep'] / m['raw'])
     out = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out.items()}
     out['cpu_util'] = {k.rstrip('_'): None if v is None else round(v, 3) for k, v in u.items()}   # machine CPU busy per setup

@@ -21,7 +21,8 @@ def _cmd_bench_env(args) -> int:
     from mario_a3c.bench_env import bench_env
     res = bench_env(num_envs=args.num_envs, seconds=args.seconds, rounds=args.rounds, actions=args.actions)
     if not args.json:
-        for k, v in res.items(): print(f'{k:>14}: {v}')
+        w = max(map(len, res))
+        for k, v in res.items(): print(f'{k:>{w}}: {v}')
     print(json.dumps(res))
     return 0
 
@@ -84,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser('bench-env', help='environment throughput benchmark (JSON on the last line)')
     s.set_defaults(fn=_cmd_bench_env)
     s.add_argument('--num-envs', type=int, default=8, help='envs in the sync/async vector measurements (default 8, as in training)')
-    s.add_argument('--seconds', type=float, default=40., help='measuring time of all four setups together (default 40)')
-    s.add_argument('--rounds', type=int, default=5, help='alternations of the four setups (default 5)')
+    s.add_argument('--seconds', type=float, default=60., help='measuring time of all six setups together (default 60)')
+    s.add_argument('--rounds', type=int, default=6, help='alternations of the six setups (default 6)')
     s.add_argument('--actions', default='simple', help='action set of the random policy (default simple)')
     s.add_argument('--json', action='store_true', help='print only the JSON line')
 

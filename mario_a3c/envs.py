@@ -50,20 +50,27 @@ class SkipMaxGray(gym.Wrapper, gym.utils.RecordConstructorArgs):
         gym.utils.RecordConstructorArgs.__init__(self, skip=skip, size=size)
         gym.Wrapper.__init__(self, env)
         self.skip, self.size = skip, size
+        self._screen = self._bgra = None   # the last screen array seen, and its BGRA view
         self.observation_space = gym.spaces.Box(0, 255, (size, size), np.uint8)
 
     def _resize(self, g): return cv2.resize(g, (self.size, self.size), interpolation=cv2.INTER_AREA)
 
+    def _gray(self, obs):
+        "`screen_gray`; nes-py 9 returns the same array every frame, so its BGRA view is built once, not per frame."
+        if obs is not self._screen: self._screen, self._bgra = obs, bgra_screen(obs)
+        if self._bgra is None: return screen_gray(obs)
+        return cv2.cvtColor(self._bgra, cv2.COLOR_BGRA2GRAY)
+
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
-        return self._resize(screen_gray(obs)), info
+        return self._resize(self._gray(obs)), info
 
     def step(self, action):
         total, last = 0.0, []
         for i in range(self.skip):
             obs, reward, terminated, truncated, info = self.env.step(action)
             total += float(reward)
-            if i >= self.skip - 2 or terminated or truncated: last.append(screen_gray(obs))
+            if i >= self.skip - 2 or terminated or truncated: last.append(self._gray(obs))
             if terminated or truncated: break
         g = last[-1] if len(last) == 1 else np.maximum(last[-2], last[-1])
         return self._resize(g), total, terminated, truncated, info
