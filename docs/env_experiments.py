@@ -198,12 +198,12 @@ def independent():
 
 def _measure(benches, **kw):
     """`mario_a3c.bench_env.measure(benches, **kw)`, closing every bench's envs afterwards."""
-    from mario_a3c.bench_env import _Vector, measure
+    from mario_a3c.bench_env import measure
     try:
         return measure(benches, **kw)
     finally:
         for b in benches.values():
-            (b.envs if isinstance(b, _Vector) else b.env).close()
+            b.close()
 
 
 def scaling():
@@ -231,6 +231,23 @@ def double_buffer():
     raw = m["raw, 1 process"]
     for k, v in m.items():
         print(f"{k:>16}: {v:6.0f} frames/s  ({v / raw:.2f}x raw), machine CPU {utils[k]:.2f}")
+
+
+def ceiling():
+    """What the vector env keeps of the machine's parallel speed: free-running processes (one per core) with the raw
+    emulator, the full stack with 1 and with 4 envs each, and the double-buffered vector env (8 envs, 2 groups)."""
+    from functools import partial
+    from mario_a3c.bench_env import _Free, _Single, _Vector, raw_env
+    from mario_a3c.envs import make_env
+    benches = {"raw, 1 process": _Single(raw_env(), 0), "raw, free": _Free(partial(raw_env), 0),
+               "full stack, free, 1 env each": _Free(partial(make_env, 1, 1), 0),
+               "full stack, free, 4 envs each": _Free(partial(make_env, 1, 1), 0, per_proc=4),
+               "vector env, double-buffered": _Vector(8, "async", "simple", 0, groups=2)}
+    utils = {}
+    m = _measure(benches, seconds=100, rounds=10, utils=utils)
+    raw, free = m["raw, 1 process"], m["raw, free"]
+    for k, v in m.items():
+        print(f"{k:>29}: {v:6.0f} frames/s  ({v / raw:.2f}x raw, {v / free:.2f} of raw free), machine CPU {utils[k]:.2f}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
 from __future__ import annotations
 import json, os, time
 import multiprocessing as mp
+from functools import partial
 
 import numpy as np
 
@@ -14,7 +15,7 @@ from .stacks import JoypadActions, make_raw_env, stack_versions
 from .vector import make_vec_env
 
 # %% auto #0
-__all__ = ['cpu_busy', 'cpu_util', 'measure', 'bench_env']
+__all__ = ['cpu_busy', 'cpu_util', 'measure', 'raw_env', 'bench_env']
 
 # %% ../nbs/01c_bench_env.ipynb #9ac71035
 def _run_for(seconds:float, step) -> float:
@@ -96,39 +97,46 @@ def measure(benches:dict, seconds:float=20., rounds:int=5,
     return {k: f / t for k, (f, t) in tot.items()}
 
 # %% ../nbs/01c_bench_env.ipynb #5d6c0a93
-def _raw_spin(actions:str, seed:int, slot:int, frames, idle, go, quit):
-    "Worker of `_RawParallel`: step a raw emulator with random actions while `go` is set, counting frames in `frames[slot]`."
+def raw_env(actions:str='simple'):
+    "The bare emulator of 1-1 with the action set's button masks: what `raw_fps` measures."
+    return JoypadActions(make_raw_env(1, 1), actions)
+
+def _free_spin(make, per_proc:int, seed:int, slot:int, frames, idle, go, quit):
+    "Worker of `_Free`: step `per_proc` envs from `make()` in turn with random actions while `go` is set; count their frames."
     try:
-        env = JoypadActions(make_raw_env(1, 1), actions); env.reset(seed=seed)
-        rng, n = np.random.default_rng(seed), env.action_space.n
+        envs = [make() for _ in range(per_proc)]
+        for i, env in enumerate(envs): env.reset(seed=seed + i)
+        rng, n = np.random.default_rng(seed), envs[0].action_space.n
         while True:
             if not go.is_set():
                 idle[slot] = 1; go.wait(); idle[slot] = 0
                 if quit.is_set(): break
-            _, _, term, trunc, _ = env.step(int(rng.integers(n)))
-            frames[slot] = env.frames
-            if term or trunc: env.reset()
-        env.close()
+            for env in envs:
+                _, _, term, trunc, _ = env.step(int(rng.integers(n)))
+                if term or trunc: env.reset()
+            frames[slot] = sum(env.get_wrapper_attr('frames') for env in envs)
+        for env in envs: env.close()
     except KeyboardInterrupt: pass
 
-class _RawParallel:
-    "The raw emulator free-running in `procs` processes (default: one per core), paused between slices."
-    def __init__(self, actions:str, seed:int, procs:int|None=None, context:str='forkserver', timeout:float=120.):
+class _Free:
+    "Envs free-running in `procs` processes (default: one per core), `per_proc` each, no vector env; paused between slices."
+    def __init__(self, make, # picklable env factory (the env counts its frames in `frames`)
+                 seed:int, procs:int|None=None, per_proc:int=1, context:str='forkserver', timeout:float=120.):
         ctx, self.n = mp.get_context(context), procs or os.cpu_count() or 1
         self._frames, self._idle = ctx.Array('q', self.n, lock=False), ctx.Array('b', self.n, lock=False)
         self._go, self._quit = ctx.Event(), ctx.Event()
-        self.procs = [ctx.Process(target=_raw_spin, name=f'mario-raw-emulator-{i}', daemon=True,
-                                  args=(actions, seed + i, i, self._frames, self._idle, self._go, self._quit))
+        self.procs = [ctx.Process(target=_free_spin, name=f'mario-free-env-{i}', daemon=True,
+                                  args=(make, per_proc, seed + 1000 * i, i, self._frames, self._idle, self._go, self._quit))
                       for i in range(self.n)]
         for p in self.procs: p.start()
-        try: self._wait(lambda: all(self._idle), timeout, 'build its emulator')
+        try: self._wait(lambda: all(self._idle), timeout, 'build its envs')
         except BaseException: self.close(); raise
     def _wait(self, done, timeout:float, what:str):
         t0 = time.perf_counter()
         while not done():
             if dead := [p for p in self.procs if not p.is_alive()]:
-                raise RuntimeError(f"raw emulator process {dead[0].name} exited (code {dead[0].exitcode}): could not {what}")
-            if time.perf_counter() - t0 > timeout: raise TimeoutError(f"a raw emulator process did not {what} within {timeout} s")
+                raise RuntimeError(f"env process {dead[0].name} exited (code {dead[0].exitcode}): could not {what}")
+            if time.perf_counter() - t0 > timeout: raise TimeoutError(f"an env process did not {what} within {timeout} s")
             time.sleep(0.001)
     @property
     def frames(self) -> int: return sum(self._frames)
@@ -136,7 +144,7 @@ class _RawParallel:
         self._go.set(); self._wait(lambda: not any(self._idle), 10., 'start stepping')
     def step(self): time.sleep(0.01)   # the processes step on their own; the parent only keeps the clock
     def stop(self):
-        "Pause every process after its current frame, so that `frames` holds still."
+        "Pause every process after its current step, so that `frames` holds still."
         self._go.clear(); self._wait(lambda: all(self._idle), 10., 'pause')
     def close(self):
         self._quit.set(); self._go.set()
@@ -153,8 +161,8 @@ def bench_env(num_envs:int=8, # envs in the vector env measurements (the trainer
     "All environment throughput figures of one run, as a JSON-ready dict."
     benches, u = {}, {}
     try:
-        benches['raw'] = _Single(JoypadActions(make_raw_env(1, 1), actions), 0)   # the emulator's own speed
-        benches['raw_parallel'] = _RawParallel(actions, 0)                          # ... in one process per core
+        benches['raw'] = _Single(raw_env(actions), 0)                               # the emulator's own speed
+        benches['raw_parallel'] = _Free(partial(raw_env, actions), 0)              # ... in one process per core
         benches['wrapped'] = _Single(make_env(1, 1, actions=actions), 0)
         benches['sync'] = _Vector(num_envs, 'sync', actions, 0)
         benches['async_lockstep'] = _Vector(num_envs, 'async', actions, 0)   # Gymnasium's API: step all envs, wait for all
