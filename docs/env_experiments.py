@@ -168,9 +168,9 @@ def _env_keep(keep, **kw):
 
 def _loop(kind, seconds, q):
     import numpy as np
+    from mario_a3c.bench_env import raw_env
     from mario_a3c.envs import make_env
-    from mario_a3c.stacks import JoypadActions, make_raw_env
-    env = make_env(1, 1) if kind == "wrapped" else JoypadActions(make_raw_env(1, 1), "simple")
+    env = make_env(1, 1) if kind == "wrapped" else raw_env()
     env.reset(seed=0)
     rng, t0 = np.random.default_rng(0), time.perf_counter()
     while time.perf_counter() - t0 < seconds:
@@ -208,9 +208,8 @@ def _measure(benches, **kw):
 
 def scaling():
     """Vector env throughput against the number of envs, both async implementations, in one interleaved run."""
-    from mario_a3c.bench_env import _Single, _Vector
-    from mario_a3c.stacks import JoypadActions, make_raw_env
-    benches = {"raw, 1 process": _Single(JoypadActions(make_raw_env(1, 1), "simple"), 0)}
+    from mario_a3c.bench_env import _Single, _Vector, raw_env
+    benches = {"raw, 1 process": _Single(raw_env(), 0)}
     for mode in ("async", "gym-async"):
         for n in (2, 4, 8):
             benches[f"{mode}, {n} envs"] = _Vector(n, mode, "simple", 0)
@@ -222,9 +221,8 @@ def scaling():
 
 def double_buffer():
     """8 envs in 2 workers stepped in lock step and double-buffered (two groups), with the machine's CPU use, in one run."""
-    from mario_a3c.bench_env import _Single, _Vector
-    from mario_a3c.stacks import JoypadActions, make_raw_env
-    benches = {"raw, 1 process": _Single(JoypadActions(make_raw_env(1, 1), "simple"), 0),
+    from mario_a3c.bench_env import _Single, _Vector, raw_env
+    benches = {"raw, 1 process": _Single(raw_env(), 0),
                "lock step": _Vector(8, "async", "simple", 0), "double-buffered": _Vector(8, "async", "simple", 0, groups=2)}
     utils = {}
     m = _measure(benches, seconds=90, rounds=15, utils=utils)

@@ -11,8 +11,8 @@ import numpy as np
 
 from .callbacks import Callback
 from .config import TrainingConfig
-from .bench_env import _run_for, _Single, cpu_busy, cpu_util
-from .stacks import JoypadActions, make_raw_env, stack_versions
+from .bench_env import _run_for, _Single, cpu_busy, cpu_util, raw_env
+from .stacks import stack_versions
 
 # %% auto #0
 __all__ = ['BENCH_MODES', 'raw_fps', 'train_fps', 'bench', 'async_scaling', 'add_bench_mode_args', 'bench_cli']
@@ -20,7 +20,7 @@ __all__ = ['BENCH_MODES', 'raw_fps', 'train_fps', 'bench', 'async_scaling', 'add
 # %% ../nbs/06_bench.ipynb #b4b92760
 def _raw_worker(seconds:float, seed:int, actions:str, out):
     "Step one raw emulator with random buttons for `seconds`; put (frames, elapsed) on `out`."
-    b = _Single(JoypadActions(make_raw_env(1, 1), actions), seed)   # the same raw loop as `mario-a3c bench-env`
+    b = _Single(raw_env(actions), seed)   # the same raw loop as `mario-a3c bench-env`
     f0 = b.frames; el = _run_for(seconds, b.step)
     out.put((b.frames - f0, el)); b.env.close()
 

@@ -140,7 +140,6 @@ def test_killed_worker_rebuilds_and_training_continues(tmp_path):
     assert [u['update'] for u in read_metrics(t.config.metrics_path, 'update')] == [1, 2, 3]
 
 
-
 def test_every_core_acting_means_lock_step(tmp_path):
     groups, before = [], torch.get_num_threads()
 
@@ -150,6 +149,7 @@ def test_every_core_acting_means_lock_step(tmp_path):
         s = Trainer(tiny(tmp_path, vectorization='async', threads=os.cpu_count(), total_updates=1), callbacks=[Groups()]).train()
     finally: torch.set_num_threads(before)
     assert s['stopped'] == 'done' and groups == [1]
+
 
 def test_hung_worker_rebuilds_then_gives_up(tmp_path):
     notes = []
