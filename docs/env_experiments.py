@@ -248,6 +248,43 @@ def ceiling():
         print(f"{k:>29}: {v:6.0f} frames/s  ({v / raw:.2f}x raw, {v / free:.2f} of raw free), machine CPU {utils[k]:.2f}")
 
 
+def threads():
+    """The double-buffered vector env (8 envs, 2 groups) in worker processes and in threads, against the machine's
+    ceiling (the raw emulator free-running in one process per core), in one interleaved run."""
+    from functools import partial
+    from mario_a3c.bench_env import _Free, _Single, _Vector, raw_env
+    benches = {"raw, 1 process": _Single(raw_env(), 0), "raw, free": _Free(partial(raw_env), 0),
+               "processes, double-buffered": _Vector(8, "async", "simple", 0, groups=2),
+               "threads, double-buffered": _Vector(8, "threads", "simple", 0, groups=2)}
+    utils = {}
+    m = _measure(benches, seconds=100, rounds=10, utils=utils)
+    raw, free = m["raw, 1 process"], m["raw, free"]
+    for k, v in m.items():
+        print(f"{k:>26}: {v:6.0f} frames/s  ({v / raw:.2f}x raw, {v / free:.2f} of raw free), machine CPU {utils[k]:.2f}")
+
+
+def paired(runs=8, seconds=10.0):
+    """The wrapper ratio measured two ways, `runs` times: raw and wrapped stepped in turn (one agent step each, each on
+    its own clock, as `bench-env` does) and in separate slices (6 rounds of raw, then wrapped)."""
+    from mario_a3c.bench_env import _Paired, _Single, _run_for, raw_env
+    from mario_a3c.envs import make_env
+    p = _Paired(raw_env(), make_env(1, 1), 0)
+    raw, wrapped = p.raw, p.wrapped
+    for i in range(runs):
+        f0, s0 = {k: getattr(p, k).frames for k in p.seconds}, dict(p.seconds)
+        _run_for(seconds, p.step)
+        fps = {k: (getattr(p, k).frames - f0[k]) / (p.seconds[k] - s0[k]) for k in p.seconds}
+        tot = {"raw": [0, 0.], "wrapped": [0, 0.]}
+        for _ in range(6):
+            for k, b in (("raw", raw), ("wrapped", wrapped)):
+                f = b.frames
+                tot[k][1] += _run_for(seconds / 12, b.step)
+                tot[k][0] += b.frames - f
+        sliced = (tot["wrapped"][0] / tot["wrapped"][1]) / (tot["raw"][0] / tot["raw"][1])
+        print(f"run {i + 1}: paired {fps['wrapped'] / fps['raw']:.3f}   sliced {sliced:.3f}")
+    p.close()
+
+
 if __name__ == "__main__":
     names = [n for n, f in globals().items() if callable(f) and not n.startswith("_") and f.__module__ == "__main__"]
     if len(sys.argv) != 2 or sys.argv[1] not in names:

@@ -36,6 +36,23 @@ class _Single:
         if term or trunc: self.env.reset()
     def close(self): self.env.close()
 
+class _Paired:
+    "The raw emulator and the full stack stepped in turn, one agent step each, each on its own clock: `fps()`."
+    def __init__(self, raw, wrapped, seed:int, skip:int=4):
+        self.raw, self.wrapped, self.skip = _Single(raw, seed), _Single(wrapped, seed), skip
+        self.seconds, self._f0 = {'raw': 0., 'wrapped': 0.}, {'raw': self.raw.frames, 'wrapped': self.wrapped.frames}
+    @property
+    def frames(self) -> int: return self.raw.frames + self.wrapped.frames
+    def step(self):
+        t0 = time.perf_counter()
+        for _ in range(self.skip): self.raw.step()   # `skip` raw frames: the emulator work of one wrapped step
+        t1 = time.perf_counter(); self.wrapped.step(); t2 = time.perf_counter()
+        self.seconds['raw'] += t1 - t0; self.seconds['wrapped'] += t2 - t1
+    def fps(self) -> dict:
+        "Frames/s of each side over every `step` so far."
+        return {k: (getattr(self, k).frames - self._f0[k]) / s if s else 0. for k, s in self.seconds.items()}
+    def close(self): self.raw.close(); self.wrapped.close()
+
 # %% ../nbs/01c_bench_env.ipynb #c32e6f59
 def cpu_busy() -> tuple[float, float]|None:
     "CPU seconds (busy, available) of the whole machine since boot, all cores, from `/proc/stat`; None where it is missing."
@@ -154,28 +171,33 @@ class _Free:
 
 # %% ../nbs/01c_bench_env.ipynb #c1557fbe
 def bench_env(num_envs:int=8, # envs in the vector env measurements (the trainer's default)
-              seconds:float=60., # measuring time of all setups together
+              seconds:float=70., # measuring time of all setups together
               rounds:int=6, # alternations of the setups
               actions:str='simple', # action set of the random policy
              ) -> dict:
     "All environment throughput figures of one run, as a JSON-ready dict."
-    benches, u = {}, {}
+    benches, u, g = {}, {}, min(2, num_envs)
     try:
         benches['raw'] = _Single(raw_env(actions), 0)                               # the emulator's own speed
-        benches['raw_parallel'] = _Free(partial(raw_env, actions), 0)              # ... in one process per core
-        benches['wrapped'] = _Single(make_env(1, 1, actions=actions), 0)
+        benches['single'] = _Paired(raw_env(actions), make_env(1, 1, actions=actions), 0)   # raw and full stack in turn
+        benches['raw_parallel'] = _Free(partial(raw_env, actions), 0)              # the raw emulator in one process per core
         benches['sync'] = _Vector(num_envs, 'sync', actions, 0)
         benches['async_lockstep'] = _Vector(num_envs, 'async', actions, 0)   # Gymnasium's API: step all envs, wait for all
-        benches['async_'] = _Vector(num_envs, 'async', actions, 0, groups=min(2, num_envs))   # as the trainer steps them
+        benches['async_'] = _Vector(num_envs, 'async', actions, 0, groups=g)     # double-buffered, as the trainer steps them
+        benches['threads'] = _Vector(num_envs, 'threads', actions, 0, groups=g)  # ... in threads (the trainer's default)
         m = measure(benches, seconds, rounds, utils=u)
+        paired = benches['single'].fps()
     finally:
         for b in benches.values(): b.close()
-    out = dict(stack=stack_versions()['stack'], cpus=os.cpu_count(), num_envs=num_envs, raw_fps=m['raw'],
-               raw_parallel_fps=m['raw_parallel'], raw_parallel_speedup=m['raw_parallel'] / m['raw'],
-               wrapped_fps=m['wrapped'], wrapper_ratio=m['wrapped'] / m['raw'], sync_fps=m['sync'],
-               async_fps=m['async_'], async_speedup=m['async_'] / m['raw'],
-               async_vs_raw_parallel=m['async_'] / m['raw_parallel'],
-               async_lockstep_fps=m['async_lockstep'], async_lockstep_speedup=m['async_lockstep'] / m['raw'])
+    raw = m['raw']
+    out = dict(stack=stack_versions()['stack'], cpus=os.cpu_count(), num_envs=num_envs, raw_fps=raw,
+               raw_parallel_fps=m['raw_parallel'], raw_parallel_speedup=m['raw_parallel'] / raw,
+               raw_paired_fps=paired['raw'], wrapped_fps=paired['wrapped'], wrapper_ratio=paired['wrapped'] / paired['raw'],
+               sync_fps=m['sync'],
+               async_fps=m['async_'], async_speedup=m['async_'] / raw, async_vs_raw_parallel=m['async_'] / m['raw_parallel'],
+               async_lockstep_fps=m['async_lockstep'], async_lockstep_speedup=m['async_lockstep'] / raw,
+               threads_fps=m['threads'], threads_speedup=m['threads'] / raw,
+               threads_vs_raw_parallel=m['threads'] / m['raw_parallel'])
     out = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out.items()}
     out['cpu_util'] = {k.rstrip('_'): None if v is None else round(v, 3) for k, v in u.items()}   # machine CPU busy per setup
     return out

@@ -157,7 +157,7 @@ def collect(envs:gym.vector.VectorEnv, # vector env in SameStep autoreset mode
             generator:torch.Generator|None=None, # sampling generator
            ) -> Collected:
     "Step `envs` `T` times with `model.act`; return the rollout and the carried observation, start flags and state."
-    # envs that step their groups apart (`BatchedAsyncVectorEnv(groups=G)`) are double-buffered: see below
+    # envs that step their groups apart (`groups=G` of the threads and async vectorizations) are double-buffered: see below
     if T < 1: raise ValueError(f"T={T} must be >= 1")
     _check_same_step(envs)
     B = last_obs.shape[0]

@@ -38,7 +38,7 @@ def standard_callbacks(config:TrainingConfig) -> list[Callback]:
 
 # %% ../nbs/05e_trainer.ipynb #5dbe5d3e
 _TORCH_THREADS = torch.get_num_threads()  # torch's own choice (one per core), read before any trainer changes it
-ENV_GROUPS = 2  # with worker processes, rollouts act on one half of the envs while the workers step the other
+ENV_GROUPS = 2  # with env threads or worker processes, rollouts act on one half of the envs while the others are stepped
 
 @contextmanager
 def _threads(n:int):
@@ -105,7 +105,7 @@ def _start_envs(self:Trainer):
     try:  # bad env arguments (TypeError/ValueError) raise as themselves
         env_fn = self.preview.env_fn(self.env_fn, **c.env_kwargs())   # envs answer preview requests after a step
         # double-buffered rollouts (`collect`) when acting leaves cores to the workers: with every core acting they are slower
-        groups = ENV_GROUPS if c.vectorization == 'async' and self.act_threads < (os.cpu_count() or 1) else 1
+        groups = ENV_GROUPS if c.vectorization in ('threads', 'async') and self.act_threads < (os.cpu_count() or 1) else 1
         self.envs = make_vec_env(c.num_envs, vectorization=c.vectorization, env_fn=env_fn, groups=min(groups, c.num_envs),
                                  **c.env_kwargs())
         obs, _ = self.envs.reset(seed=seed)

@@ -22,7 +22,7 @@ def test_design_fields_and_defaults():
     "The field set and defaults agreed in the trainer design (a hand-written copy, not read from the class)."
     want = dict(world=1, stage=1, actions="simple", frame_skip=4, gray=True, size=64, stack=4, reward="shaped",
                 random_stage=False, stage_span=1, max_episode_steps=0, held_buttons=False, sticky_actions=0.0,
-                repress_jump=False, num_envs=8, vectorization="async",
+                repress_jump=False, num_envs=8, vectorization="threads",
                 channels="8,16,16", blocks=1, hidden=256, recurrent_type="lstm", core_size=256, window=16, heads=4,
                 noisy=False, layer_norm=True, rollout_steps=32, total_updates=10000, lr=2.5e-4, weight_decay=0.0, warmup_updates=100,
                 lr_floor=0.1, grad_accum=1, epochs=1, minibatches=1, clip_grad=40.0, adam_eps=1e-5, returns="vtrace", gamma=0.99,
@@ -76,7 +76,7 @@ def test_model_and_env_kwargs_build_real_objects():
     (dict(reward="sparse"), "reward='sparse' is not a reward mode"),
     (dict(world=8, stage=3, stage_span=3), "stage_span=3 from 8-3: allowed 1-2"),
     (dict(max_episode_steps=-1), "max_episode_steps=-1 is out of range: allowed >= 0"),
-    (dict(vectorization="threads"), "vectorization='threads': allowed async, gym-async, sync"),
+    (dict(vectorization="procs"), "vectorization='procs': allowed threads, async, gym-async, sync"),
     (dict(recurrent_type="rnn"), "recurrent_type='rnn': allowed gru, lstm, transformer, none"),
     (dict(channels="a,b"), "channels='a,b' is not a comma list of positive ints"),
     (dict(heads=3, recurrent_type="transformer"), "heads=3 does not divide core_size=256"),

@@ -113,10 +113,10 @@ def test_bad_input_fails_before_any_process_starts(bad, msg):
     assert mp.active_children() == []
 
 
-def test_async_workers_equal_sync_and_draw_their_own_stages():
+def test_threads_and_async_workers_equal_sync_and_draw_their_own_stages():
     kw = dict(world=1, stage=1, random_stage=True, stage_span=4)
     res = {}
-    for mode in ("async", "sync"):
+    for mode in ("threads", "async", "sync"):
         envs = make_vec_env(3, vectorization=mode, **kw)
         obs, info = envs.reset(seed=5)
         stages, frames = [list(zip(info["world"], info["stage"]))], [obs]
@@ -128,8 +128,9 @@ def test_async_workers_equal_sync_and_draw_their_own_stages():
                 stages.append(list(zip(info["world"], info["stage"])))
         envs.close()
         res[mode] = (np.stack(frames), stages)
-    assert np.array_equal(res["async"][0], res["sync"][0])
-    assert res["async"][1] == res["sync"][1]
+    for mode in ("threads", "async"):
+        assert np.array_equal(res[mode][0], res["sync"][0])
+        assert res[mode][1] == res["sync"][1]
     singles = [make_env(**kw).reset(seed=5 + i)[1] for i in range(3)]
     assert res["async"][1][0] == [(s["world"], s["stage"]) for s in singles]
 

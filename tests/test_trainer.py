@@ -151,9 +151,10 @@ def test_every_core_acting_means_lock_step(tmp_path):
     assert s['stopped'] == 'done' and groups == [1]
 
 
-def test_hung_worker_rebuilds_then_gives_up(tmp_path):
-    notes = []
-    cfg = tiny(tmp_path, vectorization='async', total_updates=10, step_timeout=1.0, max_env_restarts=1)
+@pytest.mark.parametrize("vectorization", ["async", "threads"])
+def test_hung_worker_rebuilds_then_gives_up(tmp_path, vectorization):
+    notes = []   # a hung thread cannot be killed: it is left asleep, and its envs are rebuilt all the same
+    cfg = tiny(tmp_path, vectorization=vectorization, total_updates=10, step_timeout=1.0, max_env_restarts=1)
     t0 = time.perf_counter()
     s = Trainer(cfg, env_fn=partial(CountingEnv, hang_at=9), log=notes.append).train()   # each new env hangs at step 9
     assert (s['stopped'], s['updates'], s['env_restarts']) == ('env_failures', 2, 1)     # 6 + 6 steps, 6 more

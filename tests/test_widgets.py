@@ -85,7 +85,7 @@ def test_panel_memory_of_curves_stays_bounded():
     assert max(len(h) for h in p.hist.values()) < 50
 
 
-@pytest.mark.parametrize("vectorization", ["sync", "async", "gym-async"])
+@pytest.mark.parametrize("vectorization", ["sync", "threads", "async", "gym-async"])
 def test_preview_frame_of_a_training_run(tmp_path, vectorization):
     trainer = Trainer(tiny(tmp_path, vectorization=vectorization), log=lambda *a: None)
     assert trainer.preview_frame(0) is None                      # no envs yet
