@@ -4,14 +4,14 @@
 
 # %% ../nbs/01e_threads.ipynb #05581655
 from __future__ import annotations
-import os, queue, threading, traceback
+import queue, threading, traceback
 from typing import Callable, Sequence
 
 import gymnasium as gym
 import numpy as np
 from gymnasium.vector.utils import batch_space
 
-from .workers import WorkerError, _info_rows
+from .workers import WorkerError, _info_rows, _split
 
 # %% auto #0
 __all__ = ['ThreadedVectorEnv']
@@ -65,11 +65,7 @@ class ThreadedVectorEnv(gym.vector.VectorEnv):
                  groups:int=1, # contiguous env groups that `step_group_async` can step on their own (double buffering)
                 ):
         n = len(env_fns)
-        if n < 1: raise ValueError(f"num_envs={n} is out of range: allowed >= 1")
-        w = min(num_workers or os.cpu_count() or 1, n)
-        if w < 1: raise ValueError(f"num_workers={num_workers!r} is out of range: allowed >= 1")
-        if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or not 1 <= groups <= n:
-            raise ValueError(f"groups={groups!r} is out of range: allowed 1 to num_envs={n}")
+        w, self.group_slices = _split(n, num_workers, groups)   # the same checks and groups as the worker processes'
         self.num_envs, self.autoreset_mode = n, gym.vector.AutoresetMode.SAME_STEP
         self.metadata = {'autoreset_mode': self.autoreset_mode}
         self.closed, envs = False, []
@@ -81,8 +77,6 @@ class ThreadedVectorEnv(gym.vector.VectorEnv):
         self.envs, space = envs, envs[0].observation_space
         self.single_observation_space, self.single_action_space, self.render_mode = space, envs[0].action_space, envs[0].render_mode
         self.observation_space, self.action_space = batch_space(space, n), batch_space(self.single_action_space, n)
-        gb = np.linspace(0, n, groups + 1).round().astype(int)
-        self.group_slices = [slice(int(a), int(b)) for a, b in zip(gb[:-1], gb[1:])]
         self._inflight, self._pool = {}, _Pool(envs, space)   # _inflight: group (None: all envs) -> its _Batch
         self.threads = [threading.Thread(target=self._pool.serve, name=f'mario-env-thread-{k}', daemon=True) for k in range(w)]
         for t in self.threads: t.start()
@@ -92,7 +86,9 @@ class ThreadedVectorEnv(gym.vector.VectorEnv):
 
     def __del__(self):
         "A vector env dropped without `close()` (a notebook cell run again) stops its threads and closes its envs."
-        if not getattr(self, 'closed', True) and hasattr(self, 'threads'): self.close(terminate=True)
+        if getattr(self, 'closed', True) or not hasattr(self, 'threads'): return
+        try: self.close(terminate=True)
+        except Exception: pass   # at interpreter exit the modules it needs may be gone already
 
 # %% ../nbs/01e_threads.ipynb #88fe8468
 def _start(self:ThreadedVectorEnv, kind:str, group:int|None, args):

@@ -65,6 +65,16 @@ def _worker(fns, idx:list, shm_name:str, shape:tuple, dtype, n_total:int, conn, 
 class WorkerError(RuntimeError):
     "An exception raised inside an env worker process (its traceback is in the message)."
 
+def _split(n:int, num_workers:int|None, groups:int) -> tuple[int, list[slice]]:
+    "Checked worker count for `n` envs (default one per CPU core, at most one per env) and `groups` contiguous env slices."
+    if n < 1: raise ValueError(f"num_envs={n} is out of range: allowed >= 1")
+    w = min(num_workers or os.cpu_count() or 1, n)
+    if w < 1: raise ValueError(f"num_workers={num_workers!r} is out of range: allowed >= 1")
+    if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or not 1 <= groups <= n:
+        raise ValueError(f"groups={groups!r} is out of range: allowed 1 to num_envs={n}")
+    gb = np.linspace(0, n, groups + 1).round().astype(int)
+    return w, [slice(int(a), int(b)) for a, b in zip(gb[:-1], gb[1:])]
+
 class BatchedAsyncVectorEnv(gym.vector.VectorEnv):
     "N envs in W worker processes; each worker steps its share of the envs in one batch (`SameStep` autoreset)."
     def __init__(self, env_fns:Sequence[Callable[[], gym.Env]], # one factory per env
@@ -74,11 +84,7 @@ class BatchedAsyncVectorEnv(gym.vector.VectorEnv):
                  groups:int=1, # contiguous env groups that `step_group_async` can step on their own (double buffering)
                 ):
         n = len(env_fns)
-        if n < 1: raise ValueError(f"num_envs={n} is out of range: allowed >= 1")
-        w = min(num_workers or os.cpu_count() or 1, n)
-        if w < 1: raise ValueError(f"num_workers={num_workers!r} is out of range: allowed >= 1")
-        if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or not 1 <= groups <= n:
-            raise ValueError(f"groups={groups!r} is out of range: allowed 1 to num_envs={n}")
+        w, self.group_slices = _split(n, num_workers, groups)
         self.num_envs, self.autoreset_mode = n, gym.vector.AutoresetMode.SAME_STEP
         self.metadata = {'autoreset_mode': self.autoreset_mode}
         dummy = env_fns[0]()
@@ -89,8 +95,6 @@ class BatchedAsyncVectorEnv(gym.vector.VectorEnv):
         shape, dtype = self.single_observation_space.shape, self.single_observation_space.dtype
         self._shm = shared_memory.SharedMemory(create=True, size=max(1, n * int(np.prod(shape)) * np.dtype(dtype).itemsize))
         self._obs = np.ndarray((n, *shape), dtype=dtype, buffer=self._shm.buf)
-        gb = np.linspace(0, n, groups + 1).round().astype(int)
-        self.group_slices = [slice(int(a), int(b)) for a, b in zip(gb[:-1], gb[1:])]
         # envs are dealt to the workers in turn, so each group is spread over them and each worker gets envs to step
         self.worker_envs = [list(range(k, n, w)) for k in range(w)]   # global env indices of each worker
         self._group_pos = [[[j for j, i in enumerate(ids) if g.start <= i < g.stop] for g in self.group_slices]
