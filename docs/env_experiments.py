@@ -231,36 +231,36 @@ def double_buffer():
         print(f"{k:>16}: {v:6.0f} frames/s  ({v / raw:.2f}x raw), machine CPU {utils[k]:.2f}")
 
 
+def _against_ceiling(setups):
+    """Measure `setups` (name -> bench) next to one raw emulator process and the raw emulator free-running in one
+    process per core (100 s, 10 rounds); print each as a multiple of the first and a share of the second."""
+    from functools import partial
+    from mario_a3c.bench_env import _Free, _Single, raw_env
+    benches = {"raw, 1 process": _Single(raw_env(), 0), "raw, free": _Free(partial(raw_env), 0), **setups}
+    utils = {}
+    m = _measure(benches, seconds=100, rounds=10, utils=utils)
+    raw, free, w = m["raw, 1 process"], m["raw, free"], max(map(len, m))
+    for k, v in m.items():
+        print(f"{k:>{w}}: {v:6.0f} frames/s  ({v / raw:.2f}x raw, {v / free:.2f} of raw free), machine CPU {utils[k]:.2f}")
+
+
 def ceiling():
     """What the vector env keeps of the machine's parallel speed: free-running processes (one per core) with the raw
     emulator, the full stack with 1 and with 4 envs each, and the double-buffered vector env (8 envs, 2 groups)."""
     from functools import partial
-    from mario_a3c.bench_env import _Free, _Single, _Vector, raw_env
+    from mario_a3c.bench_env import _Free, _Vector
     from mario_a3c.envs import make_env
-    benches = {"raw, 1 process": _Single(raw_env(), 0), "raw, free": _Free(partial(raw_env), 0),
-               "full stack, free, 1 env each": _Free(partial(make_env, 1, 1), 0),
-               "full stack, free, 4 envs each": _Free(partial(make_env, 1, 1), 0, per_proc=4),
-               "vector env, double-buffered": _Vector(8, "async", "simple", 0, groups=2)}
-    utils = {}
-    m = _measure(benches, seconds=100, rounds=10, utils=utils)
-    raw, free = m["raw, 1 process"], m["raw, free"]
-    for k, v in m.items():
-        print(f"{k:>29}: {v:6.0f} frames/s  ({v / raw:.2f}x raw, {v / free:.2f} of raw free), machine CPU {utils[k]:.2f}")
+    _against_ceiling({"full stack, free, 1 env each": _Free(partial(make_env, 1, 1), 0),
+                      "full stack, free, 4 envs each": _Free(partial(make_env, 1, 1), 0, per_proc=4),
+                      "vector env, double-buffered": _Vector(8, "async", "simple", 0, groups=2)})
 
 
 def threads():
     """The double-buffered vector env (8 envs, 2 groups) in worker processes and in threads, against the machine's
     ceiling (the raw emulator free-running in one process per core), in one interleaved run."""
-    from functools import partial
-    from mario_a3c.bench_env import _Free, _Single, _Vector, raw_env
-    benches = {"raw, 1 process": _Single(raw_env(), 0), "raw, free": _Free(partial(raw_env), 0),
-               "processes, double-buffered": _Vector(8, "async", "simple", 0, groups=2),
-               "threads, double-buffered": _Vector(8, "threads", "simple", 0, groups=2)}
-    utils = {}
-    m = _measure(benches, seconds=100, rounds=10, utils=utils)
-    raw, free = m["raw, 1 process"], m["raw, free"]
-    for k, v in m.items():
-        print(f"{k:>26}: {v:6.0f} frames/s  ({v / raw:.2f}x raw, {v / free:.2f} of raw free), machine CPU {utils[k]:.2f}")
+    from mario_a3c.bench_env import _Vector
+    _against_ceiling({"processes, double-buffered": _Vector(8, "async", "simple", 0, groups=2),
+                      "threads, double-buffered": _Vector(8, "threads", "simple", 0, groups=2)})
 
 
 def paired(runs=8, seconds=10.0):
