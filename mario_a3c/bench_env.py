@@ -71,8 +71,8 @@ def cpu_util(start, end) -> float|None:
 # %% ../nbs/01c_bench_env.ipynb #1f541549
 class _Vector:
     "A vector env of the full stack and a random policy; `frames` sums every worker's emulator frames."
-    def __init__(self, num_envs:int, vectorization:str, actions:str, seed:int, groups:int=1):
-        self.envs = make_vec_env(num_envs, vectorization=vectorization, world=1, stage=1, actions=actions, groups=groups)
+    def __init__(self, num_envs:int, vectorization:str, actions:str, seed:int, groups:int=1, **vec_kwargs):
+        self.envs = make_vec_env(num_envs, vectorization=vectorization, world=1, stage=1, actions=actions, groups=groups, **vec_kwargs)
         self.envs.reset(seed=seed); self.rng, self.n, self.num = np.random.default_rng(seed), self.envs.single_action_space.n, num_envs
         self.groups, self.next = getattr(self.envs, 'group_slices', [slice(0, num_envs)]), None
         for _ in range(5): self.step()                                  # warm up the workers

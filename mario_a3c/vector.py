@@ -25,7 +25,8 @@ VECTORIZATIONS = ('threads', 'async', 'gym-async', 'sync')
 
 def make_vec_env(num_envs:int=8, # number of environments
                  vectorization:str='threads', # 'threads', 'async' (batched worker processes), 'gym-async' (a process per env) or 'sync'
-                 num_workers:int|None=None, # 'threads'/'async': threads or worker processes (default: one per CPU core)
+                 num_workers:int|None=None, # 'threads': threads (default: one per CPU core); 'async': worker processes (default: one per two cores)
+                 worker_threads:int|None=None, # 'async': threads in each worker process (default 2, or the cores per given worker)
                  context:str|None='forkserver', # multiprocessing start method for async workers
                  autoreset_mode:str='SameStep', # 'SameStep' or Gymnasium's 'NextStep'
                  fallback:bool=True, # fall back to sync when async workers cannot start
@@ -44,6 +45,10 @@ def make_vec_env(num_envs:int=8, # number of environments
         raise ValueError(f"context={context!r}: allowed {', '.join(mp.get_all_start_methods())}")
     if vectorization in ('threads', 'async') and autoreset_mode != 'SameStep':
         raise ValueError(f"autoreset_mode={autoreset_mode!r} needs vectorization='gym-async' or 'sync' ({vectorization!r} is SameStep)")
+    if worker_threads is not None and vectorization != 'async':
+        raise ValueError(f"worker_threads={worker_threads!r} needs vectorization='async' (got {vectorization!r})")
+    if worker_threads is not None and (isinstance(worker_threads, bool) or not isinstance(worker_threads, (int, np.integer)) or worker_threads < 1):
+        raise ValueError(f"worker_threads={worker_threads!r} is out of range: allowed >= 1")
     if groups != 1 and vectorization not in ('threads', 'async'):
         raise ValueError(f"groups={groups!r} needs vectorization='threads' or 'async' (got {vectorization!r})")
     if env_fn is None: check_env_args(**env_kwargs)
@@ -52,7 +57,8 @@ def make_vec_env(num_envs:int=8, # number of environments
     if vectorization == 'threads': return ThreadedVectorEnv(fns, num_workers=num_workers, groups=groups)
     if vectorization in ('async', 'gym-async'):
         try:
-            if vectorization == 'async': return BatchedAsyncVectorEnv(fns, num_workers=num_workers, context=context, groups=groups)
+            if vectorization == 'async':
+                return BatchedAsyncVectorEnv(fns, num_workers=num_workers, context=context, groups=groups, threads=worker_threads)
             return AsyncVectorEnv(fns, context=context, autoreset_mode=mode)
         except Exception as e:
             if not fallback: raise

@@ -159,8 +159,8 @@ def test_killed_worker_is_env_failure():
     envs = make_vec_env(2, 'async', env_fn=CountingEnv, size=4)
     envs.reset(seed=0)
     vec_step(envs, np.zeros(2, np.int64), timeout=10)
-    os.kill(envs.processes[1].pid, signal.SIGKILL)
-    envs.processes[1].join(5)
+    os.kill(envs.processes[-1].pid, signal.SIGKILL)
+    envs.processes[-1].join(5)
     with pytest.raises(EnvFailure):
         vec_step(envs, np.zeros(2, np.int64), timeout=10)
     envs.close(terminate=True)

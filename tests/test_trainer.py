@@ -128,7 +128,7 @@ def test_killed_worker_rebuilds_and_training_continues(tmp_path):
         def on_update(self, trainer, metrics):
             groups.append(trainer.envs.num_groups)   # rollouts double-buffered over two env groups
             if metrics['update'] == 1:
-                pid = trainer.envs.processes[1].pid
+                pid = trainer.envs.processes[-1].pid
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
     notes = []
