@@ -86,7 +86,7 @@ class TrainingConfig:
     sticky_actions: float = 0.0  # chance that a step repeats the previous action instead: 0 (off) up to below 1; training only
     repress_jump: bool = False  # an action holding A jumps again whenever Mario stands on the ground (A is let up for a frame)
     num_envs: int = 8  # environments stepped together
-    vectorization: str = 'threads'  # threads (this process, one thread per core), async (batched worker processes), gym-async (a process per env) or sync
+    vectorization: str = 'threads'  # threads (this process, one thread per core), async (a worker process per two cores: faster on many cores), gym-async (a process per env) or sync
     # Model
     channels: str = '8,16,16'  # IMPALA conv channels per stage, comma separated
     blocks: int = 1  # residual blocks per stage
