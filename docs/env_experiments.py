@@ -196,6 +196,10 @@ def independent():
             print(f"{kind:>7}, {n} process(es): {sum(fps):6.0f} frames/s in all")
 
 
+# the worker processes as the report measured them before they had threads: two, one thread each
+_TWO_WORKERS = dict(num_workers=2, worker_threads=1)
+
+
 def _measure(benches, **kw):
     """`mario_a3c.bench_env.measure(benches, **kw)`, closing every bench's envs afterwards."""
     from mario_a3c.bench_env import measure
@@ -212,8 +216,7 @@ def scaling():
     benches = {"raw, 1 process": _Single(raw_env(), 0)}
     for mode in ("async", "gym-async"):
         for n in (2, 4, 8):
-            one_thread = dict(num_workers=2, worker_threads=1) if mode == "async" else {}   # the workers as measured
-            benches[f"{mode}, {n} envs"] = _Vector(n, mode, "simple", 0, **one_thread)
+            benches[f"{mode}, {n} envs"] = _Vector(n, mode, "simple", 0, **(_TWO_WORKERS if mode == "async" else {}))
     m = _measure(benches, seconds=84, rounds=6)
     raw = m["raw, 1 process"]
     for k, v in m.items():
@@ -223,7 +226,7 @@ def scaling():
 def double_buffer():
     """8 envs in 2 workers stepped in lock step and double-buffered (two groups), with the machine's CPU use, in one run."""
     from mario_a3c.bench_env import _Single, _Vector, raw_env
-    w = dict(num_workers=2, worker_threads=1)   # the single-threaded workers of the report's measurement
+    w = _TWO_WORKERS
     benches = {"raw, 1 process": _Single(raw_env(), 0),
                "lock step": _Vector(8, "async", "simple", 0, **w), "double-buffered": _Vector(8, "async", "simple", 0, groups=2, **w)}
     utils = {}
@@ -254,14 +257,14 @@ def ceiling():
     from mario_a3c.envs import make_env
     _against_ceiling({"full stack, free, 1 env each": _Free(partial(make_env, 1, 1), 0),
                       "full stack, free, 4 envs each": _Free(partial(make_env, 1, 1), 0, per_proc=4),
-                      "vector env, double-buffered": _Vector(8, "async", "simple", 0, groups=2, num_workers=2, worker_threads=1)})
+                      "vector env, double-buffered": _Vector(8, "async", "simple", 0, groups=2, **_TWO_WORKERS)})
 
 
 def threads():
     """The double-buffered vector env (8 envs, 2 groups) in worker processes and in threads, against the machine's
     ceiling (the raw emulator free-running in one process per core), in one interleaved run."""
     from mario_a3c.bench_env import _Vector
-    _against_ceiling({"processes, double-buffered": _Vector(8, "async", "simple", 0, groups=2, num_workers=2, worker_threads=1),
+    _against_ceiling({"processes, double-buffered": _Vector(8, "async", "simple", 0, groups=2, **_TWO_WORKERS),
                       "threads, double-buffered": _Vector(8, "threads", "simple", 0, groups=2)})
 
 
@@ -269,7 +272,7 @@ def worker_threads():
     """The double-buffered vector env (8 envs, 2 groups) in two single-threaded worker processes, in one worker process
     with two threads (the default), and in env threads of this process, against the machine's ceiling, in one run."""
     from mario_a3c.bench_env import _Vector
-    _against_ceiling({"2 processes, 1 thread each": _Vector(8, "async", "simple", 0, groups=2, num_workers=2, worker_threads=1),
+    _against_ceiling({"2 processes, 1 thread each": _Vector(8, "async", "simple", 0, groups=2, **_TWO_WORKERS),
                       "1 process, 2 threads": _Vector(8, "async", "simple", 0, groups=2, num_workers=1, worker_threads=2),
                       "threads in this process": _Vector(8, "threads", "simple", 0, groups=2)})
 

@@ -10,12 +10,11 @@ from functools import partial
 from typing import Callable
 
 import gymnasium as gym
-import numpy as np
 from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
 
 from .envs import check_env_args, make_env
 from .threads import ThreadedVectorEnv
-from .workers import BatchedAsyncVectorEnv
+from .workers import BatchedAsyncVectorEnv, _count
 
 # %% auto #0
 __all__ = ['VECTORIZATIONS', 'make_vec_env']
@@ -35,8 +34,7 @@ def make_vec_env(num_envs:int=8, # number of environments
                  **env_kwargs, # `make_env` arguments: world, stage, actions, random_stage, ...
                 ) -> gym.vector.VectorEnv:
     "Vector of Mario envs; `envs.reset(seed=s)` seeds env i with `s + i`."
-    if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
-        raise ValueError(f"num_envs={num_envs!r} is out of range: allowed >= 1")
+    _count('num_envs', num_envs)
     if vectorization not in VECTORIZATIONS:
         raise ValueError(f"vectorization={vectorization!r}: allowed {', '.join(VECTORIZATIONS)}")
     modes = [m.value for m in AutoresetMode]
@@ -47,8 +45,7 @@ def make_vec_env(num_envs:int=8, # number of environments
         raise ValueError(f"autoreset_mode={autoreset_mode!r} needs vectorization='gym-async' or 'sync' ({vectorization!r} is SameStep)")
     if worker_threads is not None and vectorization != 'async':
         raise ValueError(f"worker_threads={worker_threads!r} needs vectorization='async' (got {vectorization!r})")
-    if worker_threads is not None and (isinstance(worker_threads, bool) or not isinstance(worker_threads, (int, np.integer)) or worker_threads < 1):
-        raise ValueError(f"worker_threads={worker_threads!r} is out of range: allowed >= 1")
+    if worker_threads is not None: _count('worker_threads', worker_threads)
     if groups != 1 and vectorization not in ('threads', 'async'):
         raise ValueError(f"groups={groups!r} needs vectorization='threads' or 'async' (got {vectorization!r})")
     if env_fn is None: check_env_args(**env_kwargs)

@@ -89,6 +89,11 @@ class WorkerError(RuntimeError):
 
 THREADS_PER_WORKER = 2   # default threads per worker process: fewer processes, and threads that take the next env
 
+def _count(name:str, v) -> int:
+    "`v` as an int if it is a whole number >= 1; otherwise a one-line error naming `name`."
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1: raise ValueError(f"{name}={v!r} is out of range: allowed >= 1")
+    return int(v)
+
 def _split(n:int, num_workers:int|None, groups:int) -> tuple[int, list[slice]]:
     "Checked worker count for `n` envs (default one per CPU core, at most one per env) and `groups` contiguous env slices."
     if n < 1: raise ValueError(f"num_envs={n} is out of range: allowed >= 1")
@@ -110,9 +115,7 @@ class BatchedAsyncVectorEnv(gym.vector.VectorEnv):
                 ):
         n, cpus = len(env_fns), os.cpu_count() or 1
         if threads is None: threads = THREADS_PER_WORKER if num_workers is None else max(1, cpus // max(1, num_workers))
-        if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
-            raise ValueError(f"threads={threads!r} is out of range: allowed >= 1")
-        self.threads = int(threads)
+        self.threads = _count('threads', threads)
         w, self.group_slices = _split(n, -(-cpus // self.threads) if num_workers is None else num_workers, groups)
         self.num_envs, self.autoreset_mode = n, gym.vector.AutoresetMode.SAME_STEP
         self.metadata = {'autoreset_mode': self.autoreset_mode}
