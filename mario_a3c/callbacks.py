@@ -11,6 +11,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from .config import WANDB_MODES
+from .checkpoint import atomic_write
 
 # %% auto #0
 __all__ = ['METRIC_NAMES', 'HOOKS', 'EPISODE_TAGS', 'CONSOLE_KEYS', 'Callback', 'step_of', 'CallbackList', 'read_metrics',
@@ -96,7 +97,8 @@ class JsonlLogger(Callback):
         upto = step_of(trainer)[0]
         if upto > 0 and self.path.exists():  # resumed: forget what the interrupted run logged after its checkpoint
             keep = [r for r in read_metrics(self.path) if r.get('update', 0) <= upto]
-            self.path.write_text(''.join(json.dumps(r) + '\n' for r in keep), encoding='utf-8')
+            text = ''.join(json.dumps(r) + '\n' for r in keep).encode('utf-8')
+            atomic_write(self.path, lambda f: f.write(text))   # a kill now leaves the old file or the new, never half
         self.f = open(self.path, 'a', encoding='utf-8')
     def _write(self, kind, trainer, d):
         if self.f is None: self.on_train_begin(trainer)

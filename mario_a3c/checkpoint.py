@@ -19,7 +19,7 @@ from .stacks import check_stage, stack_versions
 # %% auto #0
 __all__ = ['FORMAT_VERSION', 'REQUIRED_META', 'CheckpointError', 'checkpoint_path', 'meta_path', 'atomic_write', 'make_meta',
            'save_checkpoint', 'load_meta', 'load_checkpoint', 'capture_rng_state', 'restore_rng_state',
-           'load_model_state', 'resolve_resume_config']
+           'load_model_state', 'resolve_resume_config', 'init_weights']
 
 # %% ../nbs/05a_checkpoint.ipynb #ad838228
 FORMAT_VERSION = 1  # bump when the layout of the payload or the metadata changes incompatibly
@@ -204,3 +204,22 @@ def resolve_resume_config(meta:dict, # from `load_checkpoint` / `load_meta`
             raise ValueError(f"cannot resume with {k}={overrides[k]!r}: checkpoint {name} was trained with "
                              f"{k}={getattr(base, k)!r} (immutable)")
     return TrainingConfig.from_dict({**base.to_dict(), **overrides}, source='resume overrides')
+
+# %% ../nbs/05a_checkpoint.ipynb #1f0a1c02
+def init_weights(model:torch.nn.Module, # the new run's network
+                 config:TrainingConfig, # the new run's config
+                 path, # checkpoint (.pt) whose weights start the run
+                ) -> dict:
+    "Load another checkpoint's network weights (cast to the model's dtype) into `model`; its metadata."
+    state, meta = load_checkpoint(path)
+    name = Path(meta['path']).name
+    other = TrainingConfig.from_stored(meta['config'], source=f'checkpoint {name}')
+    for k in IMMUTABLE_FIELDS:
+        if _norm(k, getattr(other, k)) != _norm(k, getattr(config, k)):
+            raise ValueError(f"init_from={str(path)!r} was trained with {k}={getattr(other, k)!r}, this run has "
+                             f"{k}={getattr(config, k)!r}: they must agree")
+    weights = state.get('model') if isinstance(state, dict) else None
+    if not isinstance(weights, dict): raise CheckpointError(f"checkpoint {name} has no model weights (state['model'])")
+    dtype = next(model.parameters()).dtype
+    load_model_state(model, {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}, name)
+    return meta

@@ -83,7 +83,7 @@ class TrainingConfig:
     stage_span: int = 1  # stages from world-stage on that the envs cycle through
     max_episode_steps: int = 0  # truncate episodes after this many agent steps (0: no limit)
     held_buttons: bool = False  # one input plane per button the last action held (a held A cannot jump again)
-    sticky_actions: float = 0.0  # chance that a step repeats the previous action instead: 0 (off) up to below 1; training only
+    sticky_actions: float = 0.0  # ALE sticky actions in training: chance that an emulator frame repeats the last action, 0 (off) up to below 1
     repress_jump: bool = False  # an action holding A jumps again whenever Mario stands on the ground (A is let up for a frame)
     num_envs: int = 8  # environments stepped together
     vectorization: str = 'threads'  # threads (this process, one thread per core), async (a worker process per two cores: faster on many cores), gym-async (a process per env) or sync
@@ -97,6 +97,7 @@ class TrainingConfig:
     heads: int = 4  # transformer: attention heads (must divide core_size)
     noisy: bool = False  # NoisyLinear policy and value heads (exploration by parameter noise)
     layer_norm: bool = True  # LayerNorm on the CNN features before the core (without it an LSTM core can saturate)
+    init_from: str = ''  # checkpoint (.pt) whose network weights start a new run (fine-tuning; empty: fresh weights)
     # Optimisation
     rollout_steps: int = 32  # agent steps per env per rollout
     total_updates: int = 10000  # optimizer steps in the run

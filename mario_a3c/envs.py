@@ -17,7 +17,7 @@ from .stacks import (ACTION_SETS, ALL_STAGES, HeldButtons, JoypadActions, Repres
 
 # %% auto #0
 __all__ = ['REWARDS', 'KEEP_INFO', 'RENDER_MODES', 'gray_resize', 'color_resize', 'bgra_screen', 'screen_gray', 'SkipMaxGray',
-           'ShapedReward', 'EpisodeStats', 'stage_list', 'StageSchedule', 'make_env', 'check_env_args']
+           'ShapedReward', 'EpisodeStats', 'stage_list', 'StageSchedule', 'FrameSticky', 'make_env', 'check_env_args']
 
 # %% ../nbs/01a_envs.ipynb #8d671158
 def gray_resize(frame:np.ndarray, size:int=84) -> np.ndarray:
@@ -174,6 +174,20 @@ class StageSchedule(gym.Env):
         for e in self._envs.values(): e.close()
         self._envs.clear()
 
+# %% ../nbs/01a_envs.ipynb #5a1c7e02
+class FrameSticky(StickyAction):
+    "ALE sticky actions, one draw per emulator frame (wrap under the frame skip), with a generator seeded at reset."
+    def __init__(self, env:gym.Env, p:float=0.25): # p: chance a frame repeats the previously executed action
+        super().__init__(env, repeat_action_probability=p)
+        self._rng = np.random.default_rng()
+
+    @property
+    def np_random(self) -> np.random.Generator: return self._rng
+
+    def reset(self, *, seed=None, options=None):
+        if seed is not None: self._rng = np.random.default_rng(seed)
+        return super().reset(seed=seed, options=options)
+
 # %% ../nbs/01a_envs.ipynb #00466d70
 def make_env(world:int=1, # 1-8
              stage:int=1, # 1-4
@@ -189,7 +203,7 @@ def make_env(world:int=1, # 1-8
              max_episode_steps:int|None=None, # truncate episodes after this many agent steps
              render_mode:str|None=None, # 'rgb_array' for video and frame previews
              held_buttons:bool=False, # append a plane per button the last action held (`HeldButtons`)
-             sticky_actions:float=0.0, # probability that a step repeats the previous action instead (ALE's sticky actions)
+             sticky_actions:float=0.0, # chance that an emulator frame repeats the previously executed action (ALE's sticky actions)
              repress_jump:bool=False, # an action holding A jumps again on the ground (`RepressJump`)
             ) -> gym.Env:
     "A Super Mario Bros env with uint8 observations `[stack*(1 or 3) (+ buttons), size, size]`."
@@ -203,6 +217,7 @@ def make_env(world:int=1, # 1-8
     else: env = make_raw_env(world, stage, render_mode=render_mode)
     if repress_jump: env = RepressJump(env)   # per emulator frame, on button masks
     env = JoypadActions(env, actions)
+    if sticky_actions: env = FrameSticky(env, sticky_actions)   # per frame: under the frame skip
     if gray: env = SkipMaxGray(env, frame_skip, size)                 # [size, size]
     else:
         if frame_skip > 1: env = MaxAndSkipObservation(env, skip=frame_skip)
@@ -215,7 +230,6 @@ def make_env(world:int=1, # 1-8
         flat = (3 * stack, size, size)
         env = TransformObservation(env, lambda o: o.reshape(flat), gym.spaces.Box(0, 255, flat, np.uint8))
     if held_buttons: env = HeldButtons(env, actions)  # [C + K, size, size]
-    if sticky_actions: env = StickyAction(env, sticky_actions)  # outermost: the planes show the action that ran
     return env
 
 # %% ../nbs/01a_envs.ipynb #7667fc6b

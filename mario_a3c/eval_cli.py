@@ -19,7 +19,8 @@ def format_table(result:dict) -> str:
         rows.append(f"{i:>7} {e['return']:>9.2f} {e['length']:>7} {e['max_x']:>6} {'yes' if e['flag'] else 'no':>5}")
     n, flags = len(result['episodes']), sum(e['flag'] for e in result['episodes'])
     rows.append(f"clear rate {flags}/{n} = {result['clear_rate'] or 0:.0%}" +
-                (f", mean return {result['mean_return']:.2f}, mean max x {result['mean_max_x']:.0f}" if n else ''))
+                (f", mean return {result['mean_return']:.2f}, mean max x {result['mean_max_x']:.0f}" if n else '') +
+                (f", distinct paths {result['distinct_paths']}" if result.get('distinct_paths') is not None else ''))
     return '\n'.join(rows)
 
 # %% ../nbs/07b_eval_cli.ipynb #f72e05bc
@@ -60,6 +61,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument('--episodes', type=int, default=5, metavar='N', help='episodes to play (default 5)')
     s.add_argument('--sample', action='store_true', help='sample actions from the policy (default: argmax)')
     s.add_argument('--noop-max', type=int, default=0, metavar='N', help='random 0..N NOOP steps at each episode start (default 0)')
+    s.add_argument('--sticky', type=float, default=0.0, metavar='P',
+                   help="ALE sticky actions: each emulator frame repeats the last action with probability P, seeded (default 0; ALE's 0.25)")
     s.add_argument('--world', type=int, default=None, metavar='W', help="world to play (default: the checkpoint's)")
     s.add_argument('--stage', type=int, default=None, metavar='S', help="stage to play (default: the checkpoint's)")
     s.add_argument('--video', action='store_true', help='write an MP4 per episode')
@@ -73,9 +76,11 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 def run_eval(args:argparse.Namespace) -> int:
     "The `eval` subcommand: play, print the table or the ranking (and the JSON line)."
     paths = args.checkpoint or [pretrained_path(args.pretrained)]
-    kw = dict(episodes=args.episodes, deterministic=not args.sample, noop_max=args.noop_max, world=args.world, stage=args.stage,
+    kw = dict(episodes=args.episodes, deterministic=not args.sample, noop_max=args.noop_max, sticky=args.sticky,
+              world=args.world, stage=args.stage,
               video=args.video, video_dir=args.video_dir, seed=args.seed, max_steps=args.max_steps, device=args.device)
-    how = f"{'sampled' if args.sample else 'argmax'} actions, no-op starts 0-{args.noop_max}, seed {args.seed}"
+    how = (f"{'sampled' if args.sample else 'argmax'} actions, no-op starts 0-{args.noop_max}, sticky actions {args.sticky:g}, "
+           f"seed {args.seed}")
     if len(paths) > 1:
         print(f"ranking {len(paths)} checkpoints, {args.episodes} episodes each, {how}")
         rows = rank_checkpoints(paths, **kw)

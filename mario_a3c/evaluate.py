@@ -77,17 +77,22 @@ def eval_env_kwargs(config:TrainingConfig, # the checkpoint's training config
                     world:int|None=None, stage:int|None=None, # the stage to play (None: the config's)
                     max_steps:int|None=None, # truncate episodes after this many env steps
                     render:bool=False, # colour frames from `env.render()` (video, callback)
+                    sticky:float=0.0, # ALE sticky actions: chance that an emulator frame repeats the last action
                    ) -> dict:
-    "`make_env` arguments for evaluation: the training preprocessing on one fixed stage, without sticky actions."
+    "`make_env` arguments for evaluation: the training preprocessing on one fixed stage, sticky actions as asked."
     world, stage = check_stage(config.world if world is None else world, config.stage if stage is None else stage)
     return {**config.env_kwargs(), 'world': world, 'stage': stage, 'random_stage': False, 'stage_span': 1,
-            'max_episode_steps': max_steps, 'render_mode': 'rgb_array' if render else None, 'sticky_actions': 0.0}
+            'max_episode_steps': max_steps, 'render_mode': 'rgb_array' if render else None, 'sticky_actions': sticky}
 
 # %% ../nbs/07_evaluate.ipynb #cc6295bd
-def summarize(episodes:list[dict]) -> dict:
-    "Clear rate and means over finished episodes (None when there are none)."
+def summarize(episodes:list[dict], # per-episode rows of `evaluate`
+              paths:list|None=None, # each episode's x positions after its no-ops (for `distinct_paths`)
+             ) -> dict:
+    "Clear rate and means over finished episodes (None when there are none); how many distinct paths they took."
     mean = lambda k: float(np.mean([e[k] for e in episodes])) if episodes else None
-    return dict(clear_rate=mean('flag'), mean_return=mean('return'), mean_length=mean('length'), mean_max_x=mean('max_x'))
+    distinct = None if paths is None else len({tuple(p) for p in paths})
+    return dict(clear_rate=mean('flag'), mean_return=mean('return'), mean_length=mean('length'), mean_max_x=mean('max_x'),
+                distinct_paths=distinct)
 
 def _check_count(name, v, lo):
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
@@ -98,6 +103,7 @@ def evaluate(checkpoint, # a `.pt` checkpoint (or its `.json`)
              episodes:int=5, # episodes to play
              deterministic:bool=True, # argmax actions (False: sample from the policy)
              noop_max:int=0, # 0..noop_max NOOP steps (drawn from `seed`) before the agent acts
+             sticky:float=0.0, # ALE sticky actions: chance that an emulator frame repeats the last action (seeded)
              world:int|None=None, stage:int|None=None, # stage to play (None: the checkpoint's)
              video:bool=False, # write an MP4 per episode into `video_dir`
              video_dir='output/eval', # folder of the videos
@@ -111,9 +117,11 @@ def evaluate(checkpoint, # a `.pt` checkpoint (or its `.json`)
     import torch
     _check_count('episodes', episodes, 1); _check_count('noop_max', noop_max, 0); _check_count('max_steps', max_steps, 1)
     _check_count('seed', seed, 0); _check_count('threads', threads, 0)
+    if isinstance(sticky, bool) or not isinstance(sticky, (int, float)) or not 0 <= sticky < 1:
+        raise ValueError(f"sticky={sticky!r} is out of range: allowed 0 <= p < 1")
     model, config, meta = load_agent(checkpoint, device)
     dev = next(model.parameters()).device
-    kw = eval_env_kwargs(config, world, stage, max_steps, render=video or callback is not None)
+    kw = eval_env_kwargs(config, world, stage, max_steps, render=video or callback is not None, sticky=sticky)
     env = make_env(**kw)
     noop = action_set(config.actions).index(['NOOP'])
     prefix = f"{Path(meta['path']).stem}-{kw['world']}-{kw['stage']}"
@@ -123,13 +131,14 @@ def evaluate(checkpoint, # a `.pt` checkpoint (or its `.json`)
             env = gym.wrappers.RecordVideo(CopyRender(env), str(video_dir), episode_trigger=lambda i: True,
                                            name_prefix=prefix, fps=60 / config.frame_skip)
     rng, gen = np.random.default_rng(seed), torch.Generator(device=dev).manual_seed(seed)
-    results, stopped, before = [], False, torch.get_num_threads()
+    results, paths, stopped, before = [], [], False, torch.get_num_threads()
     if threads: torch.set_num_threads(threads)
     try:
         for ep in range(episodes):
             n_noop = int(rng.integers(0, noop_max + 1))
             obs, _ = env.reset(seed=seed + ep)
             state, start, stats, ret, t = model.initial_state(1, dev), torch.ones(1, dtype=torch.bool, device=dev), None, 0.0, 0
+            xs = []   # x after each agent step (no-ops left out): the episode's path
             while stats is None and not stopped:
                 if t < n_noop: action = noop
                 else:
@@ -138,17 +147,20 @@ def evaluate(checkpoint, # a `.pt` checkpoint (or its `.json`)
                     action, start = int(a[0]), torch.zeros(1, dtype=torch.bool, device=dev)
                 obs, reward, terminated, truncated, info = env.step(action)
                 ret += float(reward); t += 1
+                if t > n_noop: xs.append(int(info['x_pos']))
                 if terminated or truncated: stats = info['episode']
                 if callback is not None:
                     stopped = callback(env.unwrapped.render(), dict(info, episode_index=ep, step=t, action=action, reward=float(reward),
                                                                     noop=t <= n_noop, **{'return': ret})) is True
             if stats is None: break
+            paths.append(xs)
             results.append({'return': stats['r'], 'native_return': stats['native_r'], 'length': stats['l'], 'max_x': stats['x'],
                             'flag': stats['flag'], 'noops': min(n_noop, stats['l']), 'truncated': bool(truncated and not terminated)})
     finally: env.close(); torch.set_num_threads(before)
     videos = [str(Path(video_dir) / f'{prefix}-episode-{i}.mp4') for i in range(len(results))] if video else []
     return dict(checkpoint=meta['path'], frames=meta.get('frames'), world=kw['world'], stage=kw['stage'], deterministic=deterministic,
-                noop_max=noop_max, seed=seed, episodes=results, **summarize(results), videos=videos, stopped=stopped)
+                noop_max=noop_max, sticky=sticky, seed=seed, episodes=results, **summarize(results, paths), videos=videos,
+                stopped=stopped)
 
 # %% ../nbs/07_evaluate.ipynb #84fded92
 PRETRAINED_DIR = Path(mario_a3c.__file__).parent / 'pretrained'  # package data: shipped agents

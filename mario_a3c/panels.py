@@ -58,7 +58,8 @@ class EvalPanel:
                        f"<td>{'yes' if r['flag'] else ''}</td></tr>" for r in self.rows.values())
         res = self.result
         tail = '' if res is None else (f"<p>clear rate {res['clear_rate']:.2f}, mean return {res['mean_return']:.1f}, "
-                                       f"mean max x {res['mean_max_x']:.0f}</p>" if res['episodes'] else '<p>no episode finished</p>')
+                                       f"mean max x {res['mean_max_x']:.0f}, distinct paths {res['distinct_paths']} "
+                                       f"(sticky actions {res['sticky']:g})</p>" if res['episodes'] else '<p>no episode finished</p>')
         return f'<table class="mario-eval">{head}{body}</table>{tail}'
 
     def _line(self, r): print(f"episode {r['episode']}: {r['steps']} steps, return {r['ret']:.1f}, max x {r['max_x']}"

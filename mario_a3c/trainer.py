@@ -21,7 +21,7 @@ from .self_imitation import EpisodeMemory
 from .rollout import collect, EnvFailure
 from .learner import Learner
 from .checkpoint import (save_checkpoint, load_checkpoint, make_meta, capture_rng_state, restore_rng_state,
-                                  resolve_resume_config, load_model_state)
+                                  resolve_resume_config, load_model_state, init_weights)
 from .callbacks import Callback, CallbackList, JsonlLogger, TensorBoardLogger, ConsoleLogger, WandbLogger
 
 # %% auto #0
@@ -69,7 +69,9 @@ class Trainer:
         self.act_threads = config.threads or _TORCH_THREADS
         torch.set_num_threads(self.act_threads)
         random.seed(config.seed); np.random.seed(config.seed); torch.manual_seed(config.seed)
-        self.model = ImpalaActorCritic(**config.model_kwargs()).to(self.device)
+        self.model = ImpalaActorCritic(**config.model_kwargs())
+        if config.init_from: init_weights(self.model, config, config.init_from)   # fine-tuning; a resume loads its own
+        self.model = self.model.to(self.device)
         self.learner = Learner(self.model, config, self.device, log=log)
         self.replay = PrioritizedReplay(config.per_capacity, config.per_alpha, seed=config.seed) if config.per else None
         self.sil = EpisodeMemory(config.sil_capacity, config.gamma, config.sil_alpha, seed=config.seed) if config.sil else None

@@ -24,7 +24,7 @@ def test_design_fields_and_defaults():
                 random_stage=False, stage_span=1, max_episode_steps=0, held_buttons=False, sticky_actions=0.0,
                 repress_jump=False, num_envs=8, vectorization="threads",
                 channels="8,16,16", blocks=1, hidden=256, recurrent_type="lstm", core_size=256, window=16, heads=4,
-                noisy=False, layer_norm=True, rollout_steps=32, total_updates=10000, lr=2.5e-4, weight_decay=0.0, warmup_updates=100,
+                noisy=False, layer_norm=True, init_from="", rollout_steps=32, total_updates=10000, lr=2.5e-4, weight_decay=0.0, warmup_updates=100,
                 lr_floor=0.1, grad_accum=1, epochs=1, minibatches=1, clip_grad=40.0, adam_eps=1e-5, returns="vtrace", gamma=0.99,
                 gae_lambda=0.95, rho_bar=1.0, c_bar=1.0, entropy_beta=0.01, value_coef=0.5, ppo_clip=0.0, adv_norm=False, per=False,
                 per_capacity=2000, per_alpha=0.6, per_beta=0.4, per_batch=4, per_warmup=16, sil=False, sil_coef=1.0,
