@@ -44,13 +44,20 @@ def meta_path(path) -> Path:
     return Path(path).with_suffix('.json')
 
 # %% ../nbs/05a_checkpoint.ipynb #b85a5dbf
+def _umask() -> int:
+    "The process umask, read without changing it where Linux tells it (`os.umask` sets it for a moment)."
+    try: return int(next(l for l in open('/proc/self/status') if l.startswith('Umask:')).split()[1], 8)
+    except (OSError, StopIteration, ValueError):
+        m = os.umask(0o022); os.umask(m); return m
+
 def atomic_write(path, # final file name
                  write:Callable, # write(f) fills the open binary file `f`
                 ) -> Path:
-    "Write `path` through a temporary file in the same directory, fsync, then `os.replace`."
+    "Write `path` through a temporary file in the same directory, fsync, then `os.replace`; mode as the umask allows."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     try:
+        os.fchmod(fd, 0o666 & ~_umask())   # mkstemp's 0600 would make every checkpoint private
         with os.fdopen(fd, 'wb') as f:
             write(f); f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -102,7 +109,7 @@ def save_checkpoint(directory, # folder of the checkpoints (created)
                     state:dict, # model/optimizer/scheduler/scaler state dicts, RNG state, counters: tensors and plain types
                     meta:dict, # from `make_meta` (+ extra keys)
                    ) -> Path:
-    "Atomically write `<stem>.pt` then `<stem>.json`; returns the `.pt` path."
+    "Atomically write `<stem>.pt` then `<stem>.json` (the old `.json` goes first); returns the `.pt` path."
     path = checkpoint_path(directory, world, stage, tag)
     meta = dict(meta, format_version=FORMAT_VERSION, file=path.name, save_id=f'{time.time_ns():x}',
                 saved_at=datetime.now(timezone.utc).isoformat(timespec='seconds'))
@@ -110,6 +117,9 @@ def save_checkpoint(directory, # folder of the checkpoints (created)
     if missing: raise ValueError(f"checkpoint metadata misses key(s) {', '.join(missing)}: build it with make_meta()")
     _check_plain(state)
     text = json.dumps(meta, indent=1, default=_json_default) + '\n'
+    for p in (path, meta_path(path)):   # what saves killed mid-write left behind (one run writes a folder's files)
+        for t in p.parent.glob(f'.{p.name}.*.tmp'): t.unlink(missing_ok=True)
+    meta_path(path).unlink(missing_ok=True)   # killed before the new .json lands: no metadata rather than the old one
     atomic_write(path, lambda f: torch.save({'format_version': FORMAT_VERSION, 'meta': json.loads(text), 'state': state}, f))
     atomic_write(meta_path(path), lambda f: f.write(text.encode('utf-8')))
     return path
@@ -119,11 +129,23 @@ def _first_line(e:BaseException, n:int=160) -> str:
     s = ' '.join(str(e).split()) or type(e).__name__
     return s if len(s) <= n else s[:n - 3] + '...'
 
+def _repair_meta(path:Path) -> None:
+    "Write the missing `.json` of `path` from the metadata inside the `.pt` (a save killed between its two renames)."
+    try: payload = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception: payload = None
+    inner = payload.get('meta') if isinstance(payload, dict) else None
+    if not isinstance(inner, dict): raise CheckpointError(f"checkpoint {path} has no metadata file {meta_path(path).name}")
+    atomic_write(meta_path(path), lambda f: f.write((json.dumps(inner, indent=1) + '\n').encode('utf-8')))
+    warnings.warn(f"checkpoint {path}: its metadata file was missing and is rewritten from the .pt")
+
 def load_meta(path) -> dict:
     "The metadata of a checkpoint (`.pt` or `.json` path) without loading its weights."
+    if Path(path).is_dir():
+        found = ', '.join(p.name for p in sorted(Path(path).glob('*.pt'))[:5]) or 'none'
+        raise FileNotFoundError(f"checkpoint {path} is a folder: give one of its .pt files (found: {found})")
     path = Path(path).with_suffix('.pt')
     if not path.is_file() and not meta_path(path).is_file(): raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if not meta_path(path).is_file(): raise CheckpointError(f"checkpoint {path} has no metadata file {meta_path(path).name}")
+    if not meta_path(path).is_file(): _repair_meta(path)
     try: meta = json.loads(meta_path(path).read_text(encoding='utf-8'))
     except (ValueError, UnicodeDecodeError) as e: raise CheckpointError(f"checkpoint metadata {meta_path(path)} is not valid JSON: {_first_line(e)}") from None
     if not isinstance(meta, dict) or 'format_version' not in meta:
@@ -131,6 +153,8 @@ def load_meta(path) -> dict:
     if meta['format_version'] != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} has format_version={meta['format_version']!r}: this mario_a3c "
                               f"({__version__}) reads format_version {FORMAT_VERSION}")
+    if not isinstance(meta.get('config'), dict):
+        raise CheckpointError(f"checkpoint metadata {meta_path(path)} has no config object (config={meta.get('config')!r})")
     return {**meta, 'path': str(path)}
 
 def load_checkpoint(path, # the `.pt` (or its `.json`)
@@ -145,7 +169,8 @@ def load_checkpoint(path, # the `.pt` (or its `.json`)
     if not isinstance(payload, dict) or not {'format_version', 'meta', 'state'} <= set(payload):
         raise CheckpointError(f"checkpoint {path} is not a mario_a3c checkpoint (no format_version/meta/state)")
     if payload['meta'].get('save_id') != meta.get('save_id'):  # died between the two renames: the .pt is newer
-        warnings.warn(f"checkpoint {path}: metadata file is from an earlier save; using the metadata stored in the .pt")
+        warnings.warn(f"checkpoint {path}: metadata file is from an earlier save; rewritten from the metadata in the .pt")
+        atomic_write(meta_path(path), lambda f: f.write((json.dumps(payload['meta'], indent=1) + '\n').encode('utf-8')))
         meta = {**payload['meta'], 'path': str(path)}
     cfg = meta.get('config', {})
     for k, want in (expect or {}).items():

@@ -16,8 +16,14 @@ def _cmd_info(args) -> int:
     print(json.dumps(stack_versions(), indent=None if args.json else 1))
     return 0
 
+def _at_least(name:str, v, lo, strict:bool=False):
+    "One-line ValueError unless `v` >= `lo` (> `lo` if `strict`)."
+    if v < lo or (strict and v == lo): raise ValueError(f"{name}={v!r} is out of range: allowed {'>' if strict else '>='} {lo}")
+
 def _cmd_bench_env(args) -> int:
     "Environment throughput benchmark."
+    _at_least('--seconds', args.seconds, 0, strict=True); _at_least('--rounds', args.rounds, 1)
+    _at_least('--num-envs', args.num_envs, 1)
     from mario_a3c.bench_env import bench_env
     res = bench_env(num_envs=args.num_envs, seconds=args.seconds, rounds=args.rounds, actions=args.actions)
     if not args.json:
@@ -31,6 +37,7 @@ def _cmd_smoke(args) -> int:
     "Play random actions in a vector env and print each finished episode (checks the environment stack end to end)."
     import numpy as np
     from mario_a3c.vector import make_vec_env
+    _at_least('--steps', args.steps, 1); _at_least('--num-envs', args.num_envs, 1)
     envs = make_vec_env(args.num_envs, vectorization=args.vectorization, world=args.world, stage=args.stage,
                         actions=args.actions)
     obs, _ = envs.reset(seed=args.seed); rng = np.random.default_rng(args.seed); episodes = 0
@@ -58,6 +65,9 @@ def _cmd_train(args) -> int:
     from mario_a3c.config import config_from_args, explicit_overrides
     from mario_a3c.trainer import Trainer
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    if getattr(args, 'dry_run', False):   # check the flags (and write --config-out), train nothing
+        print(json.dumps(config_from_args(args).to_dict()))
+        return 0
     if args.resume: trainer = Trainer.from_checkpoint(args.resume, overrides=explicit_overrides(args))
     else: trainer = Trainer(config_from_args(args))
     summary = trainer.train()
@@ -66,6 +76,7 @@ def _cmd_train(args) -> int:
 
 def _cmd_bench(args) -> int:
     "Training throughput against the raw emulator, in one run (sync, async or both; a scaling table with --actors-list)."
+    _at_least('--seconds', args.seconds, 0, strict=True); _at_least('--warmup', args.warmup, 0)
     from mario_a3c.bench import bench_cli
     res = bench_cli(args)
     if not args.json:
@@ -74,9 +85,13 @@ def _cmd_bench(args) -> int:
     return 0
 
 # %% ../nbs/09_cli.ipynb #fc24503c
+class _Parser(argparse.ArgumentParser):
+    "An argument parser whose errors are one line (argparse prints the whole usage first); subcommands inherit it."
+    def error(self, message): self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
 def build_parser() -> argparse.ArgumentParser:
     "The `mario-a3c` argument parser."
-    p = argparse.ArgumentParser(prog='mario-a3c', description='Train and study Super Mario Bros agents with actor-critic.')
+    p = _Parser(prog='mario-a3c', description='Train and study Super Mario Bros agents with actor-critic.')
     sub = p.add_subparsers(dest='command', required=True, metavar='COMMAND')
 
     s = sub.add_parser('info', help='installed stack and versions'); s.set_defaults(fn=_cmd_info)
@@ -94,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser('train', help='train an agent (flags: every TrainingConfig field)', argument_default=argparse.SUPPRESS)
     s.set_defaults(fn=_cmd_train)
     s.add_argument('--resume', metavar='PATH', default=None, help='checkpoint (.pt) to continue')
+    s.add_argument('--dry-run', action='store_true', help='check the flags, print the config (and write --config-out); no training')
     add_config_args(s)
 
     s = sub.add_parser('bench', help='training throughput vs the raw emulator (JSON on the last line)')
@@ -124,7 +140,11 @@ def main(argv:list[str]|None=None) -> int:
     "Entry point of the `mario-a3c` console script."
     args = build_parser().parse_args(argv)
     try: return args.fn(args)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
+    except (ValueError, TypeError, OSError, ImportError) as e:   # OSError: unwritable or missing files, full disks
         if getattr(args, 'debug', False): raise
         print(f'mario-a3c {args.command}: error: {e}', file=sys.stderr)
         return 2
+
+# %% ../nbs/09_cli.ipynb #9c1a0001
+#| eval: false
+if __name__ == "__main__": sys.exit(main())   # `python -m mario_a3c.cli ...`, as the console script

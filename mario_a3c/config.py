@@ -103,7 +103,7 @@ class TrainingConfig:
     total_updates: int = 10000  # optimizer steps in the run
     lr: float = 2.5e-4  # AdamW peak learning rate
     weight_decay: float = 0.0  # AdamW weight decay
-    warmup_updates: int = 100  # linear learning-rate warm-up in updates, at most total_updates
+    warmup_updates: int = 100  # linear learning-rate warm-up in updates (a shorter run warms up over all its updates)
     lr_floor: float = 0.1  # final learning rate of the cosine decay, as a fraction of lr (0-1)
     grad_accum: int = 1  # rollouts whose gradients are summed into one optimizer step
     epochs: int = 1  # passes over each update's rollout (> 1: PPO-style reuse, one optimizer step per minibatch)
@@ -157,6 +157,7 @@ class TrainingConfig:
     tensorboard_dir: str = 'tensorboard/a3c_super_mario_bros'  # parent of the TensorBoard run folders
     checkpoint_every: int = 200  # updates between checkpoints
     keep_step_checkpoints: bool = False  # also keep a step<N> checkpoint each time (else only latest and best)
+    overwrite: bool = False  # a new run may replace an earlier run's metrics and checkpoints of the same names
     log_every_s: float = 10.0  # seconds between console lines (0: every update)
     avg_window: int = 100  # episodes in the rolling averages (avg_return, flag_rate)
     wandb_project: str = ''  # Weights & Biases project (empty: no W&B)
@@ -225,9 +226,12 @@ class TrainingConfig:
 
     def to_dict(self) -> dict: return asdict(self)
     def to_json(self, path) -> Path:
-        "Write the fields as JSON (parent folders created); returns the path."
-        path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1) + '\n', encoding='utf-8')
+        "Write the fields as JSON (parent folders created); returns the path. A one-line error names a path it cannot write."
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(self.to_dict(), indent=1) + '\n', encoding='utf-8')
+        except OSError as e: raise ValueError(f"cannot write the config to {path}: {e.strerror or e}") from None
         return path
     @classmethod
     def from_dict(cls, d:dict, source:str='config') -> TrainingConfig:
@@ -261,8 +265,6 @@ def _validate(cfg:TrainingConfig):
         raise ValueError(f"size={cfg.size} is too small for {len(cfg.channels_tuple)} conv stages: allowed >= {2 ** len(cfg.channels_tuple)}")
     if cfg.recurrent_type == 'transformer' and cfg.core_size % cfg.heads:
         raise ValueError(f"heads={cfg.heads} does not divide core_size={cfg.core_size} (needed by recurrent_type='transformer')")
-    if cfg.warmup_updates > cfg.total_updates:
-        raise ValueError(f"warmup_updates={cfg.warmup_updates} is out of range: allowed 0-{cfg.total_updates} (total_updates)")
     if cfg.per_warmup > cfg.per_capacity:
         raise ValueError(f"per_warmup={cfg.per_warmup} is out of range: allowed 1-{cfg.per_capacity} (per_capacity)")
     if cfg.sil and cfg.recurrent_type != 'none':

@@ -133,11 +133,13 @@ class Learner:
                 ):
         self.model, self.config, self.device, self.log = model, config, torch.device(device), log
         self.opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, eps=config.adam_eps)
-        self.sched = warmup_cosine(self.opt, config.warmup_updates, config.total_updates, config.lr_floor)
+        self.sched = warmup_cosine(self.opt, min(config.warmup_updates, config.total_updates), config.total_updates, config.lr_floor)
         self.amp_dtype = amp_dtype(config.amp, self.device, force=force_amp, log=log)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.forward, self.compile_state = model, 'off'
         if config.compile:
+            log(f"torch.compile: the first update compiles the model ({'about a minute' if self.device.type == 'cpu' else 'seconds'}"
+                "; compile=False skips it)")
             try: self.forward, self.compile_state = torch.compile(model), 'trying'
             except Exception as e: self._fallback(e)
         self.steps = self.nan_streak = self.nan_skips = self.scaler_skips = 0
@@ -271,6 +273,12 @@ class Learner:
     def load_state_dict(self, sd:dict):
         "Restore what `state_dict` saved."
         self.opt.load_state_dict(sd['optimizer']); self.sched.load_state_dict(sd['scheduler'])
+        # the schedule of *this* config (a resume may change lr, warm-up or total_updates) at the saved step
+        self.sched.base_lrs = [self.config.lr] * len(self.opt.param_groups)
+        self.sched.lr_lambdas = self.sched.lr_lambdas[:1] * len(self.opt.param_groups)
+        lrs = [b * f(self.sched.last_epoch) for b, f in zip(self.sched.base_lrs, self.sched.lr_lambdas)]
+        for g, lr in zip(self.opt.param_groups, lrs): g['lr'] = lr
+        self.sched._last_lr = lrs
         if sd.get('scaler'): self.scaler.load_state_dict(sd['scaler'])
         self.steps, self.nan_streak, self.nan_skips = sd['steps'], sd['nan_streak'], sd['nan_skips']
         self.scaler_skips = sd.get('scaler_skips', 0)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05e_trainer.ipynb #a9d0ae19
 from __future__ import annotations
-import math, os, random, threading, time
+import math, os, random, tempfile, threading, time
 from contextlib import contextmanager
 from collections import deque
 from dataclasses import replace
@@ -21,7 +21,8 @@ from .self_imitation import EpisodeMemory
 from .rollout import collect, EnvFailure
 from .learner import Learner
 from .checkpoint import (save_checkpoint, load_checkpoint, make_meta, capture_rng_state, restore_rng_state,
-                                  resolve_resume_config, load_model_state, init_weights)
+                                  resolve_resume_config, load_model_state, init_weights, CheckpointError,
+                                  checkpoint_path)
 from .callbacks import Callback, CallbackList, JsonlLogger, TensorBoardLogger, ConsoleLogger, WandbLogger
 
 # %% auto #0
@@ -76,6 +77,7 @@ class Trainer:
         self.replay = PrioritizedReplay(config.per_capacity, config.per_alpha, seed=config.seed) if config.per else None
         self.sil = EpisodeMemory(config.sil_capacity, config.gamma, config.sil_alpha, seed=config.seed) if config.sil else None
         self.updates = self.frames = self.episodes = self.env_builds = self.env_restarts = 0
+        self.resumed = False   # set by `load_state_dict`
         self.window = deque(maxlen=config.avg_window)  # (return, flag, x) of the last episodes
         self.best_avg_return, self._best_at = None, 0
         self.best_min_episodes = min(config.avg_window, MIN_BEST_EPISODES)
@@ -216,12 +218,17 @@ def _state_dict(self:Trainer) -> dict:
 
 def _load_state_dict(self:Trainer, state:dict, path='checkpoint'):
     "Restore what `state_dict` saved (model, learner, counters, window, RNG states)."
+    missing = [k for k in ('model', 'learner', 'counters', 'rng') if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} cannot be resumed: its state has no {', '.join(missing)} "
+                              "(a weights-only agent starts a new run with init_from)")
     load_model_state(self.model, state['model'], path)
     self.learner.load_state_dict(state['learner'])
     for k, v in state['counters'].items(): setattr(self, k, int(v))
     self.window = deque((tuple(w) for w in state['window']), maxlen=self.config.avg_window)
     self.best_avg_return = state['best_avg_return']
     restore_rng_state(state['rng'], np_rng=self.replay.rng if self.replay is not None else None)
+    self.resumed = True
     return self
 
 def _save(self:Trainer, tag:str='latest') -> Path:
@@ -269,6 +276,27 @@ def _from_checkpoint(cls, path, # a `.pt` checkpoint (or its `.json`)
 Trainer.state_dict, Trainer.load_state_dict, Trainer.save, Trainer._after_update = _state_dict, _load_state_dict, _save, _after_update
 Trainer.from_checkpoint = classmethod(_from_checkpoint)
 
+# %% ../nbs/05e_trainer.ipynb #2e0c1a02
+def _check_outputs(self:Trainer):
+    "Before the first update: every output folder is writable, and a new run replaces no earlier run's files unless asked."
+    c = self.config
+    for name in ('runs_dir', 'checkpoint_dir', 'tensorboard_dir'):
+        folder = Path(getattr(c, name))
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as e: raise ValueError(f"{name}={str(folder)!r} is not writable: {e.strerror or e}") from None
+    if self.resumed or c.overwrite: return
+    latest = checkpoint_path(c.checkpoint_dir, c.world, c.stage, 'latest')
+    for p in (c.metrics_path, latest, checkpoint_path(c.checkpoint_dir, c.world, c.stage, 'best')):
+        if p.exists():
+            hint = f"continue it with --resume {latest}, " if latest.exists() else ''
+            raise ValueError(f"{p} belongs to an earlier run: {hint}choose another run_name or checkpoint_dir, "
+                             "or pass --overwrite to replace its files")
+
+
+Trainer.check_outputs = _check_outputs
+
 # %% ../nbs/05e_trainer.ipynb #ebd28e63
 def _summary(self:Trainer, stopped:str, checkpoint=None) -> dict:
     "Where the run stands: counters, averages, speed of this `train()` call, why it stopped, the last checkpoint."
@@ -282,6 +310,7 @@ def _summary(self:Trainer, stopped:str, checkpoint=None) -> dict:
 def _train(self:Trainer) -> dict:
     "Train until `total_updates` (or a stop, Ctrl-C, a NaN streak, failing envs); save `latest`; return the summary."
     c = self.config
+    self.check_outputs()
     self._stop.clear(); self.env_restarts = 0
     self._t0, self._frames0, self._updates0 = time.perf_counter(), self.frames, self.updates
     c.to_json(c.config_path)
