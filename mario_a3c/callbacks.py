@@ -94,6 +94,7 @@ class JsonlLogger(Callback):
     def __init__(self, path): self.path, self.f = Path(path), None
     def on_train_begin(self, trainer):
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        for t in self.path.parent.glob(f'.{self.path.name}.*.tmp'): t.unlink(missing_ok=True)   # a rewrite killed midway
         upto = step_of(trainer)[0]
         if upto > 0 and self.path.exists():  # resumed: forget what the interrupted run logged after its checkpoint
             keep = [r for r in read_metrics(self.path) if r.get('update', 0) <= upto]

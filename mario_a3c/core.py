@@ -4,11 +4,12 @@
 
 # %% ../nbs/00_core.ipynb #ae8b9cf4
 from __future__ import annotations
-import os
+import os, sys
+from contextlib import contextmanager
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['in_test', 'project_root']
+__all__ = ['in_test', 'project_root', 'one_line_errors']
 
 # %% ../nbs/00_core.ipynb #1c340b61
 def in_test() -> bool:
@@ -22,3 +23,12 @@ def project_root(start:str|Path|None=None) -> Path:
     for d in (start, *start.parents):
         if (d / 'settings.ini').is_file() and (d / 'mario_a3c').is_dir(): return d
     return start
+
+# %% ../nbs/00_core.ipynb #0c0e1a02
+@contextmanager
+def one_line_errors(prefix:str='error'): # what the line starts with, e.g. the notebook's name
+    "Print a bad value's one-line error to the process's own stderr (papermill's terminal), then raise it short."
+    try: yield
+    except (ValueError, FileNotFoundError) as e:
+        print(f'\n{prefix}: {e}', file=sys.__stderr__, flush=True)   # on its own line, after a progress bar
+        raise type(e)(str(e)) from None

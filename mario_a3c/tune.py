@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_tune.ipynb #fa52c0c6
 from __future__ import annotations
-import math, shutil, time, typing
+import math, shutil, tempfile, time, typing
 from collections import deque
 from datetime import datetime
 from functools import partial
@@ -127,7 +127,8 @@ def trial_config(base:TrainingConfig, params:dict, folder, number:int) -> Traini
     "Trial `number`'s config: `base` with `params`, its outputs inside the study `folder`."
     d = Path(folder).resolve()
     return TrainingConfig.from_dict({**base.to_dict(), **params, 'run_name': f'trial-{number}', 'runs_dir': str(d / 'runs'),
-                                     'checkpoint_dir': str(d / 'checkpoints' / f'trial-{number}'), 'tensorboard_dir': str(d / 'tensorboard')})
+                                     'checkpoint_dir': str(d / 'checkpoints' / f'trial-{number}'), 'tensorboard_dir': str(d / 'tensorboard'),
+                                     'overwrite': True})   # a trial's folders are the study's: leftovers of a deleted study go
 
 def run_inprocess(config:TrainingConfig, reporter:TrialReporter, out=None, timeout_s=None):
     "Train in this process with a `PruningCallback`; raise unless the run finished or was pruned."
@@ -145,12 +146,19 @@ def open_study(name:str, tune_dir='output/tune', seed:int=0, pruner=None):
     optuna = _optuna()
     if not name or not all(ch.isalnum() or ch in '_.+=-' for ch in name) or name[0] in '.-':
         raise ValueError(f"study={name!r} must be a folder name: letters, digits and _ . + = -")
-    folder = Path(tune_dir) / name
-    folder.mkdir(parents=True, exist_ok=True)
-    storage = optuna.storages.RDBStorage(f"sqlite:///{(folder / 'study.db').resolve()}",
-                                         engine_kwargs={'connect_args': {'timeout': 60}})
-    study = optuna.create_study(storage=storage, study_name=name, direction='maximize', load_if_exists=True,
-                                pruner=pruner if pruner is not None else default_pruner())
+    folder, db = Path(tune_dir) / name, Path(tune_dir) / name / 'study.db'
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e: raise ValueError(f"tune_dir={str(tune_dir)!r} is not writable: {e.strerror or e}") from None
+    try:
+        storage = optuna.storages.RDBStorage(f"sqlite:///{db.resolve()}", engine_kwargs={'connect_args': {'timeout': 60}})
+        study = optuna.create_study(storage=storage, study_name=name, direction='maximize', load_if_exists=True,
+                                    pruner=pruner if pruner is not None else default_pruner())
+    except Exception as e:   # sqlalchemy and sqlite errors of a truncated or foreign file
+        cause = str(getattr(e, 'orig', None) or e).splitlines()[0][:120]
+        raise ValueError(f"study database {db} cannot be opened ({type(e).__name__}: {cause}): "
+                         "move it away to start the study afresh") from None
     study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
     sid = storage.get_study_id_from_name(name)
     for n in [t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]:

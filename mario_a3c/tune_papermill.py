@@ -14,11 +14,19 @@ from .core import project_root
 from .tune import TrialFailed, TrialReporter
 
 # %% auto #0
-__all__ = ['TRAIN_NOTEBOOK', 'WIDGET_PARAMS', 'run_papermill']
+__all__ = ['TRAIN_NOTEBOOK', 'WIDGET_PARAMS', 'train_notebook', 'run_papermill']
 
 # %% ../nbs/10a_tune_papermill.ipynb #e7cb05bc
 TRAIN_NOTEBOOK = Path('nbs') / 'train.ipynb'  # relative to the project root
 WIDGET_PARAMS = ('widgets', 'live', 'dashboard')  # notebook parameters switched off in papermill trials, where declared
+
+def train_notebook() -> Path:
+    "nbs/train.ipynb of the project here, else of the checkout this package runs from, else the copy installed with it."
+    import mario_a3c
+    pkg = Path(mario_a3c.__file__).parent
+    for p in (project_root() / TRAIN_NOTEBOOK, pkg.parent / TRAIN_NOTEBOOK, pkg / 'notebooks' / 'train.ipynb'):
+        if p.is_file(): return p
+    raise FileNotFoundError(f"no train notebook: neither {TRAIN_NOTEBOOK} here nor one installed with mario_a3c ({pkg})")
 
 def _kill_tree(proc:subprocess.Popen, grace_s:float=5.0):
     "Terminate a process and its descendants (SIGTERM, then SIGKILL after `grace_s`)."
@@ -46,12 +54,12 @@ def _notebook_error(path) -> str|None:
 def run_papermill(config:TrainingConfig, reporter:TrialReporter,
                   out, # the executed notebook (`trial-<n>.ipynb`); its .yaml and .log sit beside it
                   timeout_s:float=3600., # papermill's execution timeout, and the trial's wall-clock limit
-                  notebook=None, # the train notebook (default: nbs/train.ipynb of the project)
+                  notebook=None, # the train notebook (default: `train_notebook()`)
                   poll_s:float=1.0, # seconds between reads of the metrics file
                   kernel:str='python3'):
     "Execute the train notebook for one trial; report while it runs, kill it when pruned; raise when it fails."
     import papermill, yaml
-    notebook = Path(notebook or project_root() / TRAIN_NOTEBOOK)
+    notebook = Path(notebook or train_notebook())
     if not notebook.is_file(): raise FileNotFoundError(f"train notebook {notebook} does not exist")
     declared, out = papermill.inspect_notebook(str(notebook)), Path(out)
     params = {k: v for k, v in config.to_dict().items() if k in declared}

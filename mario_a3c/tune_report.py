@@ -99,7 +99,9 @@ def run_tune(args) -> int:
     space = DEFAULT_SPACE
     if args.space:
         if not Path(args.space).is_file(): raise FileNotFoundError(f"space file {args.space} does not exist")
-        space = space_from_dict(json.loads(Path(args.space).read_text(encoding='utf-8')))
+        try: raw = json.loads(Path(args.space).read_text(encoding='utf-8'))
+        except (ValueError, UnicodeDecodeError) as e: raise ValueError(f"space file {args.space} is not valid JSON: {e}") from None
+        space = space_from_dict(raw)
     if args.trials < 0: raise ValueError(f"trials={args.trials} is out of range: allowed >= 0")
     st = run_study(base, args.trials, args.study, args.tune_dir, space, args.execution, args.metric, args.last_episodes,
                    args.sampler_seed, 'none' if args.pruner == 'none' else None, args.report_every, args.timeout)
