@@ -5,6 +5,7 @@
 # %% ../nbs/05a_checkpoint.ipynb #13fe20e5
 from __future__ import annotations
 import json, os, random, re, tempfile, time, warnings
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -17,8 +18,8 @@ from .config import IMMUTABLE_FIELDS, TrainingConfig
 from .stacks import check_stage, stack_versions
 
 # %% auto #0
-__all__ = ['FORMAT_VERSION', 'REQUIRED_META', 'CheckpointError', 'checkpoint_path', 'meta_path', 'atomic_write', 'make_meta',
-           'save_checkpoint', 'load_meta', 'load_checkpoint', 'capture_rng_state', 'restore_rng_state',
+__all__ = ['FORMAT_VERSION', 'REQUIRED_META', 'CLUSTER_FIELDS', 'CheckpointError', 'checkpoint_path', 'meta_path', 'atomic_write',
+           'make_meta', 'save_checkpoint', 'load_meta', 'load_checkpoint', 'capture_rng_state', 'restore_rng_state',
            'load_model_state', 'resolve_resume_config', 'init_weights']
 
 # %% ../nbs/05a_checkpoint.ipynb #ad838228
@@ -218,12 +219,15 @@ def _norm(k:str, v):
     if k == 'channels': return ','.join(map(str, v)) if isinstance(v, (tuple, list)) else str(v).replace(' ', '')
     return (type(v) is bool, v)
 
+CLUSTER_FIELDS = ('backend', 'ray_address')   # a resume joins a cluster only when the user names it again
+
 def resolve_resume_config(meta:dict, # from `load_checkpoint` / `load_meta`
                           overrides:dict, # only the values the user asked for (`explicit_overrides(args)`)
                          ) -> TrainingConfig:
     "The resumed run's config: the checkpoint's, with mutable overrides applied and immutable ones refused if different."
     name = Path(meta.get('path') or meta.get('file') or 'checkpoint').name
     base = TrainingConfig.from_stored(meta['config'], source=f'checkpoint {name}')
+    base = replace(base, **{k: getattr(TrainingConfig(), k) for k in CLUSTER_FIELDS})   # where it ran: only if asked again
     for k in IMMUTABLE_FIELDS:
         if k in overrides and _norm(k, overrides[k]) != _norm(k, getattr(base, k)):
             raise ValueError(f"cannot resume with {k}={overrides[k]!r}: checkpoint {name} was trained with "

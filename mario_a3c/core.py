@@ -4,12 +4,12 @@
 
 # %% ../nbs/00_core.ipynb #ae8b9cf4
 from __future__ import annotations
-import os, sys
+import os, sys, tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['in_test', 'project_root', 'one_line_errors']
+__all__ = ['in_test', 'project_root', 'one_line_errors', 'writable_dir']
 
 # %% ../nbs/00_core.ipynb #1c340b61
 def in_test() -> bool:
@@ -32,3 +32,15 @@ def one_line_errors(prefix:str='error'): # what the line starts with, e.g. the n
     except (ValueError, FileNotFoundError) as e:
         print(f'\n{prefix}: {e}', file=sys.__stderr__, flush=True)   # on its own line, after a progress bar
         raise type(e)(str(e)) from None
+
+# %% ../nbs/00_core.ipynb #0c0e1a05
+def writable_dir(name:str, # the setting's name, for the message (e.g. 'checkpoint_dir')
+                 folder, # the folder (created when missing)
+                ) -> Path:
+    "`folder`, created and tried for writing; a one-line ValueError naming the setting when it cannot be written."
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e: raise ValueError(f"{name}={str(folder)!r} is not writable: {e.strerror or e}") from None
+    return folder

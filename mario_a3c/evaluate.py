@@ -14,6 +14,7 @@ import numpy as np
 
 import mario_a3c
 from .config import TrainingConfig, resolve_device
+from .core import writable_dir
 from .envs import make_env
 from .stacks import action_set, check_stage
 
@@ -119,6 +120,7 @@ def evaluate(checkpoint, # a `.pt` checkpoint (or its `.json`)
     _check_count('seed', seed, 0); _check_count('threads', threads, 0)
     if isinstance(sticky, bool) or not isinstance(sticky, (int, float)) or not 0 <= sticky < 1:
         raise ValueError(f"sticky={sticky!r} is out of range: allowed 0 <= p < 1")
+    if video: writable_dir('video_dir', video_dir)
     model, config, meta = load_agent(checkpoint, device)
     dev = next(model.parameters()).device
     kw = eval_env_kwargs(config, world, stage, max_steps, render=video or callback is not None, sticky=sticky)

@@ -16,7 +16,7 @@ from .rollout import Rollout, collect, check_batch
 from .vector import make_vec_env
 
 # %% auto #0
-__all__ = ['RolloutActor', 'stack_rollouts', 'RayActorPool']
+__all__ = ['RolloutActor', 'stack_rollouts', 'local_ray_init', 'RayActorPool']
 
 # %% ../nbs/05g_ray.ipynb #ce17f10b
 _FIELDS = ('obs', 'actions', 'behaviour_logp', 'rewards', 'dones', 'episode_start', 'values')
@@ -82,6 +82,14 @@ def stack_rollouts(parts:list) -> Rollout:
     return r
 
 # %% ../nbs/05g_ray.ipynb #f9a14447
+def local_ray_init(**kwargs):
+    "`ray.init()` of a one-machine cluster that listens on loopback only (Ray's default binds every interface)."
+    import ray
+    from ray._private import ray_constants
+    os.environ['RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER'] = '0'   # Ray's switch for a cluster of one: node address = loopback
+    ray_constants.ENABLE_RAY_CLUSTER = False               # ...read once at import, so also where Ray was imported already
+    return ray.init(_node_ip_address='127.0.0.1', **kwargs)
+
 class RayActorPool:
     "Ray actors on any node of a cluster acting for the learner on the driver: the `ActorPool` interface over Ray."
     def __init__(self, config:TrainingConfig, # mode='async', backend='ray'
@@ -99,8 +107,8 @@ class RayActorPool:
         self.owns_ray = not ray.is_initialized()
         if self.owns_ray:
             if c.ray_address: ray.init(address=c.ray_address, log_to_driver=False)
-            else: ray.init(num_cpus=max(os.cpu_count() or 1, self.K), object_store_memory=200 * 2**20,
-                           include_dashboard=False, log_to_driver=False)
+            else: local_ray_init(num_cpus=max(os.cpu_count() or 1, self.K), object_store_memory=200 * 2**20,
+                                 include_dashboard=False, log_to_driver=False)
         # two threads per actor: `frame` calls are answered while a `rollout` call runs
         self.Actor = ray.remote(num_cpus=1, scheduling_strategy='SPREAD', max_concurrency=2)(RolloutActor)
         self._frame_call, self._frame = None, (None, None)   # (env, ref) in flight; (env, frame) last received

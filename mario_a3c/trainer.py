@@ -4,7 +4,7 @@
 
 # %% ../nbs/05e_trainer.ipynb #a9d0ae19
 from __future__ import annotations
-import math, os, random, tempfile, threading, time
+import math, os, random, threading, time
 from contextlib import contextmanager
 from collections import deque
 from dataclasses import replace
@@ -13,6 +13,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 from .config import TrainingConfig
+from .core import writable_dir
 from .vector import make_vec_env
 from .preview import FramePreview
 from .models import ImpalaActorCritic
@@ -280,12 +281,7 @@ Trainer.from_checkpoint = classmethod(_from_checkpoint)
 def _check_outputs(self:Trainer):
     "Before the first update: every output folder is writable, and a new run replaces no earlier run's files unless asked."
     c = self.config
-    for name in ('runs_dir', 'checkpoint_dir', 'tensorboard_dir'):
-        folder = Path(getattr(c, name))
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            tempfile.TemporaryFile(dir=folder).close()
-        except OSError as e: raise ValueError(f"{name}={str(folder)!r} is not writable: {e.strerror or e}") from None
+    for name in ('runs_dir', 'checkpoint_dir', 'tensorboard_dir'): writable_dir(name, getattr(c, name))
     if self.resumed or c.overwrite: return
     latest = checkpoint_path(c.checkpoint_dir, c.world, c.stage, 'latest')
     for p in (c.metrics_path, latest, checkpoint_path(c.checkpoint_dir, c.world, c.stage, 'best')):

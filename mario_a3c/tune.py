@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_tune.ipynb #fa52c0c6
 from __future__ import annotations
-import math, shutil, tempfile, time, typing
+import math, shutil, time, typing
 from collections import deque
 from datetime import datetime
 from functools import partial
@@ -15,6 +15,7 @@ import numpy as np
 
 from .callbacks import Callback, read_metrics
 from .config import TrainingConfig
+from .core import writable_dir
 
 # %% auto #0
 __all__ = ['DEFAULT_SPACE', 'OBJECTIVES', 'Dim', 'check_space', 'space_from_dict', 'space_to_dict', 'suggest', 'TrialFailed',
@@ -147,10 +148,7 @@ def open_study(name:str, tune_dir='output/tune', seed:int=0, pruner=None):
     if not name or not all(ch.isalnum() or ch in '_.+=-' for ch in name) or name[0] in '.-':
         raise ValueError(f"study={name!r} must be a folder name: letters, digits and _ . + = -")
     folder, db = Path(tune_dir) / name, Path(tune_dir) / name / 'study.db'
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as e: raise ValueError(f"tune_dir={str(tune_dir)!r} is not writable: {e.strerror or e}") from None
+    writable_dir('tune_dir', tune_dir); writable_dir('study folder', folder)
     try:
         storage = optuna.storages.RDBStorage(f"sqlite:///{db.resolve()}", engine_kwargs={'connect_args': {'timeout': 60}})
         study = optuna.create_study(storage=storage, study_name=name, direction='maximize', load_if_exists=True,

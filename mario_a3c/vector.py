@@ -5,7 +5,7 @@
 # %% ../nbs/01b_vector.ipynb #c965d9b4
 from __future__ import annotations
 import multiprocessing as mp
-import os, warnings
+import os, re, warnings
 from functools import partial
 from typing import Callable
 
@@ -59,13 +59,19 @@ def make_vec_env(num_envs:int=8, # number of environments
             return AsyncVectorEnv(fns, context=context, autoreset_mode=mode)
         except Exception as e:
             if not fallback: raise
-            msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            warnings.warn(f"async env workers could not start ({type(e).__name__}: {msg}); "
+            warnings.warn(f"async env workers could not start ({_cause(e)}); "
                           f"falling back to {num_envs} envs in this process (vectorization='sync')", stacklevel=2)
     return SyncVectorEnv(fns, autoreset_mode=mode)
 
+def _cause(e:BaseException) -> str:
+    "'Type: message' of the root error: the last exception line of a worker's traceback, else the message's first line."
+    lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()]
+    found = [l for l in lines if re.match(r'^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit): ', l)]
+    text = found[-1] if found else f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    return text if len(text) <= 200 else text[:197] + '...'
+
 # %% ../nbs/01b_vector.ipynb #574b9f5d
-def _fails_in_worker(parent_pid:int, **kw):
+def _fails_in_worker(parent_pid:int, message:str='no shared memory in this sandbox', **kw):
     "Env factory used to demonstrate the fallback: raises in any process but `parent_pid`."
-    if os.getpid() != parent_pid: raise OSError('no shared memory in this sandbox')
+    if os.getpid() != parent_pid: raise OSError(message)
     return make_env(**kw)

@@ -101,3 +101,25 @@ def test_a_kill_while_resume_rewrites_the_metrics_loses_nothing(tmp_path):
     subprocess.run([sys.executable, "-c", resume, str(path), "150000"], check=True, timeout=300)   # resumed again, unkilled
     assert sorted(p.name for p in path.parent.iterdir()) == ["metrics.jsonl"]   # no temporary file left behind
     assert path.read_bytes() == "".join(r + "\n" for r in rows[:150_000]).encode()
+
+
+LOCAL_RAY = """
+import psutil, sys, tempfile
+import ray   # imported first, as a notebook that used Ray before would have
+from mario_a3c.ray_backend import local_ray_init
+tmp = tempfile.mkdtemp(prefix='ray')
+local_ray_init(num_cpus=1, object_store_memory=80 * 2**20, include_dashboard=False, log_to_driver=False, _temp_dir=tmp)
+try:
+    ours = {p.pid for p in psutil.process_iter(['cmdline']) if tmp in ' '.join(p.info['cmdline'] or [])} | {psutil.Process().pid}
+    ours |= {c.pid for p in list(ours) for c in psutil.Process(p).children(recursive=True)}
+    print(sorted({c.laddr.ip for c in psutil.net_connections('inet') if c.status == 'LISTEN' and c.pid in ours}))
+finally: ray.shutdown()
+"""
+
+
+def test_a_local_ray_listens_on_loopback_only():
+    "The CLI's own `ray.init()` (no --ray-address): every socket its processes listen on is a loopback address."
+    res = subprocess.run([sys.executable, "-c", LOCAL_RAY], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    addrs = json.loads(res.stdout.strip().splitlines()[-1].replace("'", '"'))
+    assert addrs and all(a in ("127.0.0.1", "::1", "::ffff:127.0.0.1") for a in addrs), addrs
