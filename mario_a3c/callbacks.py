@@ -100,12 +100,18 @@ class JsonlLogger(Callback):
             keep = [r for r in read_metrics(self.path) if r.get('update', 0) <= upto]
             text = ''.join(json.dumps(r) + '\n' for r in keep).encode('utf-8')
             atomic_write(self.path, lambda f: f.write(text))   # a kill now leaves the old file or the new, never half
+        elif self.path.exists(): atomic_write(self.path, lambda f: None)   # a new run asked to replace an earlier one's
         self.f = open(self.path, 'a', encoding='utf-8')
     def _write(self, kind, trainer, d):
         if self.f is None: self.on_train_begin(trainer)
         update, frames = step_of(trainer, d)
         rec = {'kind': kind, 'update': update, 'frames': frames, 'time': round(time.time(), 3), **_plain(dict(d))}
-        self.f.write(json.dumps(rec) + '\n'); self.f.flush()
+        end = self.f.tell()
+        try: self.f.write(json.dumps(rec) + '\n'); self.f.flush()
+        except OSError as e:   # a full disk: take back the part of the line that was written, and say which file
+            try: self.f.truncate(end)
+            except OSError: pass
+            raise OSError(e.errno, f"{e.strerror}: cannot write {self.path}") from None
     def on_update(self, trainer, metrics): self._write('update', trainer, metrics)
     def on_episode_end(self, trainer, episode): self._write('episode', trainer, episode)
     def on_train_end(self, trainer, summary):
@@ -136,6 +142,8 @@ class TensorBoardLogger(Callback):
     def on_train_begin(self, trainer):
         from torch.utils.tensorboard import SummaryWriter
         frames = step_of(trainer)[1]
+        if not frames:   # a new run asked to replace an earlier one's curves: not a second event file beside them
+            for old in Path(self.logdir).glob('events.out.tfevents.*'): old.unlink()
         self.writer = SummaryWriter(str(self.logdir), purge_step=frames + 1 if frames else None, flush_secs=self.flush_secs)
         if cfg := _config_dict(trainer): self.writer.add_text('config', config_markdown(cfg), frames)
     def on_update(self, trainer, metrics):

@@ -121,8 +121,10 @@ def save_checkpoint(directory, # folder of the checkpoints (created)
     for p in (path, meta_path(path)):   # what saves killed mid-write left behind (one run writes a folder's files)
         for t in p.parent.glob(f'.{p.name}.*.tmp'): t.unlink(missing_ok=True)
     meta_path(path).unlink(missing_ok=True)   # killed before the new .json lands: no metadata rather than the old one
-    atomic_write(path, lambda f: torch.save({'format_version': FORMAT_VERSION, 'meta': json.loads(text), 'state': state}, f))
-    atomic_write(meta_path(path), lambda f: f.write(text.encode('utf-8')))
+    try:
+        atomic_write(path, lambda f: torch.save({'format_version': FORMAT_VERSION, 'meta': json.loads(text), 'state': state}, f))
+        atomic_write(meta_path(path), lambda f: f.write(text.encode('utf-8')))
+    except OSError as e: raise OSError(e.errno, f"{e.strerror or e}: cannot write checkpoint {path}") from None
     return path
 
 # %% ../nbs/05a_checkpoint.ipynb #00b70f5f

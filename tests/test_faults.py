@@ -32,6 +32,11 @@ def test_a_second_run_does_not_replace_the_first(tmp_path):
     assert {p: p.read_bytes() for p in kept} == kept
     again = cli("train", *TINY, *dirs(tmp_path), "--total-updates", "2", "--run-name", "b", "--overwrite")
     assert again.returncode == 0 and json.loads(again.stdout.strip().splitlines()[-1])["updates"] == 2
+    reused = cli("train", *TINY, *dirs(tmp_path), "--total-updates", "3", "--run-name", "a", "--overwrite")
+    assert reused.returncode == 0, reused.stderr[-2000:]
+    lines = [json.loads(l) for l in (tmp_path / "runs" / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in lines if r["kind"] == "update"] == [1, 2, 3]   # replaced, not appended to the first run's
+    assert len(list((tmp_path / "tb" / "a").glob("events.out.tfevents.*"))) == 1
 
 
 def test_resume_names_what_is_wrong(tmp_path):
