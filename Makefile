@@ -49,13 +49,22 @@ lab: venv  ## JupyterLab on the notebooks
 nbtest: venv  ## execute every notebook (fast cells; add FLAGS=slow for all)
 	cd nbs && ../$(VENV)/bin/nbdev_test --n_workers 2 --timing $(if $(FLAGS),--flags "$(FLAGS)")
 
-test: venv venv-legacy  ## everything: sync check, notebooks, env tests on both stacks, full pytest suite
+# `make test` adds the `gpu` flag to the notebook tests where the venv's torch sees CUDA (the pytest CUDA tests run there
+# by themselves): the AMP and CUDA-checkpoint cells are checked on every machine that has a GPU.
+CUDA_CHECK  = import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)
+
+test: venv venv-legacy  ## everything: sync check, notebooks (+ gpu cells with CUDA), env tests on both stacks, full pytest suite
 	$(MAKE) --no-print-directory sync-check
-	$(MAKE) --no-print-directory nbtest
+	@flags="$(strip $(FLAGS))"; \
+	if $(VENV)/bin/python -c '$(CUDA_CHECK)'; then flags="$${flags:+$$flags }gpu"; echo "== CUDA found: notebook cells flagged gpu run too"; fi; \
+	$(MAKE) --no-print-directory nbtest FLAGS="$$flags"
 	@echo "== pytest, legacy stack (environment tests)"
 	$(LEGACY_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_envs.py
 	@echo "== pytest, modern stack (full suite)"
 	MARIO_A3C_OTHER_PYTHON=$(CURDIR)/$(LEGACY_VENV)/bin/python $(VENV)/bin/python -m pytest -q -p no:cacheprovider tests
+
+curves: venv  ## redraw the learning curves in docs/ from the shipped metrics (docs/runs/*/metrics.jsonl.gz)
+	$(VENV)/bin/mario-a3c curves $(ARGS)
 
 bench-env: venv  ## environment throughput benchmark (JSON last line)
 	$(VENV)/bin/mario-a3c bench-env --json $(ARGS)
@@ -63,4 +72,4 @@ bench-env: venv  ## environment throughput benchmark (JSON last line)
 clean:  ## remove venvs and build products (not output/ or checkpoints)
 	rm -rf $(VENV) $(LEGACY_VENV) build dist *.egg-info _proc _docs
 
-.PHONY: help venv venv-legacy train sync-check readme lab nbtest test bench-env clean
+.PHONY: help venv venv-legacy train sync-check readme lab nbtest test curves bench-env clean

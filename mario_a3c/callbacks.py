@@ -4,7 +4,7 @@
 
 # %% ../nbs/05b_callbacks.ipynb #4ea519e5
 from __future__ import annotations
-import json, math, numbers, sys, time, warnings
+import gzip, json, math, numbers, sys, time, warnings
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -77,8 +77,10 @@ def _plain(v):
 def read_metrics(path, # a metrics.jsonl file
                  kind:str|None=None, # keep only 'update' or 'episode' lines
                 ) -> list[dict]:
-    "The records of a JSON-lines metrics file (an unfinished last line is skipped)."
-    lines = Path(path).read_text(encoding='utf-8').splitlines()
+    "The records of a JSON-lines metrics file, plain or `.gz` (an unfinished last line is skipped)."
+    if str(path).endswith('.gz'):
+        with gzip.open(path, 'rt', encoding='utf-8') as f: lines = f.read().splitlines()
+    else: lines = Path(path).read_text(encoding='utf-8').splitlines()
     out = []
     for i, line in enumerate(lines):
         if not line.strip(): continue

@@ -74,6 +74,13 @@ def _cmd_train(args) -> int:
     print(json.dumps(summary))
     return 0 if summary['stopped'] in ('done', 'stop', 'interrupted') else 1
 
+def _cmd_curves(args) -> int:
+    "Redraw the learning curves in the docs from the shipped metrics and print each run's milestones."
+    from mario_a3c.curves import docs_curves
+    _at_least('--window', args.window, 1)
+    if not docs_curves(args.docs, args.window): raise FileNotFoundError(f"no {args.docs}/runs/*/metrics.jsonl.gz to draw")
+    return 0
+
 def _cmd_bench(args) -> int:
     "Training throughput against the raw emulator, in one run (sync, async or both; a scaling table with --actors-list)."
     _at_least('--seconds', args.seconds, 0, strict=True); _at_least('--warmup', args.warmup, 0)
@@ -128,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--num-envs', type=int, default=2); s.add_argument('--steps', type=int, default=300)
     s.add_argument('--actions', default='simple'); s.add_argument('--seed', type=int, default=0)
     s.add_argument('--vectorization', default='threads', choices=VECTORIZATIONS)
+
+    s = sub.add_parser('curves', help='redraw the learning curves in docs/ from the shipped metrics, print the milestones')
+    s.set_defaults(fn=_cmd_curves)
+    s.add_argument('--docs', default='docs', help='folder with runs/<run>/metrics.jsonl.gz (default docs)')
+    s.add_argument('--window', type=int, default=100, help='episodes in the rolling rates (default 100)')
 
     from mario_a3c.tune_report import add_tune_parser
     add_tune_parser(sub)  # `tune`: Optuna search (nbs/10b_tune_report.ipynb)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_curves.ipynb #a3b3957a
 from __future__ import annotations
-import io
+import io, json
 from pathlib import Path
 
 import numpy as np
@@ -13,16 +13,18 @@ from .callbacks import read_metrics
 
 # %% auto #0
 __all__ = ['EPISODE_COLUMNS', 'episode_columns', 'rolling_mean', 'training_seconds', 'milestones', 'plot_curves', 'compare_runs',
-           'format_rows']
+           'format_rows', 'stage_milestones', 'milestone_table', 'docs_curves']
 
 # %% ../nbs/11_curves.ipynb #7e857d28
 EPISODE_COLUMNS = ('frames', 'r', 'x', 'flag', 'time')
 
-def episode_columns(source, # a metrics.jsonl path, or a list of episode records
+def episode_columns(source, # a metrics.jsonl(.gz) path, or a list of episode records
+                    stage:tuple|None=None, # only the episodes of this (world, stage) of a multi-stage run
                    ) -> dict[str, np.ndarray]:
     "The run's episodes as columns `frames, r, x, flag, time` (float arrays, in file order)."
     recs = read_metrics(source, kind='episode') if isinstance(source, (str, Path)) else [
         r for r in source if r.get('kind', 'episode') == 'episode']
+    if stage is not None: recs = [r for r in recs if (r.get('world'), r.get('stage')) == tuple(stage)]
     cols = {k: np.array([float(r[k]) for r in recs], dtype=np.float64) for k in EPISODE_COLUMNS}
     if len(recs) and np.any(np.diff(cols['frames']) < 0):
         raise ValueError(f"{source}: episode frame counters go backwards; is this two runs in one file?")
@@ -122,3 +124,49 @@ def format_rows(rows:list[dict]) -> str:
     keys = list(rows[0]) if rows else []
     return '\n'.join(['| ' + ' | '.join(keys) + ' |', '|' + '---|' * len(keys)] +
                      ['| ' + ' | '.join(str(r[k]) for k in keys) + ' |' for r in rows])
+
+# %% ../nbs/11_curves.ipynb #11c0a003
+def stage_milestones(source, # a metrics.jsonl(.gz) path
+                     window:int=100, # episodes in the rolling flag rate
+                     shipped_frames:int|None=None, # frames of the shipped checkpoint (its training hours are looked up)
+                    ) -> dict[str, dict]:
+    "`milestones` per stage the run played ('W-S' -> dict), with the training time at the shipped checkpoint."
+    recs = read_metrics(source, kind='episode')
+    stages = sorted({(r['world'], r['stage']) for r in recs if 'world' in r and 'stage' in r})
+    hours = training_seconds(np.array([float(r['time']) for r in recs])) / 3600 if recs else np.zeros(0)
+    frames = np.array([float(r['frames']) for r in recs])
+    out = {}
+    for ws in stages:
+        m = milestones(episode_columns(recs, stage=ws), window)
+        if shipped_frames is not None:
+            i = min(int(np.searchsorted(frames, shipped_frames, side='right')), len(frames)) - 1
+            m['shipped'] = {'frames': int(shipped_frames), 'hours': round(float(hours[i]), 3) if i >= 0 else 0.0}
+        out[f'{ws[0]}-{ws[1]}'] = m
+    return out
+
+def milestone_table(table:dict[str, dict]) -> str:
+    "A Markdown table of `stage_milestones`: frames (training hours) to each milestone, per stage."
+    def cell(m): return 'not reached' if m is None else f"{m['frames']:,} ({m['hours']:.2f} h)"
+    keys = [('first_flag', 'first flag'), ('flag_rate_50', 'rolling 50%'), ('flag_rate_90', 'rolling 90%'), ('shipped', 'shipped checkpoint')]
+    rows = ['| stage | ' + ' | '.join(k[1] for k in keys) + ' |', '|---|' + '---|' * len(keys)]
+    rows += [f"| {s} | " + ' | '.join(cell(m.get(k)) for k, _ in keys) + ' |' for s, m in table.items()]
+    return '\n'.join(rows)
+
+# %% ../nbs/11_curves.ipynb #11c0a004
+def docs_curves(docs='docs', # the reports' folder: runs/<run>/metrics.jsonl.gz in, images/curves_<run>.png out
+                window:int=100, # rolling window in episodes
+                log=print, # gets each run's figure path and milestone table
+               ) -> dict[str, dict]:
+    "Redraw every run's learning curves from its shipped metrics; each run's per-stage milestones."
+    docs, out = Path(docs), {}
+    for m in sorted(docs.glob('runs/*/metrics.jsonl.gz')):
+        run = m.parent.name
+        info = json.loads((m.parent / 'shipped.json').read_text()) if (m.parent / 'shipped.json').is_file() else {}
+        table = stage_milestones(m, window, info.get('frames'))
+        recs = read_metrics(m, kind='episode')
+        png = docs / 'images' / f'curves_{run}.png'
+        plot_curves({s: episode_columns(recs, stage=tuple(map(int, s.split('-')))) for s in table}, window, png,
+                    title=f"{run}: training episodes (sampled actions{', sticky actions' if info.get('sticky') else ''})")
+        out[run] = table
+        if log: log(f"{png}\n{milestone_table(table)}")
+    return out
