@@ -47,7 +47,8 @@ def meta_path(path) -> Path:
 # %% ../nbs/05a_checkpoint.ipynb #b85a5dbf
 def _umask() -> int:
     "The process umask, read without changing it where Linux tells it (`os.umask` sets it for a moment)."
-    try: return int(next(l for l in open('/proc/self/status') if l.startswith('Umask:')).split()[1], 8)
+    try:
+        with open('/proc/self/status') as f: return int(next(l for l in f if l.startswith('Umask:')).split()[1], 8)
     except (OSError, StopIteration, ValueError):
         m = os.umask(0o022); os.umask(m); return m
 

@@ -197,12 +197,17 @@ def export_pretrained(checkpoint, # a `.pt` checkpoint from training
                       dest_dir=None, # folder of shipped agents (default: the package's)
                       half:bool=True, # store the weights in float16
                       log:Callable|None=print, # one line with the file and its size
+                      stage:str|None=None, # 'W-S' to ship under (a network trained on several stages, once per stage)
                      ) -> Path:
     "Write a weights-only copy of `checkpoint` (+ metadata) as `a3c_world{W}_stage{S}.pt` for `--pretrained W-S`."
     import torch
     from mario_a3c.checkpoint import FORMAT_VERSION, CheckpointError, atomic_write, load_checkpoint, meta_path
     state, meta = load_checkpoint(checkpoint)
     src = Path(meta['path']); config = _agent_config(meta, src)
+    if stage is not None:   # plays this stage by default: the schedule's other stages are not part of the agent
+        w, s = _stage_name(stage)
+        meta = {**meta, 'config': {**meta['config'], 'world': w, 'stage': s, 'random_stage': False, 'stage_span': 1}}
+        config = _agent_config(meta, src)
     weights = state.get('model') if isinstance(state, dict) else None
     if not isinstance(weights, dict): raise CheckpointError(f"checkpoint {src} has no model weights (state['model'])")
     dtype = torch.float16 if half else torch.float32

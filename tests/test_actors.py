@@ -158,15 +158,15 @@ def test_real_mario_two_actors_with_preview(tmp_path):
                     f = trainer.preview_frame(1)
                     if f is not None: frames.append(f)
                     time.sleep(0.05)
-            if hasattr(trainer, 'preview_frame'): threading.Thread(target=poll, daemon=True).start()
+            threading.Thread(target=poll, daemon=True).start()
     w = Watch()
     cfg = tiny(tmp_path, num_envs=2, queue_size=2, size=84, rollout_steps=8, total_updates=4)
     s = Trainer(cfg, [w, Panel()]).train()
     assert (s['stopped'], s['updates'], s['frames']) == ('done', 4, 4 * 8 * 2 * 4)
     assert np.isfinite(w.metrics[-1]['losses/total'])
     assert alive(w.pids) == []
-    if hasattr(Trainer, 'preview_frame'):   # the panel's frame of env 1, answered by the second actor
-        assert frames and frames[0].shape == (240, 256, 3) and frames[0].dtype == np.uint8 and frames[0].std() > 0
+    # the panel's frame of env 1, answered by the second actor
+    assert frames and frames[0].shape == (240, 256, 3) and frames[0].dtype == np.uint8 and frames[0].std() > 0
 
 
 TINY_FLAGS = ['--num-envs', '2', '--actors', '2', '--queue-size', '2', '--size', '42', '--channels', '4,8', '--blocks', '1',

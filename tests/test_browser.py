@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-import warnings
 from pathlib import Path
 
 import cv2
@@ -113,12 +112,9 @@ class KernelDied(AssertionError):
 def test_panel_in_jupyterlab(tmp_path):
     # A kernel death was seen once in several runs, while an earlier version of this demo had faulthandler dump every
     # thread's stack every 15 s (the dump it left broke off inside a running thread's frame; that periodic dump is gone).
-    # Should a kernel die again, `failure_crash.txt` and `failure_lab.log` under output/browser/ keep the evidence, and
-    # the session is retried once, loudly; a second death fails.
-    try: _panel_session(tmp_path / 'first')
-    except KernelDied as e:
-        warnings.warn(f'the JupyterLab kernel died in the first attempt, trying once more: {e}')
-        _panel_session(tmp_path / 'second')
+    # A death is a failure (`KernelDied`), never retried: `failure_crash.txt` and `failure_lab.log` under output/browser/
+    # keep the evidence.
+    _panel_session(tmp_path / 'session')
 
 
 def _panel_session(tmp_path):
@@ -228,7 +224,7 @@ def _panel_session(tmp_path):
             died = page.get_by_text('appears to have died').count() > 0
         for name in ('lab.log', 'crash.txt'):
             if (tmp_path / name).exists(): shutil.copy(tmp_path / name, out / f'failure_{name}')
-        if died and isinstance(e, AssertionError): raise KernelDied(str(e)) from e
+        if died and isinstance(e, AssertionError): raise KernelDied(f'the JupyterLab kernel died: {e}') from e
         raise
     finally:
         for close in (lambda: browser and browser.close(), lambda: pw and pw.stop()):

@@ -3,6 +3,7 @@ import io
 import json
 import os
 import random
+import stat
 import warnings
 from dataclasses import replace
 from unittest import mock
@@ -107,10 +108,12 @@ def test_crash_between_pt_and_json_uses_pt_metadata(tmp_path):
 
     with mock.patch("os.replace", no_json), pytest.raises(KeyboardInterrupt):
         save_checkpoint(tmp_path, 1, 1, "latest", {"v": torch.tensor([2.0])}, make_meta(TINY, 2, 2))
+    assert not meta_path(p).exists()   # the old .json went first: no stale metadata for tools that read only it
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         state, meta = load_checkpoint(p)
-    assert state["v"].item() == 2.0 and meta["updates"] == 2 and "earlier save" in str(w[0].message)
+    assert state["v"].item() == 2.0 and meta["updates"] == 2
+    assert any("rewritten from the .pt" in str(x.message) for x in w) and json.loads(meta_path(p).read_text())["updates"] == 2
 
 
 @pytest.mark.parametrize("damage,msg", [
@@ -118,7 +121,7 @@ def test_crash_between_pt_and_json_uses_pt_metadata(tmp_path):
     ("zero", "is corrupt or not a mario_a3c checkpoint"),
     ("foreign", "is not a mario_a3c checkpoint (no format_version/meta/state)"),
     ("numpy", "is corrupt or not a mario_a3c checkpoint (UnpicklingError"),
-    ("nometa", "has no metadata file a3c_world1_stage1_latest.json"),
+    ("nometa", "has no metadata file a3c_world1_stage1_latest.json"),   # a foreign .pt: nothing to rebuild it from
     ("badjson", "a3c_world1_stage1_latest.json is not valid JSON"),
     ("version", "has format_version=2: this mario_a3c"),
 ])
@@ -128,7 +131,7 @@ def test_damaged_files_one_line(tmp_path, damage, msg):
     if damage == "zero": p.write_bytes(b"")
     if damage == "foreign": torch.save({"state_dict": {}}, p)
     if damage == "numpy": torch.save({"format_version": 1, "meta": {}, "state": np.ones(2)}, p)
-    if damage == "nometa": meta_path(p).unlink()
+    if damage == "nometa": meta_path(p).unlink(); torch.save({"state_dict": {}}, p)
     if damage == "badjson": meta_path(p).write_text("{")
     if damage == "version": meta_path(p).write_text(json.dumps({**json.loads(meta_path(p).read_text()), "format_version": 2}))
     with pytest.raises(CheckpointError) as e:
@@ -181,6 +184,34 @@ def test_resume_rules(tmp_path):
             resolve_resume_config(meta, {k: v})
     c = resolve_resume_config(meta, {"hidden": 256, "channels": (8, 16, 16), "total_updates": 30000, "per": True})
     assert c == replace(TrainingConfig(), total_updates=30000, per=True)
+
+
+def test_each_file_is_fsynced_before_its_rename_and_the_folder_after(tmp_path):
+    "Durable saves: a file's bytes are flushed to disk before the rename publishes them, and the rename itself after."
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        st = os.fstat(fd)   # which file (inode), how many bytes it holds, file or folder
+        events.append(("fsync", st.st_ino, st.st_size, stat.S_ISDIR(st.st_mode)))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", os.stat(src).st_ino, os.path.basename(dst)))
+        real_replace(src, dst)
+
+    with mock.patch("os.fsync", fsync), mock.patch("os.replace", replace):
+        p = save_checkpoint(tmp_path, 1, 1, "latest", {"v": torch.arange(5000.0)}, make_meta(TINY, 1, 1))
+    renames = [i for i, e in enumerate(events) if e[0] == "rename"]
+    assert [events[i][2] for i in renames] == [p.name, meta_path(p).name]
+    for i in renames:
+        final = tmp_path / events[i][2]
+        assert final.stat().st_ino == events[i][1]
+        # the renamed inode was synced earlier, holding every byte of the final file, and the folder after the rename
+        assert ("fsync", events[i][1], final.stat().st_size, False) in events[:i], events
+        nxt = renames[renames.index(i) + 1] if i != renames[-1] else len(events)
+        assert any(e[:2] == ("fsync", tmp_path.stat().st_ino) and e[3] for e in events[i + 1:nxt]), events
+    state, meta = load_checkpoint(p)
+    assert torch.equal(state["v"], torch.arange(5000.0)) and meta["updates"] == 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

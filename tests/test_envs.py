@@ -89,6 +89,59 @@ def test_native_reward_passthrough():
     shaped.close(); native.close()
 
 
+def hand_shaped(last, info, terminated):
+    """The designed reward of one step, worked out from the `info` before and after it: 0.1 * (clip(dx + dtime +
+    dscore / 40, -15, 15) + 50 on the flag - 50 on a death); no x progress across a lost life or a new stage."""
+    same = (info["world"], info["stage"], info["life"]) == (last["world"], last["stage"], last["life"])
+    raw = (info["x_pos"] - last["x_pos"] if same else 0) + (info["time"] - last["time"]) + (info["score"] - last["score"]) / 40
+    r = min(max(raw, -15), 15)
+    if info["flag_get"] and not last["flag_get"]:
+        r += 50
+    if info["life"] < last["life"] or (terminated and not info["flag_get"]):
+        r -= 50
+    return r / 10, raw
+
+
+def test_shaped_reward_of_real_steps_progress_time_and_death():
+    """`make_env`'s default reward on real steps: walking right, the clock, deaths (one with the clock's jump back to 400,
+    clipped), the game over; then one stage's end by the Goomba."""
+    env = make_env(full_game=True)   # three lives: a death respawns Mario at x 40 with the clock back at 400
+    _, last = env.reset(seed=0)
+    steps = []
+    for t in range(600):
+        _, r, term, trunc, info = env.step(0 if t < 100 else 1)   # let the clock run, then walk into the first Goomba
+        want, raw = hand_shaped(last, info, term)
+        steps.append((r, want, raw, dict(last), dict(info), term))
+        last = info
+        if term or trunc:
+            break
+    env.close()
+    assert term and info["life"] == 255   # game over: the life counter wraps below 0
+    for r, want, raw, before, after, _ in steps:
+        assert r == pytest.approx(want, abs=1e-9), (before, after)
+    walk = [s for s in steps if s[3]["life"] == s[4]["life"] and s[4]["x_pos"] - s[3]["x_pos"] == 7 and not s[5]]
+    assert {round(s[0], 9) for s in walk} == {0.7, 0.6}   # 7 pixels right: 0.7, or 0.6 in a step where the clock ticks
+    deaths = [s for s in steps if s[4]["life"] < s[3]["life"] or s[5]]
+    assert len(deaths) == 3
+    first = deaths[0]
+    assert first[4]["time"] - first[3]["time"] > 15 and first[4]["x_pos"] == 40   # respawned, the clock back at 400
+    assert first[0] == pytest.approx((15 - 50) / 10)   # the clock's jump is clipped to 15, then the death penalty
+    assert deaths[-1][0] == pytest.approx((0 - 50) / 10)   # game over: nothing moves, the penalty alone
+    assert sum(s[0] for s in steps) == pytest.approx(sum(s[1] for s in steps))
+
+    env = make_env()   # one stage: walking right, Mario dies at the first Goomba and the episode ends
+    _, last = env.reset(seed=0)
+    for _ in range(200):
+        _, r, term, trunc, info = env.step(1)
+        assert r == pytest.approx(hand_shaped(last, info, term)[0], abs=1e-9), (last, info)
+        if term or trunc:
+            break
+        last = info
+    env.close()
+    assert term and not info["flag_get"] and info["life"] == last["life"]   # ended by dying, the life not yet taken
+    assert r == pytest.approx((info["x_pos"] - last["x_pos"] + info["time"] - last["time"] - 50) / 10)
+
+
 def test_time_limit_truncates():
     env = make_env(1, 1, max_episode_steps=5)
     env.reset(seed=0)
@@ -219,21 +272,26 @@ def test_repress_jump_jumps_again_on_the_ground_and_keeps_high_jumps():
         make_env(1, 1, repress_jump=1)
 
 
-def test_sticky_actions_repeat_the_executed_action_at_the_stationary_rate():
-    """With repeat probability p, executed != chosen has stationary rate p / (1 + p) when the choices alternate."""
-    def rate(p, n=400):
-        env = make_env(1, 1, size=42, stack=1, held_buttons=True, sticky_actions=p)
-        env.reset(seed=7)
-        differs = 0
-        for t in range(n):
-            chosen = 2 if t % 2 else 1  # right+A, right
-            obs, _, term, trunc, _ = env.step(chosen)
-            differs += bool(obs[1, 0, 0]) != (chosen == 2)  # plane 1 (after one gray frame): A held by what ran
-            if term or trunc:
-                env.reset()
-        return differs / n
-    assert rate(0.0) == 0.0
-    assert abs(rate(0.25) - 0.25 / 1.25) < 0.07
+def test_sticky_actions_act_per_emulator_frame():
+    """ALE's rule under the frame skip: frame k of a step still runs the previous action with probability p^k."""
+    from mario_a3c.stacks import JoypadActions
+    def late(p, steps=1500, seed=7):
+        env = make_env(1, 1, size=42, stack=1, sticky_actions=p)
+        joy = env
+        while not isinstance(joy, JoypadActions): joy = joy.env
+        ran, step = [], joy.step
+        joy.step = lambda a: (ran.append(int(a)), step(a))[1]   # the action each emulator frame executes
+        env.reset(seed=seed)
+        rows = []
+        for t in range(steps):
+            chosen, before = 2 if t % 2 else 1, len(ran)   # right+A, right
+            _, _, term, trunc, _ = env.step(chosen)
+            if len(ran) - before == 4 and t: rows.append([a != chosen for a in ran[before:]])
+            if term or trunc: env.reset()
+        env.close()
+        return np.mean(rows, axis=0)
+    assert late(0.0).tolist() == [0, 0, 0, 0]
+    assert np.allclose(late(0.25), 0.25 ** np.arange(1, 5), atol=0.03), late(0.25)
     with pytest.raises(ValueError, match=r"sticky_actions=1 is out of range: allowed 0 <= p < 1"):
         make_env(1, 1, sticky_actions=1)
 
@@ -259,8 +317,18 @@ def test_enemy_flags_in_ram_remove_the_first_goomba():
 
 
 def test_shipped_world1_1_agent_reaches_the_flag_on_this_stack():
-    "The agent in the package was trained on the modern stack; both stacks emulate the same game, so it clears here too."
+    """The agent in the package was trained on the modern stack; both stacks emulate the same game, so it clears here too.
+    Every step's reward is the designed one (the evaluation env is `make_env` with its default reward), the flag's too."""
     from mario_a3c.evaluate import evaluate, pretrained_path
-    res = evaluate(pretrained_path("1-1"), episodes=1, noop_max=30, seed=4, max_steps=2000)
+    infos = []
+    res = evaluate(pretrained_path("1-1"), episodes=1, noop_max=30, seed=4, max_steps=2000,
+                   callback=lambda frame, info: infos.append(info))
     (ep,) = res["episodes"]
     assert (ep["flag"], ep["max_x"], ep["truncated"]) == (True, 3161, False), ep
+    assert len(infos) == ep["length"] and infos[-1]["flag_get"] and not infos[-2]["flag_get"]
+    for last, info in zip(infos, infos[1:]):
+        assert info["reward"] == pytest.approx(hand_shaped(last, info, info is infos[-1])[0], abs=1e-9), (last, info)
+    last, flag = infos[-2:]   # the step that reaches the flag: its progress plus the flag bonus of 50
+    assert flag["reward"] == pytest.approx((flag["x_pos"] - last["x_pos"] + flag["time"] - last["time"] + 50) / 10)
+    assert flag["score"] == last["score"] and flag["reward"] > 5
+    assert ep["return"] == pytest.approx(sum(i["reward"] for i in infos))

@@ -259,10 +259,27 @@ def test_export_pretrained_roundtrip(ckpt, tmp_path, monkeypatch):
     assert a16["checkpoint"] == str(dest)
     r32, s32 = play(ckpt, episodes=1, max_steps=30); r16, s16 = play(dest, episodes=1, max_steps=30)
     assert a16["episodes"] == r16["episodes"]
-    if s32 != s16:  # allowed only if the fp32 policy was within rounding of a tie somewhere
-        assert err > 0
-    else:
-        assert r16["episodes"] == r32["episodes"]
+    # both networks on the frames of the fp32 episode: the fp16 copy plays the same actions up to the first step where
+    # its argmax differs, and that step can only be a near tie of the fp32 logits
+    acts = [a for _, a, _ in s32]
+    env = make_env(**eval_env_kwargs(config, max_steps=30)); obs, _ = env.reset(seed=0); seen = [np.asarray(obs)]
+    for a in acts[:-1]:
+        obs, *_ = env.step(a); seen.append(np.asarray(obs))
+    env.close()
+    x = torch.as_tensor(np.stack(seen))[:, None]
+    start = torch.zeros(len(seen), 1, dtype=torch.bool); start[0] = True
+    with torch.no_grad():
+        p32, _, _ = m32(x, m32.initial_state(1), start); p16, _, _ = m16(x, m16.initial_state(1), start)
+    g32, g16 = p32[:, 0].argmax(-1).tolist(), p16[:, 0].argmax(-1).tolist()
+    assert g32 == acts                                   # the evaluation acted by argmax on exactly these frames
+    k = next((t for t in range(len(acts)) if g16[t] != g32[t]), len(acts))
+    assert [a for _, a, _ in s16][:k + 1] == g16[:k + 1]   # the fp16 episode: the same, then its own choice at step k
+    same_play = k == len(acts)                           # no step where the two networks choose differently
+    assert (s16 == s32) == same_play and (r16["episodes"] == r32["episodes"] or not same_play)
+    for t in range(len(acts)):
+        if g16[t] != g32[t]:
+            top2 = p32[t, 0].topk(2).values
+            assert top2[0] - top2[1] <= 2 * (p32[t] - p16[t]).abs().max(), t   # a tie within float16 rounding
 
 
 def test_full_size_agent_ships_under_10_mb(tmp_path):

@@ -1,9 +1,15 @@
-"""Ray backend: a tiny asynchronous run through a two-node Ray cluster on loopback (head + worker, one CPU each)."""
+"""Ray backend: a tiny asynchronous run through a two-node Ray cluster on loopback (head + worker, one CPU each).
+
+The cluster has its own home, temporary folder and settings, so a `~/.ray` or `/tmp/ray` of another Ray run on this
+machine does not matter, and only the processes it started are stopped afterwards."""
 import os
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,24 +46,76 @@ SMALL = ['--node-ip-address', '127.0.0.1', '--num-cpus', '1', '--object-store-me
          '--disable-usage-stats', '--include-log-monitor', 'False']
 
 
+def proc_stat(pid: int) -> list[str]:
+    "The fields of /proc/<pid>/stat after the command name: state, parent, ... (start time at index 19)."
+    return (Path('/proc') / str(pid) / 'stat').read_text().rsplit(')', 1)[1].split()
+
+
+def started_pids(marker: str) -> dict[int, str]:
+    """{pid: start time} of the processes whose environment carries `marker` (what the fixture's `ray start` launched,
+    the Ray workers) and of their descendants (a raylet's agents rename themselves, overwriting their environment)."""
+    stat, ours = {}, set()
+    for d in Path('/proc').iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid(): continue
+        try:
+            stat[int(d.name)] = proc_stat(int(d.name))
+            if marker.encode() in (d / 'environ').read_bytes(): ours.add(int(d.name))
+        except (OSError, IndexError): pass
+    while more := {p for p, st in stat.items() if int(st[1]) in ours and p not in ours}: ours |= more
+    return {p: stat[p][19] for p in ours if stat[p][0] != 'Z'}
+
+
+def running(pid: int, start: str) -> bool:
+    "The same process (same start time) is alive and not a zombie."
+    try: st = proc_stat(pid)
+    except (OSError, IndexError): return False
+    return st[19] == start and st[0] != 'Z'
+
+
+def stop_started(marker: str, timeout: float = 5.0):
+    "SIGTERM, then SIGKILL, the processes the cluster started, nothing else (`ray stop` would stop every Ray here)."
+    pids = started_pids(marker)   # taken once: a killed raylet's agents lose their parent, not their place in this set
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid, start in pids.items():
+            try:
+                if running(pid, start): os.kill(pid, sig)
+            except ProcessLookupError: pass
+        t0 = time.monotonic()
+        while (alive := [p for p, t in pids.items() if running(p, t)]) and time.monotonic() - t0 < timeout: time.sleep(0.2)
+        if not alive: return
+
+
 @pytest.fixture(scope='module')
 def cluster(tmp_path_factory):
-    "A head and a worker node on 127.0.0.1 (or the cluster in MARIO_RAY_ADDRESS); both stopped afterwards, also on failure."
+    """A head and a worker node on 127.0.0.1 (or the cluster in MARIO_RAY_ADDRESS) with state of their own: a fresh
+    home (no `~/.ray` token of an earlier local Ray), their own temporary folder, no token authentication on loopback.
+    Afterwards exactly the processes they started are stopped, also on failure."""
     if os.environ.get('MARIO_RAY_ADDRESS'):
         yield os.environ['MARIO_RAY_ADDRESS']; return
-    port, env = free_port(), fast_import_env(tmp_path_factory.mktemp('ray-env'))
+    tmp = tmp_path_factory.mktemp('ray')
+    (tmp / 'home').mkdir()
+    temp_dir = tempfile.mkdtemp(prefix='ray-')   # short: Ray's unix socket paths live under it
+    marker = secrets.token_hex(8)
+    port, env = free_port(), fast_import_env(tmp)
+    env.update(HOME=str(tmp / 'home'), RAY_AUTH_MODE='disabled', MARIO_RAY_TEST=marker)
+    mp = pytest.MonkeyPatch()
+    mp.setenv('RAY_AUTH_MODE', 'disabled')   # this process joins as the driver: no token from this machine's ~/.ray
     try:
+        node = [*SMALL, '--temp-dir', temp_dir]
         head = ray_cli('start', '--head', '--port', str(port), '--include-dashboard=false', '--no-monitor',
-                       '--ray-client-server-port', str(free_port()), *SMALL, env=env)
+                       '--ray-client-server-port', str(free_port()), *node, env=env)
         if head.returncode:
             pytest.fail(f"ray start --head failed: {(head.stderr or head.stdout).strip().splitlines()[-1]}")
-        worker = ray_cli('start', '--address', f'127.0.0.1:{port}', *SMALL, env=env)
+        worker = ray_cli('start', '--address', f'127.0.0.1:{port}', *node, env=env)
         if worker.returncode:
             pytest.fail(f"ray start (worker) failed: {(worker.stderr or worker.stdout).strip().splitlines()[-1]}")
         yield f'127.0.0.1:{port}'
     finally:
         if ray.is_initialized(): ray.shutdown()
-        ray_cli('stop', '--force', timeout=120)
+        stop_started(marker)
+        mp.undo()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert not started_pids(marker)
 
 
 class Where(Callback):

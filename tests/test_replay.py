@@ -111,13 +111,20 @@ def test_stratified_batch_covers_every_stratum():
 
 @pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
 def test_importance_weights_closed_form(beta):
+    """Weights are normalised by the largest weight of the whole buffer (its rarest item), not of the batch: the
+    rarest item here is almost never drawn, so the two differ."""
     buf, _, prio = filled()
+    rare = int(np.argmin(prio))
+    prio[rare] = 1e-4   # 40 times less likely than the next rarest
+    buf.update_priorities([rare], [prio[rare]])
     P = closed_form(prio, 0.6)
     idx, items, w = buf.sample(30, beta)
+    assert rare not in idx and P[rare] < P[idx].min() / 30
     assert items == [buf.items[i] for i in idx]
     assert w.dtype == np.float32 and w.shape == (30,)
     np.testing.assert_allclose(w, (50 * P[idx]) ** -beta / ((50 * P) ** -beta).max(), rtol=1e-6)
-    assert w.max() <= 1
+    np.testing.assert_allclose(w, (P[idx] / P[rare]) ** -beta, rtol=1e-6)   # the same, written with the rarest item
+    assert w.max() == 1 if beta == 0 else w.max() < 0.5   # the batch's own largest weight stays below 1
 
 
 def test_priority_updates_change_the_distribution():

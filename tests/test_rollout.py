@@ -1,7 +1,6 @@
 """Rollout collection: the SameStep episode boundary, carried state, episode stats once per episode, env failures."""
 import os
 import signal
-import time
 
 import numpy as np
 import pytest
@@ -148,11 +147,10 @@ def test_hung_worker_times_out():
     envs = make_vec_env(2, 'async', env_fn=CountingEnv, size=4, hang_at=2)
     envs.reset(seed=0)
     vec_step(envs, np.zeros(2, np.int64), timeout=10)
-    t0 = time.perf_counter()
-    with pytest.raises(EnvFailure, match="TimeoutError"):
+    with pytest.raises(EnvFailure, match=r"TimeoutError.* within 0\.5 s"):   # the wait's own limit, not the env's hour
         vec_step(envs, np.zeros(2, np.int64), timeout=0.5)
     envs.close(terminate=True)
-    assert time.perf_counter() - t0 < 5
+    assert not any(p.is_alive() for p in envs.processes)                  # the hung worker was ended
 
 
 def test_killed_worker_is_env_failure():

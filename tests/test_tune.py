@@ -2,7 +2,7 @@
 
 Tiny networks and a few updates: these tests check plumbing (storage, files, states, errors), never tuning quality.
 """
-import json, os, subprocess, sys, time
+import json, os, subprocess, sys
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +119,6 @@ def test_pruned_trial_stops_early(tmp_path, execution):
                 and not any(k in " ".join(p.cmdline()) for k in ("resource_tracker", "forkserver"))}
     before = ours()
     long = TrainingConfig(**{**TINY.to_dict(), "total_updates": 100000})
-    t0 = time.monotonic()
     st = run_study(long, 1, "p", tmp_path, {"lr": Dim(1e-4, 1e-3, log=True)}, execution=execution, pruner=PruneAfter(),
                    timeout_s=600)
     t = st.trials[0]
@@ -127,7 +126,6 @@ def test_pruned_trial_stops_early(tmp_path, execution):
     updates = [json.loads(l)["update"] for l in (Path(t.user_attrs["run_dir"]) / "metrics.jsonl").read_text().splitlines()
                if '"kind": "update"' in l]
     assert max(updates) < 200, max(updates)  # stopped right after the prune, nowhere near 100000 updates
-    assert time.monotonic() - t0 < 300
     assert ours() <= before, ours() - before  # no papermill, kernel or worker process survives a pruned trial
     if execution == "papermill": assert (tmp_path / "p" / "trial-0.ipynb").exists()
 
