@@ -313,6 +313,7 @@ def test_a_plain_install_carries_the_shipped_agent(tmp_path):
     src = tmp_path / "src"; src.mkdir()
     for name in ("setup.py", "settings.ini", "pyproject.toml", "README.md"): shutil.copy(ROOT / name, src / name)
     shutil.copytree(ROOT / "mario_a3c", src / "mario_a3c", ignore=shutil.ignore_patterns("__pycache__"))
+    (src / "nbs").mkdir(); shutil.copy(ROOT / "nbs" / "train.ipynb", src / "nbs" / "train.ipynb")
     pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
     subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist", src], check=True, capture_output=True, timeout=600)
     (whl,) = (tmp_path / "dist").glob("mario_a3c-*.whl")
@@ -323,3 +324,8 @@ def test_a_plain_install_carries_the_shipped_agent(tmp_path):
     path, names = r.stdout.strip().splitlines()[-2:]
     assert Path(path) == tmp_path / "site" / "mario_a3c" / "pretrained" / "a3c_world1_stage1.pt" and names == "['1-1']"
     assert Path(path).read_bytes() == (ROOT / "mario_a3c" / "pretrained" / "a3c_world1_stage1.pt").read_bytes()
+    # the train notebook comes with it, so `tune --execution papermill` works outside a checkout
+    code = "from mario_a3c.tune_papermill import train_notebook; print(train_notebook())"
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(tmp_path / "site")}, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300, check=True)
+    assert Path(r.stdout.strip().splitlines()[-1]) == tmp_path / "site" / "mario_a3c" / "notebooks" / "train.ipynb"
