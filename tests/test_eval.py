@@ -181,7 +181,7 @@ def test_errors_are_one_line_naming_the_file(ckpt, tmp_path):
     missing = tmp_path / "nowhere" / "a3c_world1_stage1_latest.pt"
     assert f"checkpoint {missing} does not exist" in one_error_line("--checkpoint", missing, process=True)
 
-    nometa = copy_ckpt(ckpt, tmp_path / "nometa"); meta_path(nometa).unlink()
+    nometa = copy_ckpt(ckpt, tmp_path / "nometa"); meta_path(nometa).unlink(); torch.save({"weights": torch.zeros(2)}, nometa)
     assert f"checkpoint {nometa} has no metadata file a3c_world1_stage1_latest.json" in one_error_line("--checkpoint", nometa)
 
     def edited(name, edit):

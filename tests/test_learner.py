@@ -303,7 +303,8 @@ def test_compile_failure_falls_back_with_one_line():
     le = Learner(tiny_model(), config())
     le.accumulate(random_batch(le.model))
     oe = le.step()
-    assert len(notes) == 1 and notes[0].startswith('torch.compile unavailable (') and '\n' not in notes[0]
+    assert notes[0].startswith('torch.compile: the first update compiles the model')   # said before the wait
+    assert len(notes) == 2 and notes[1].startswith('torch.compile unavailable (') and '\n' not in notes[1]
     assert lc.compile_state == 'off'
     assert oc['losses/total'] == pytest.approx(oe['losses/total'], rel=1e-7)
 
