@@ -14,6 +14,7 @@ from mario_a3c.checkpoint import capture_rng_state, checkpoint_path, load_checkp
 from mario_a3c.config import TrainingConfig
 from mario_a3c.rollout import CountingEnv
 from mario_a3c.trainer import Trainer, train
+from states import same
 
 
 def tiny(tmp_path, **kw):
@@ -98,14 +99,6 @@ def test_resume_continues_counters_and_curves(tmp_path):
     frames = [u['frames'] for u in read_metrics(cfg.metrics_path, 'update')]
     assert frames == [48 * k for k in range(1, 9)]
     assert len(os.listdir(tmp_path / 'tb' / 't')) >= 2          # both sessions wrote into the same TensorBoard run
-
-
-def same(a, b) -> bool:
-    "Exact equality of nested states: tensors (dtype and values), dicts (keys), lists/tuples, plain values."
-    if isinstance(a, torch.Tensor): return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict): return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)): return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(same, a, b))
-    return type(a) is type(b) and a == b
 
 
 def test_round_trip_restores_weights_optimizer_rng_and_best_score(tmp_path):
