@@ -128,3 +128,19 @@ def test_a_local_ray_listens_on_loopback_only():
     assert res.returncode == 0, res.stderr[-3000:]
     addrs = json.loads(res.stdout.strip().splitlines()[-1].replace("'", '"'))
     assert addrs and all(a in ("127.0.0.1", "::1", "::ffff:127.0.0.1") for a in addrs), addrs
+
+
+def test_unwritable_video_folder_is_one_line_before_playing(tmp_path):
+    "`eval --video --video-dir` that cannot be written: one line naming the setting, exit 2, nothing played."
+    (tmp_path / "file").write_text("x")
+    res = cli("eval", "--pretrained", "1-1", "--episodes", "1", "--video", "--video-dir", str(tmp_path / "file" / "videos"))
+    assert res.returncode == 2 and res.stdout == "", res.stdout[-500:]
+    assert res.stderr.strip() == f"mario-a3c eval: error: video_dir='{tmp_path}/file/videos' is not writable: Not a directory"
+
+
+def test_the_readme_short_papermill_run_needs_no_warmup_value(tmp_path):
+    "`papermill nbs/train.ipynb OUT -p total_updates 2` (the README's example) runs: the warm-up shortens to the run."
+    res = subprocess.run([str(BIN / "papermill"), "nbs/train.ipynb", str(tmp_path / "out.ipynb"), "-p", "total_updates", "2",
+                          "-p", "runs_dir", str(tmp_path / "runs"), "-p", "checkpoint_dir", str(tmp_path / "ckpt"),
+                          "-p", "tensorboard_dir", str(tmp_path / "tb")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
