@@ -183,7 +183,8 @@ class ConsoleLogger(Callback):
         c = getattr(trainer, 'config', None)
         if c is not None and hasattr(c, 'frames_per_update'):
             self._print(f"train {c.run_name or ''}: world {c.world}-{c.stage}, {c.recurrent_type}, {c.returns}"
-                        f"{' + per' if c.per else ''}, {c.total_updates} updates x {c.frames_per_update} frames, "
+                        f"{' + per' if c.per else ''}, {c.total_updates} updates x {c.frames_per_update} frames"
+                        f"{f' or {c.max_minutes:g} minutes' if getattr(c, 'max_minutes', 0) else ''}, "
                         f"device {getattr(trainer, 'device', c.device)}, from update {step_of(trainer)[0]}")
         self.last = None
     def on_update(self, trainer, metrics):

@@ -72,7 +72,7 @@ def _cmd_train(args) -> int:
     else: trainer = Trainer(config_from_args(args))
     summary = trainer.train()
     print(json.dumps(summary))
-    return 0 if summary['stopped'] in ('done', 'stop', 'interrupted') else 1
+    return 0 if summary['stopped'] in ('done', 'time', 'stop', 'interrupted') else 1
 
 def _cmd_curves(args) -> int:
     "Redraw the learning curves in the docs from the shipped metrics and print each run's milestones."

@@ -33,7 +33,7 @@ class _Range(NamedTuple):
 
 RANGES = dict(
     max_episode_steps=_Range(0), num_envs=_Range(1), blocks=_Range(0), hidden=_Range(1), core_size=_Range(1),
-    window=_Range(1), heads=_Range(1), rollout_steps=_Range(1), total_updates=_Range(1), lr=_Range(0, open_lo=True),
+    window=_Range(1), heads=_Range(1), rollout_steps=_Range(1), total_updates=_Range(1), max_minutes=_Range(0), lr=_Range(0, open_lo=True),
     weight_decay=_Range(0), warmup_updates=_Range(0), lr_floor=_Range(0, 1), grad_accum=_Range(1), epochs=_Range(1), minibatches=_Range(1), ppo_clip=_Range(0, 1),
     clip_grad=_Range(0),
     adam_eps=_Range(0, open_lo=True), gamma=_Range(0, 1), gae_lambda=_Range(0, 1), rho_bar=_Range(0, open_lo=True),
@@ -101,6 +101,7 @@ class TrainingConfig:
     # Optimisation
     rollout_steps: int = 32  # agent steps per env per rollout
     total_updates: int = 10000  # optimizer steps in the run
+    max_minutes: float = 0.0  # wall-clock minutes after which the run saves and stops, if total_updates has not ended it first (0: no limit)
     lr: float = 2.5e-4  # AdamW peak learning rate
     weight_decay: float = 0.0  # AdamW weight decay
     warmup_updates: int = 100  # linear learning-rate warm-up in updates (a shorter run warms up over all its updates)

@@ -71,9 +71,7 @@ class Trainer:
         self.act_threads = config.threads or _TORCH_THREADS
         torch.set_num_threads(self.act_threads)
         random.seed(config.seed); np.random.seed(config.seed); torch.manual_seed(config.seed)
-        self.model = ImpalaActorCritic(**config.model_kwargs())
-        if config.init_from: init_weights(self.model, config, config.init_from)   # fine-tuning; a resume loads its own
-        self.model = self.model.to(self.device)
+        self.model = ImpalaActorCritic(**config.model_kwargs()).to(self.device)
         self.learner = Learner(self.model, config, self.device, log=log)
         self.replay = PrioritizedReplay(config.per_capacity, config.per_alpha, seed=config.seed) if config.per else None
         self.sil = EpisodeMemory(config.sil_capacity, config.gamma, config.sil_alpha, seed=config.seed) if config.sil else None
@@ -304,9 +302,11 @@ def _summary(self:Trainer, stopped:str, checkpoint=None) -> dict:
                 run_dir=str(self.config.run_dir))
 
 def _train(self:Trainer) -> dict:
-    "Train until `total_updates` (or a stop, Ctrl-C, a NaN streak, failing envs); save `latest`; return the summary."
+    "Train until `total_updates` or `max_minutes` (or a stop, Ctrl-C, a NaN streak, failing envs); save `latest`; return the summary."
     c = self.config
     self.check_outputs()
+    if c.init_from and not self.resumed and self.updates == 0:   # fine-tuning starts here; a resume has its own weights
+        init_weights(self.model, c, c.init_from)
     self._stop.clear(); self.env_restarts = 0
     self._t0, self._frames0, self._updates0 = time.perf_counter(), self.frames, self.updates
     c.to_json(c.config_path)
@@ -322,6 +322,7 @@ def _train(self:Trainer) -> dict:
                 self.log(f"{self.learner.nan_streak} updates in a row with a non-finite loss: saving and stopping")
                 stopped = 'nan'; break
             self._after_update()
+            if c.max_minutes and time.perf_counter() - self._t0 >= 60 * c.max_minutes: stopped = 'time'; break
     except KeyboardInterrupt:
         stopped = 'interrupted'
         self.log(f"interrupted at update {self.updates}: saving a checkpoint")
@@ -330,7 +331,7 @@ def _train(self:Trainer) -> dict:
         try: self.callbacks.on_train_end(self, self.summary(f'error: {type(e).__name__}'))
         except Exception: pass
         raise
-    self._close_envs(terminate=stopped != 'done')
+    self._close_envs(terminate=stopped not in ('done', 'time'))
     self.learner.discard()
     saved_at, path = self._latest
     if saved_at != self.updates or path is None: path = self.save('latest')  # unless this update's is already saved

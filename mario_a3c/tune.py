@@ -135,7 +135,7 @@ def run_inprocess(config:TrainingConfig, reporter:TrialReporter, out=None, timeo
     "Train in this process with a `PruningCallback`; raise unless the run finished or was pruned."
     from mario_a3c.trainer import Trainer
     summary = Trainer(config, [PruningCallback(reporter)]).train()
-    if summary['stopped'] not in ('done', 'stop'): raise RuntimeError(f"training stopped early: {summary['stopped']}")
+    if summary['stopped'] not in ('done', 'time', 'stop'): raise RuntimeError(f"training stopped early: {summary['stopped']}")
 
 # %% ../nbs/10_tune.ipynb #6d0c3ec6
 def default_pruner(warmup_updates:int=0, startup_trials:int=2):

@@ -4,19 +4,19 @@
 
 # %% ../nbs/08_widgets.ipynb #4750ca3a
 from __future__ import annotations
-import io, math, os, sys, threading, time
+import asyncio, io, math, os, sys, threading, time
 from typing import Callable
 
 import cv2
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.ticker import EngFormatter, FormatStrFormatter
+from matplotlib.ticker import EngFormatter, ScalarFormatter
 
 from .callbacks import Callback, ConsoleLogger
 
 # %% auto #0
-__all__ = ['CURVES', 'widget_frontend', 'Every', 'History', 'png_bytes', 'Curves', 'TrainingPanel']
+__all__ = ['CURVES', 'widget_frontend', 'until', 'Every', 'History', 'png_bytes', 'Curves', 'TrainingPanel']
 
 # %% ../nbs/08_widgets.ipynb #1b5a3f1e
 def widget_frontend() -> bool:
@@ -30,6 +30,18 @@ def widget_frontend() -> bool:
     try: parent = ip.kernel.get_parent('shell')
     except Exception: return False
     return bool((parent or {}).get('metadata', {}).get('cellId'))
+
+# %% ../nbs/08_widgets.ipynb #463e894e
+async def until(done:Callable[[], bool], # polled condition
+                timeout:float|None=None, # seconds (None: no limit)
+                poll_s:float=0.1, # seconds between polls
+               ) -> bool:
+    "Await `done()` without blocking the kernel's event loop (widget clicks are handled meanwhile); False on timeout."
+    t0 = time.monotonic()
+    while not done():
+        if timeout is not None and time.monotonic() - t0 >= timeout: return False
+        await asyncio.sleep(poll_s)
+    return True
 
 # %% ../nbs/08_widgets.ipynb #3c9b4c9c
 class Every:
@@ -74,7 +86,8 @@ class Curves:
         self.lines = {}
         for ax, (key, title) in zip(axes, names):
             ax.set_title(title, fontsize=9); ax.tick_params(labelsize=7); ax.grid(alpha=0.3); ax.locator_params(nbins=4)
-            ax.yaxis.set_major_formatter(FormatStrFormatter('%.3g')); ax.xaxis.set_major_formatter(EngFormatter(sep=''))  # short labels
+            y = ScalarFormatter(); y.set_powerlimits((-3, 4))   # distinct ticks: more digits, or an offset if nearly flat
+            ax.yaxis.set_major_formatter(y); ax.xaxis.set_major_formatter(EngFormatter(sep=''))   # frames: 50k, 1.2M
             self.lines[key] = ax.plot([], [], lw=1, marker='.', ms=3)[0]
         self.fig.tight_layout()
     def png(self, data:dict) -> bytes:
@@ -82,9 +95,15 @@ class Curves:
         for key, line in self.lines.items():
             if key in data: line.set_data(*data[key]); line.axes.relim(); line.axes.autoscale_view()
         buf = io.BytesIO(); self.fig.savefig(buf, format='png', pil_kwargs={'compress_level': 1}); return buf.getvalue()
+    def blank(self) -> bytes:
+        "A PNG of the figure's size that says where the curves will be (shown until the first redraw)."
+        fig = Figure(figsize=self.fig.get_size_inches(), dpi=self.fig.dpi); FigureCanvasAgg(fig)
+        fig.text(0.5, 0.5, 'the curves appear here after the first updates', ha='center', va='center', color='0.4')
+        buf = io.BytesIO(); fig.savefig(buf, format='png'); return buf.getvalue()
 
 # %% ../nbs/08_widgets.ipynb #efd6b581
-_STYLE = '<style>.mario-frame {image-rendering: pixelated;}</style>'   # crisp upscaled NES pixels
+_STYLE = ('<style>.mario-frame {image-rendering: pixelated;}'   # crisp upscaled NES pixels
+          ' .mario-status .widget-html-content {white-space: normal; overflow-wrap: anywhere; line-height: 1.4;}</style>')
 
 def _hms(s) -> str:
     if s is None or not math.isfinite(s): return '?'
@@ -125,15 +144,18 @@ class TrainingPanel(Callback):
         s = self.scale
         self.frame_img = W.Image(format='png', layout=W.Layout(width=f'{256 * s}px', height=f'{240 * s}px'))
         self.curves_img, self.curves = W.Image(format='png'), Curves()
+        # a black screen and a note until the first frame and redraw (an empty Image shows a broken-image icon)
+        self.frame_img.value, self.curves_img.value = png_bytes(np.zeros((240, 256, 3), np.uint8)), self.curves.blank()
         self.env_pick = W.Dropdown(options=[0], value=0, description='env', layout=W.Layout(width='150px'))
         self.pause_btn = W.Button(description='Pause preview', icon='pause')
         auto = W.Layout(width='auto')
         self.save_btn = W.Button(description='Save checkpoint now', icon='save', layout=auto)
         self.stop_btn = W.Button(description='Stop training', icon='stop', button_style='danger', layout=auto)
-        self.bar = W.IntProgress(value=0, min=0, max=1, layout=W.Layout(width='100%'))
+        self.bar = W.IntProgress(value=0, min=0, max=1000, layout=W.Layout(width='100%'))   # per mille of the run
         self.progress, self.status = W.HTML('waiting for the first update'), W.HTML('')
         for w, c in ((self.frame_img, 'mario-frame'), (self.curves_img, 'mario-curves'), (self.progress, 'mario-progress'),
-                     (self.stop_btn, 'mario-stop'), (self.save_btn, 'mario-save'), (self.status, 'mario-status')): w.add_class(c)
+                     (self.pause_btn, 'mario-pause'), (self.stop_btn, 'mario-stop'), (self.save_btn, 'mario-save'),
+                     (self.status, 'mario-status')): w.add_class(c)
         self.pause_btn.on_click(lambda _: self.toggle_preview())
         self.save_btn.on_click(lambda _: self.save_now())
         self.stop_btn.on_click(lambda _: self.stop())
@@ -150,7 +172,7 @@ def _start(self:TrainingPanel, trainer, # a `Trainer` (or anything with its call
     "Train `trainer` with this panel: in a background thread behind the widgets, or here with plain lines."
     if self.thread is not None and self.thread.is_alive(): raise RuntimeError("this panel is already running a trainer")
     self.trainer, self.result, self.error = trainer, None, None
-    self._done.clear()
+    self._done.clear(); self._save.clear()
     cbs = trainer.callbacks.callbacks
     if self not in cbs: cbs.append(self)
     if not self.widgets:
@@ -189,6 +211,10 @@ def _curves_loop(self:TrainingPanel):
         try: self.draw_curves()
         except Exception as e: self._note(f'panel: {type(e).__name__}: {e}')
 
+def _finished(self:TrainingPanel) -> bool:
+    "True once training has ended and the panel shows how (always True headless)."
+    return not any(t is not None and t.is_alive() for t in (self.thread, self.ui, self.plot))
+
 def _wait(self:TrainingPanel, timeout:float|None=None) -> dict|None:
     "Block until training ended (or `timeout`); the trainer's summary. Clicks wait while a cell blocks here."
     for t in (self.thread, self.ui, self.plot):
@@ -196,17 +222,26 @@ def _wait(self:TrainingPanel, timeout:float|None=None) -> dict|None:
     if self.error is not None: raise self.error
     return self.result
 
+async def _wait_async(self:TrainingPanel, timeout:float|None=None) -> dict|None:
+    "`await` it in a notebook: the summary, as `wait` gives it, while the buttons stay live (Run All included)."
+    try: await until(self.finished, timeout)
+    except (KeyboardInterrupt, asyncio.CancelledError):   # the kernel's stop button: stop training gracefully too
+        self.stop(); raise
+    return self.wait(0)
+
 def _toggle_preview(self:TrainingPanel):
     "Pause or resume the frame preview (training goes on)."
     self.paused = not self.paused
     if self.widgets: self.pause_btn.description = 'Resume preview' if self.paused else 'Pause preview'
 
 def _save_now(self:TrainingPanel):
-    "Ask for a `latest` checkpoint; the training thread writes it after the current update."
+    "Ask for a `step<N>` checkpoint; the training thread writes it after the current update."
+    if self._done.is_set(): return
     self._save.set(); self._note('saving a checkpoint after this update...')
 
 def _stop(self:TrainingPanel):
     "Stop training gracefully: the trainer saves a checkpoint and returns its summary."
+    if self._done.is_set(): return
     if self.trainer is not None: self.trainer.stop()
     if self.widgets: self.stop_btn.disabled = True
     self._note('stopping after this update...')
@@ -216,14 +251,14 @@ def _show_env(self:TrainingPanel, i:int):
     self.env_index, self._shown = int(i), None
 
 TrainingPanel.start, TrainingPanel._train, TrainingPanel._ui_loop, TrainingPanel.wait = _start, _train, _ui_loop, _wait
-TrainingPanel._curves_loop = _curves_loop
+TrainingPanel._curves_loop, TrainingPanel.finished, TrainingPanel.wait_async = _curves_loop, _finished, _wait_async
 TrainingPanel.toggle_preview, TrainingPanel.save_now, TrainingPanel.stop, TrainingPanel.show_env = _toggle_preview, _save_now, _stop, _show_env
 
 # %% ../nbs/08_widgets.ipynb #a4ef7a62
 def _on_train_begin(self:TrainingPanel, trainer): self._t0, self._f0 = self.clock(), trainer.frames
 
 def _on_update(self:TrainingPanel, trainer, metrics):
-    if self._save.is_set(): self._save.clear(); trainer.save('latest')
+    if self._save.is_set(): self._save.clear(); trainer.save(f'step{trainer.updates}')
     if not self.active: return
     f = metrics.get('frames', trainer.frames)
     for k in _UPDATE_CURVES:
@@ -242,16 +277,29 @@ def _on_checkpoint(self:TrainingPanel, trainer, path, tag):
     if self.widgets: self._note(f'checkpoint {tag}: {path}')
 
 def _on_train_end(self:TrainingPanel, trainer, summary):
+    if self._save.is_set() and not str(summary.get('stopped')).startswith('error'):   # Save pressed in the last update
+        self._save.clear(); trainer.save(f'step{trainer.updates}')
     if not self.widgets and not self._quiet: self._note('done: ' + self.progress_text())
 
-def _progress_text(self:TrainingPanel) -> str:
-    "frames, updates, elapsed and remaining time (from this run's speed)."
+def _progress_info(self:TrainingPanel) -> dict:
+    "Where the run stands against whichever limit ends it first: `total_updates` (at this run's speed) or `max_minutes`."
     t = self.trainer; c = t.config
     total, done = c.total_updates * c.frames_per_update, t.frames
     el = self.clock() - self._t0 if self._t0 is not None else 0.0
     rate = (done - self._f0) / el if el > 0 and done > self._f0 else None
-    return (f"frames {done:,}/{total:,} ({100 * done / max(total, 1):.0f}%)  updates {t.updates}/{c.total_updates}  "
-            f"elapsed {_hms(el)}  remaining {_hms((total - done) / rate if rate else None)}")
+    by_updates = (total - done) / rate if rate else None
+    by_time = max(60 * c.max_minutes - el, 0.0) if c.max_minutes else None
+    timed = by_time is not None and (by_updates is None or by_time < by_updates)   # the budget ends the run first
+    return dict(frames=done, total=total, elapsed=el, timed=timed, remaining=by_time if timed else by_updates,
+                fraction=min(el / (60 * c.max_minutes), 1.0) if timed else min(done / max(total, 1), 1.0))
+
+def _progress_text(self:TrainingPanel) -> str:
+    "frames, updates, elapsed and remaining time; the percentage belongs to the limit that ends the run first."
+    p, t = self.progress_info(), self.trainer
+    pct, c = f"({100 * p['fraction']:.0f}%)", t.config
+    frames = f"frames {p['frames']:,}/{p['total']:,}" + ('' if p['timed'] else f' {pct}')
+    elapsed = f"elapsed {_hms(p['elapsed'])}" + (f" of {_hms(60 * c.max_minutes)} {pct}" if p['timed'] else '')
+    return f"{frames}  updates {t.updates}/{c.total_updates}  {elapsed}  remaining {_hms(p['remaining'])}"
 
 def _note(self:TrainingPanel, msg:str):
     if self.widgets: self.status.value = msg
@@ -275,8 +323,7 @@ def _tick(self:TrainingPanel, final:bool=False, curves:bool=True):
         if f is not None and f is not self._shown:
             self._shown, self.frame_img.value = f, png_bytes(f); self.frames_shown += 1
     if self.every['progress']() or final:
-        c = t.config
-        self.bar.max, self.bar.value = c.total_updates * c.frames_per_update, t.frames
+        self.bar.value = round(1000 * self.progress_info()['fraction'])
         self.progress.value = self.progress_text()
     if curves or final: self.draw_curves(force=final)
     if final:
@@ -287,4 +334,4 @@ def _tick(self:TrainingPanel, final:bool=False, curves:bool=True):
 
 TrainingPanel.on_train_begin, TrainingPanel.on_update, TrainingPanel.on_episode_end = _on_train_begin, _on_update, _on_episode_end
 TrainingPanel.on_checkpoint, TrainingPanel.on_train_end, TrainingPanel.progress_text = _on_checkpoint, _on_train_end, _progress_text
-TrainingPanel._note, TrainingPanel.tick, TrainingPanel.draw_curves = _note, _tick, _draw_curves
+TrainingPanel.progress_info, TrainingPanel._note, TrainingPanel.tick, TrainingPanel.draw_curves = _progress_info, _note, _tick, _draw_curves

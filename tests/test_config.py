@@ -11,8 +11,6 @@ import pytest
 from mario_a3c.config import (IMMUTABLE_FIELDS, TrainingConfig, add_config_args, config_from_args, describe_fields,
                               explicit_overrides, parameters_cell_source, resolve_device)
 
-NAMES = [f.name for f in fields(TrainingConfig)]
-
 
 def parser():
     return add_config_args(argparse.ArgumentParser(prog="train"))
@@ -24,7 +22,7 @@ def test_design_fields_and_defaults():
                 random_stage=False, stage_span=1, max_episode_steps=0, held_buttons=False, sticky_actions=0.0,
                 repress_jump=False, num_envs=8, vectorization="threads",
                 channels="8,16,16", blocks=1, hidden=256, recurrent_type="lstm", core_size=256, window=16, heads=4,
-                noisy=False, layer_norm=True, init_from="", rollout_steps=32, total_updates=10000, lr=2.5e-4, weight_decay=0.0, warmup_updates=100,
+                noisy=False, layer_norm=True, init_from="", rollout_steps=32, total_updates=10000, max_minutes=0.0, lr=2.5e-4, weight_decay=0.0, warmup_updates=100,
                 lr_floor=0.1, grad_accum=1, epochs=1, minibatches=1, clip_grad=40.0, adam_eps=1e-5, returns="vtrace", gamma=0.99,
                 gae_lambda=0.95, rho_bar=1.0, c_bar=1.0, entropy_beta=0.01, value_coef=0.5, ppo_clip=0.0, adv_norm=False, per=False,
                 per_capacity=2000, per_alpha=0.6, per_beta=0.4, per_batch=4, per_warmup=16, sil=False, sil_coef=1.0,
@@ -39,9 +37,21 @@ def test_design_fields_and_defaults():
                                      "recurrent_type", "core_size", "window", "heads", "noisy", "layer_norm"}
 
 
+def class_body_fields():
+    "(name, type, section, comment) of each field line of the TrainingConfig source, read as plain text."
+    import inspect, re
+    src = inspect.getsource(TrainingConfig).split("\n    def ")[0].split("\n    @")[0]
+    out, section = [], None
+    for line in src.splitlines():
+        if m := re.fullmatch(r"    # (.+)", line): section = m[1]
+        elif m := re.fullmatch(r"    (\w+): (\w+) = .+?  # (.+)", line): out.append((m[1], m[2], section, m[3]))
+    return out
+
+
 def test_every_field_is_documented_and_typed():
     info = describe_fields()
-    assert [i.name for i in info] == NAMES
+    assert [(i.name, i.type.__name__, i.section, i.doc) for i in info] == class_body_fields()
+    assert len(info) == len(TrainingConfig().to_dict()) > 70   # every field has its line
     assert all(i.doc and i.section for i in info), [i.name for i in info if not (i.doc and i.section)]
     assert all(i.type in (int, float, str, bool) and isinstance(i.default, i.type) for i in info)
 

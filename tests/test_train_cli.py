@@ -6,6 +6,7 @@ import json, os, subprocess, sys
 from pathlib import Path
 
 import pytest
+from states import same
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -47,6 +48,14 @@ def test_cli_trains_each_core(tmp_path, core, returns, per):
     assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
 
 
+def test_time_budget_ends_a_run_with_a_checkpoint(tmp_path):
+    """`--max-minutes` stops a run that `--total-updates` would keep going: exit 0, a checkpoint, `stopped` says why."""
+    res = run_cli("train", *TINY, *out_dirs(tmp_path), "--total-updates", "100000", "--max-minutes", "0.05", "--run-name", "b")
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["stopped"] == "time" and 1 <= summary["updates"] < 100000 and summary["wall_s"] >= 3, summary
+    meta = json.loads((tmp_path / "ckpt" / "a3c_world1_stage1_latest.json").read_text())
+    assert meta["updates"] == summary["updates"] and meta["config"]["max_minutes"] == 0.05
+
 def test_held_buttons_sticky_actions_and_repress_jump_train_then_evaluate(tmp_path):
     """The planes widen the network's input: training, the checkpoint and evaluation must agree on it."""
     run_cli("train", *TINY, *out_dirs(tmp_path), "--total-updates", "2", "--run-name", "h", "--no-gray",
@@ -81,6 +90,26 @@ def test_resume_continues_counters_and_curves(tmp_path):
     assert [m["update"] for m in metrics(tmp_path / "runs" / "r")] == [1, 2, 3, 4]
     frames = [m["frames"] for m in metrics(tmp_path / "runs" / "r")]
     assert frames == sorted(frames) and len(set(frames)) == 4
+
+
+def test_resume_restores_weights_optimizer_rng_and_best_score(tmp_path):
+    """`--resume` brings back the whole state: a resumed run with no update left saves exactly what it loaded."""
+    import torch
+    run_cli("train", *TINY, *out_dirs(tmp_path), "--total-updates", "3", "--run-name", "b", "--avg-window", "2",
+            "--max-episode-steps", "4", "--checkpoint-every", "10", "--per", "--per-warmup", "1", "--per-batch", "2")
+    ckpt = tmp_path / "ckpt" / "a3c_world1_stage1_latest.pt"
+    before = torch.load(ckpt, weights_only=True)
+    state = before["state"]
+    assert state["best_avg_return"] is not None and len(state["window"]) == 2   # a best score to carry over
+    assert state["learner"]["optimizer"]["state"][0]["exp_avg_sq"].abs().sum() > 0 and "numpy" in state["rng"]
+    res = run_cli("train", "--resume", str(ckpt), "--total-updates", "3")
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert (summary["updates"], summary["best_avg_return"]) == (3, state["best_avg_return"])
+    after = torch.load(ckpt, weights_only=True)
+    assert after["meta"]["save_id"] != before["meta"]["save_id"]          # written again, by the resumed process
+    for k in state:   # weights, optimizer and schedule, RNG streams, counters, episode window, best score
+        assert same(after["state"][k], state[k]), k
+    assert after["state"].keys() == state.keys()
 
 
 def test_conflicting_resume_override_is_refused(tmp_path):
@@ -118,8 +147,8 @@ def test_bad_flag_value_gives_one_line(tmp_path, flag, value, msg):
 
 def test_config_out_then_config_in(tmp_path):
     cfg = tmp_path / "run.json"
-    run_cli("train", *TINY, *out_dirs(tmp_path), "--total-updates", "1", "--run-name", "a", "--config-out", str(cfg))
-    assert json.loads(cfg.read_text())["channels"] == "4,8"
+    run_cli("train", *TINY, *out_dirs(tmp_path), "--total-updates", "1", "--run-name", "a", "--config-out", str(cfg), "--dry-run")
+    assert json.loads(cfg.read_text())["channels"] == "4,8" and not (tmp_path / "runs").exists()   # exported, not trained
     res = run_cli("train", "--config", str(cfg), "--run-name", "b", "--total-updates", "2")
     assert json.loads(res.stdout.strip().splitlines()[-1])["updates"] == 2
     assert json.loads((tmp_path / "runs" / "b" / "config.json").read_text())["channels"] == "4,8"

@@ -42,7 +42,7 @@ def test_panel_rate_limits_frames_progress_and_curves():
 
     class Fake:
         config, frames, updates = TrainingConfig(total_updates=10, warmup_updates=1), 0, 0
-        def preview_frame(self, i): return np.full((240, 256, 3), int(now[0] * 8) % 256, np.uint8)
+        def preview_frame(self, i): return np.full((240, 256, 3), int(now[0] * 8) % 255 + 1, np.uint8)   # never the black placeholder
 
     p = TrainingPanel(frame_every_s=0.5, curves_every_s=4.0, progress_every_s=1.0, widgets=True, clock=lambda: now[0])
     p.trainer = t = Fake(); p.on_train_begin(t)
@@ -117,7 +117,7 @@ def test_stop_button_ends_a_real_run_with_a_checkpoint(tmp_path):
     p.start(trainer, display=False)
     assert time.monotonic() - t0 < 5 and p.thread.is_alive()     # start() returns while training goes on
     while trainer.updates < 2 and time.monotonic() - t0 < 90: time.sleep(0.05)
-    p.save_now()
+    p.save_now()                                                  # a step<N> checkpoint after the current update
     while trainer.updates < 4 and time.monotonic() - t0 < 90: time.sleep(0.05)
     p.stop_btn.click()                                            # the button's own handler
     s = p.wait(90)
@@ -126,7 +126,8 @@ def test_stop_button_ends_a_real_run_with_a_checkpoint(tmp_path):
     assert s['checkpoint'].endswith('_latest.pt') and (tmp_path / 'models').exists()
     assert p.curves_drawn >= 1 and decode(p.curves_img.value) is not None
     assert p.stop_btn.disabled and 'finished (stop)' in p.status.value
-    assert p.bar.value == s['frames'] and p.bar.max == 10_000 * trainer.config.frames_per_update
+    assert p.bar.max == 1000 and p.bar.value == round(1000 * s['frames'] / (10_000 * trainer.config.frames_per_update))
+    assert len(list((tmp_path / 'models').glob('a3c_world1_stage1_step*.pt'))) == 1   # Save's, not replaced by the final save
 
 
 def test_headless_runs_here_and_prints_lines(tmp_path):
