@@ -19,7 +19,7 @@ CFG = SimpleNamespace(returns='vtrace', gamma=0.9, gae_lambda=0.95, rho_bar=1.0,
                       ppo_clip=0.0, adv_norm=False)
 # Tolerances: bfloat16/float16 keep 8/11 mantissa bits -> loss within 2 %, gradient vector within 15 % relative error
 # (the CNN's weight gradients, sums of many products, came out 8-13 % off per conv layer in bfloat16, the whole
-# vector 1-8 % over 5 seeds; see 05d_learner);
+# vector 1-8 % over 5 seeds; see 07_learner);
 # compilation reorders float32 arithmetic only -> 1e-4.
 AMP_LOSS_RTOL, AMP_GRAD_RTOL, COMPILE_RTOL = 0.02, 0.15, 1e-4
 
