@@ -15,46 +15,7 @@ from .segments import Segment
 from .stacks import action_set
 
 # %% auto #0
-__all__ = ['CountingEnv', 'Rollout', 'check_batch', 'EnvFailure', 'vec_step', 'guarded', 'finished_episodes', 'Collected',
-           'collect']
-
-# %% ../nbs/06_rollout.ipynb #f56ca688
-class CountingEnv(gym.Env):
-    "Deterministic test env: obs channel 0 = steps into the episode, channel 1 = episode number; reward = step number."
-    def __init__(self,
-                 length:int=5,          # base episode length; env seeded with s runs `length + s % 3` steps
-                 size:int=84,           # observation height = width
-                 stack:int=4,           # observation channels (>= 2)
-                 actions:str='simple',  # action set name (only its size matters)
-                 fail_at:int|None=None, # raise at this step (counted since construction)
-                 hang_at:int|None=None, # sleep forever at this step
-                 nan_at:int|None=None,  # rewards are NaN from this step on
-                 **_):                  # other Mario env arguments, ignored
-        self.observation_space = gym.spaces.Box(0, 255, (max(stack, 2), size, size), np.uint8)
-        self.action_space = gym.spaces.Discrete(len(action_set(actions)))
-        self.base, self.length, self.fail_at, self.hang_at, self.nan_at = length, length, fail_at, hang_at, nan_at
-        self.t, self.episode, self.steps, self.ret = 0, -1, 0, 0.0
-
-    def _obs(self) -> np.ndarray:
-        o = np.zeros(self.observation_space.shape, np.uint8)
-        o[0], o[1] = self.t % 256, self.episode % 256
-        return o
-
-    def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed)
-        if seed is not None: self.length, self.episode = self.base + seed % 3, -1
-        self.t, self.ret, self.episode = 0, 0.0, self.episode + 1
-        return self._obs(), {}
-
-    def step(self, action):
-        self.steps += 1
-        if self.steps == self.fail_at: raise RuntimeError(f"scripted failure at step {self.steps}")
-        if self.steps == self.hang_at: time.sleep(3600)
-        self.t += 1; self.ret += self.t
-        done, info = self.t >= self.length, {}
-        if done: info['episode'] = dict(r=self.ret, native_r=self.ret, l=self.t, x=10 * self.t, flag=False, world=1, stage=1, t=0.0)
-        reward = float('nan') if self.nan_at is not None and self.steps >= self.nan_at else float(self.t)
-        return self._obs(), reward, done, False, info
+__all__ = ['Rollout', 'check_batch', 'EnvFailure', 'vec_step', 'guarded', 'finished_episodes', 'Collected', 'collect']
 
 # %% ../nbs/06_rollout.ipynb #70b4bc41
 class Rollout(NamedTuple):

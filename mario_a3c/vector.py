@@ -69,9 +69,3 @@ def _cause(e:BaseException) -> str:
     found = [l for l in lines if re.match(r'^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit): ', l)]
     text = found[-1] if found else f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
     return text if len(text) <= 200 else text[:197] + '...'
-
-# %% ../nbs/01e_vector.ipynb #574b9f5d
-def _fails_in_worker(parent_pid:int, message:str='no shared memory in this sandbox', **kw):
-    "Env factory used to demonstrate the fallback: raises in any process but `parent_pid`."
-    if os.getpid() != parent_pid: raise OSError(message)
-    return make_env(**kw)

@@ -268,26 +268,3 @@ BatchedAsyncVectorEnv.step, BatchedAsyncVectorEnv.get_attr, BatchedAsyncVectorEn
 BatchedAsyncVectorEnv.render, BatchedAsyncVectorEnv.close_extras = _render, _close_extras
 BatchedAsyncVectorEnv._in_env_order = _in_env_order
 BatchedAsyncVectorEnv.step_group_async, BatchedAsyncVectorEnv.step_group_wait = _step_group_async, _step_group_wait
-
-# %% ../nbs/01c_workers.ipynb #db161704
-def _raises_on_step(parent_pid:int, **kw):
-    "Env factory for the failure demos: its env raises on the 3rd step in a worker process."
-    env = make_env(**kw)
-    if os.getpid() == parent_pid: return env
-    n = [0]
-    def step(a, _step=env.step):
-        n[0] += 1
-        if n[0] == 3: raise RuntimeError('emulator exploded')
-        return _step(a)
-    env.step = step
-    return env
-
-class _Sleepy(gym.Env):
-    "Test env: sleeps `delay` s per step (releasing the GIL, like the emulator) and records which thread stepped it."
-    observation_space, action_space = gym.spaces.Box(0, 255, (1,), np.uint8), gym.spaces.Discrete(2)
-    def __init__(self, delay:float=0.2, block=None): self.delay, self.block, self.who = delay, block, []
-    def reset(self, seed=None, options=None): return np.zeros(1, np.uint8), {}
-    def step(self, a):
-        if self.block is not None: self.block.wait()   # a `threading.Event`: an env stuck until it is set
-        time.sleep(self.delay); self.who.append(threading.current_thread().name)
-        return np.ones(1, np.uint8), 1.0, False, False, {}

@@ -13,7 +13,7 @@ import pytest
 
 from mario_a3c.callbacks import Callback, read_metrics
 from mario_a3c.config import TrainingConfig
-from mario_a3c.rollout import CountingEnv
+from mario_a3c.testing import CountingEnv
 from mario_a3c.trainer import Trainer
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from mario_a3c.callbacks import Callback
 from mario_a3c.config import TrainingConfig
-from mario_a3c.rollout import CountingEnv
+from mario_a3c.testing import CountingEnv
 from mario_a3c.trainer import Trainer
 
 ray = pytest.importorskip('ray')

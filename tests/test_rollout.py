@@ -8,7 +8,8 @@ import torch
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
 from mario_a3c.models import ImpalaActorCritic
-from mario_a3c.rollout import (CountingEnv, EnvFailure, Rollout, check_batch, collect, finished_episodes, vec_step)
+from mario_a3c.testing import CountingEnv
+from mario_a3c.rollout import (EnvFailure, Rollout, check_batch, collect, finished_episodes, vec_step)
 from mario_a3c.segments import collate_segments
 from mario_a3c.vector import make_vec_env
 

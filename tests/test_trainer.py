@@ -12,7 +12,7 @@ import torch
 from mario_a3c.callbacks import Callback, METRIC_NAMES, read_metrics
 from mario_a3c.checkpoint import capture_rng_state, checkpoint_path, load_checkpoint, load_meta
 from mario_a3c.config import TrainingConfig
-from mario_a3c.rollout import CountingEnv
+from mario_a3c.testing import CountingEnv
 from mario_a3c.trainer import Trainer, train
 from states import same
 
