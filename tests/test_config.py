@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 from dataclasses import fields, replace
+from pathlib import Path
 
 import pytest
 
@@ -12,39 +13,46 @@ from mario_a3c.config import (IMMUTABLE_FIELDS, TrainingConfig, add_config_args,
                               explicit_overrides, parameters_cell_source, resolve_device)
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
 def parser():
     return add_config_args(argparse.ArgumentParser(prog="train"))
 
 
 def test_design_fields_and_defaults():
-    "The field set and defaults agreed in the trainer design (a hand-written copy, not read from the class)."
-    want = dict(world=1, stage=1, actions="simple", frame_skip=4, gray=True, size=64, stack=4, reward="shaped",
-                random_stage=False, stage_span=1, max_episode_steps=0, held_buttons=False, sticky_actions=0.0,
-                repress_jump=False, num_envs=8, vectorization="threads",
-                channels="8,16,16", blocks=1, hidden=256, recurrent_type="lstm", core_size=256, window=16, heads=4,
-                noisy=False, layer_norm=True, init_from="", rollout_steps=32, total_updates=10000, max_minutes=0.0, lr=2.5e-4, weight_decay=0.0, warmup_updates=100,
-                lr_floor=0.1, grad_accum=1, epochs=1, minibatches=1, clip_grad=40.0, adam_eps=1e-5, returns="vtrace", gamma=0.99,
-                gae_lambda=0.95, rho_bar=1.0, c_bar=1.0, entropy_beta=0.01, value_coef=0.5, ppo_clip=0.0, adv_norm=False, per=False,
+    "The field set and defaults: the World 1-1 recipe (a hand-written copy, not read from the class)."
+    want = dict(world=1, stage=1, actions="simple", frame_skip=4, gray=False, size=64, stack=4, reward="shaped",
+                random_stage=False, stage_span=1, max_episode_steps=0, held_buttons=True, sticky_actions=0.0,
+                repress_jump=True, num_envs=8, vectorization="threads",
+                channels="8,16,16", blocks=1, hidden=256, recurrent_type="none", core_size=256, window=16, heads=4,
+                noisy=False, layer_norm=True, init_from="", rollout_steps=32, total_updates=10000, max_minutes=0.0,
+                lr=2.5e-4, weight_decay=0.0, warmup_updates=100, lr_floor=0.1, grad_accum=1, epochs=2, minibatches=2,
+                clip_grad=40.0, adam_eps=1e-5, returns="vtrace", gamma=0.99, gae_lambda=0.95, rho_bar=1.0, c_bar=1.0,
+                entropy_beta=0.01, value_coef=0.5, ppo_clip=0.2, adv_norm=True, per=False,
                 per_capacity=2000, per_alpha=0.6, per_beta=0.4, per_batch=4, per_warmup=16, sil=False, sil_coef=1.0,
-                sil_value_coef=0.01, sil_batch=32, sil_capacity=8192, sil_alpha=0.6, sil_beta=0.1, amp=True, compile=True,
-                device="auto", threads=1, seed=0, step_timeout=60.0, max_env_restarts=5, max_nan_steps=5, run_name="",
-                runs_dir="output/runs", checkpoint_dir="trained_models",
-                tensorboard_dir="tensorboard/a3c_super_mario_bros", checkpoint_every=200, keep_step_checkpoints=False, overwrite=False,
-                log_every_s=10.0, avg_window=100, wandb_project="", wandb_mode="offline", mode="sync", actors=2,
-                queue_size=4, backend="mp", ray_address="")
+                sil_value_coef=0.01, sil_batch=32, sil_capacity=8192, sil_alpha=0.6, sil_beta=0.1, amp=True,
+                compile=True, device="auto", threads=1, seed=0, step_timeout=60.0, max_env_restarts=5,
+                max_nan_steps=5, run_name="", runs_dir="output/runs", checkpoint_dir="trained_models",
+                tensorboard_dir="tensorboard/a3c_super_mario_bros", checkpoint_every=200,
+                keep_step_checkpoints=False, overwrite=False, log_every_s=10.0, avg_window=100, wandb_project="",
+                wandb_mode="offline", mode="async", actors=2, queue_size=4, backend="mp", ray_address="")
     assert TrainingConfig().to_dict() == want
-    assert set(IMMUTABLE_FIELDS) == {"actions", "frame_skip", "gray", "size", "stack", "held_buttons", "repress_jump", "channels", "blocks", "hidden",
-                                     "recurrent_type", "core_size", "window", "heads", "noisy", "layer_norm"}
+    assert set(IMMUTABLE_FIELDS) == {"actions", "frame_skip", "gray", "size", "stack", "held_buttons", "repress_jump",
+                                     "channels", "blocks", "hidden", "recurrent_type", "core_size", "window", "heads",
+                                     "noisy", "layer_norm"}
 
 
 def class_body_fields():
-    "(name, type, section, comment) of each field line of the TrainingConfig source, read as plain text."
+    "(name, type, section, comment) of each field line of the config classes' source (EnvArgs first), as plain text."
     import inspect, re
-    src = inspect.getsource(TrainingConfig).split("\n    def ")[0].split("\n    @")[0]
     out, section = [], None
-    for line in src.splitlines():
-        if m := re.fullmatch(r"    # (.+)", line): section = m[1]
-        elif m := re.fullmatch(r"    (\w+): (\w+) = .+?  # (.+)", line): out.append((m[1], m[2], section, m[3]))
+    for cls in reversed(TrainingConfig.__mro__):
+        if "__dataclass_fields__" not in vars(cls): continue
+        src = inspect.getsource(cls).split("\n    def ")[0].split("\n    @")[0]
+        for line in src.splitlines():
+            if m := re.fullmatch(r"    # (.+)", line): section = m[1]
+            elif m := re.fullmatch(r"    (\w+): (\w+) = .+?  # (.+)", line): out.append((m[1], m[2], section, m[3]))
     return out
 
 
@@ -57,10 +65,11 @@ def test_every_field_is_documented_and_typed():
 
 
 def test_derived_values():
-    c = TrainingConfig(rollout_steps=16, num_envs=3, grad_accum=2, frame_skip=2, total_updates=50, warmup_updates=5)
+    c = TrainingConfig(rollout_steps=16, num_envs=3, grad_accum=2, frame_skip=2, total_updates=50, warmup_updates=5,
+                       mode="sync", epochs=1, minibatches=1)
     assert c.frames_per_update == 16 * 3 * 2 * 2 and c.total_frames == 50 * 16 * 3 * 2 * 2
     assert TrainingConfig(channels=(8, 16)).channels_tuple == (8, 16)
-    kw = TrainingConfig(gray=False, stack=2, size=42, recurrent_type="none", actions="complex").model_kwargs()
+    kw = TrainingConfig(gray=False, held_buttons=False, stack=2, size=42, actions="complex").model_kwargs()
     assert (kw["in_channels"], kw["obs_size"], kw["core"], kw["n_actions"]) == (6, 42, "none", 12)
     assert TrainingConfig().model_kwargs(n_actions=3)["n_actions"] == 3
     assert TrainingConfig(max_episode_steps=500).env_kwargs()["max_episode_steps"] == 500
@@ -70,11 +79,11 @@ def test_derived_values():
 def test_model_and_env_kwargs_build_real_objects():
     from mario_a3c.envs import check_env_args
     from mario_a3c.models import ImpalaActorCritic
-    c = TrainingConfig(channels="4,4", hidden=16, core_size=16, size=42, recurrent_type="transformer", heads=2)
+    c = TrainingConfig(channels="4,4", hidden=16, core_size=16, size=42, recurrent_type="transformer", heads=2,
+                       gray=True, held_buttons=False)
     m = ImpalaActorCritic(**c.model_kwargs())
     assert (m.n_actions, m.in_channels, m.obs_size, m.core_kind) == (7, 4, 42, "transformer")
-    kw = c.env_kwargs()
-    check_env_args(**{k: v for k, v in kw.items() if k != "gray"})
+    assert check_env_args(**c.env_kwargs()).size == 42
 
 
 @pytest.mark.parametrize("kw,msg", [
@@ -144,9 +153,12 @@ def test_overrides_only_what_was_typed_and_precedence(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"num_envs": 2, "seed": 3}))
     args = p.parse_args(["--config", str(tmp_path / "c.json"), "--seed", "4", "--config-out", str(tmp_path / "o.json")])
     assert explicit_overrides(args) == {"num_envs": 2, "seed": 4}
-    c = config_from_args(args, base=TrainingConfig(world=6, num_envs=5))
+    c = config_from_args(args, base=TrainingConfig(world=6, num_envs=6))
     assert (c.world, c.num_envs, c.seed) == (6, 2, 4)
     assert TrainingConfig.from_json(tmp_path / "o.json") == c
+    args = p.parse_args(["--config", str(tmp_path / "c.json"), "--preset", "gpu", "--seed", "4", "--actors", "2"])
+    c = config_from_args(args)   # defaults < --config < --preset < flags
+    assert (c.num_envs, c.seed, c.channels, c.blocks, c.actors) == (32, 4, "16,32,32", 2, 2)
 
 
 def test_bad_flags():
@@ -193,3 +205,53 @@ def test_a_short_run_needs_no_warmup_flag():
     "The README's one-update export and two-update papermill runs: a warm-up longer than the run is not an error."
     assert TrainingConfig(total_updates=1).warmup_updates == 100
     assert TrainingConfig(total_updates=2, warmup_updates=0).total_updates == 2
+
+
+def test_defaults_are_the_shipped_agents_recipe():
+    "TrainingConfig() equals the config that trained each shipped agent in every recipe field (stage/run/host aside)."
+    from mario_a3c.checkpoint import load_meta
+    from mario_a3c.config import recipe_diff
+    from mario_a3c.evaluate import PRETRAINED_DIR
+    metas = sorted(Path(PRETRAINED_DIR).glob("*.json"))
+    assert metas, f"no shipped agent metadata in {PRETRAINED_DIR}"
+    for path in metas:
+        diff = recipe_diff(load_meta(path)["config"])
+        assert not diff, (f"{path.name} was trained with a different recipe: update TrainingConfig's defaults "
+                          f"(field: (default, shipped)) {diff}")
+
+
+def test_recipe_file_is_the_defaults():
+    from mario_a3c.config import recipe_diff
+    recipe = json.loads((ROOT / "mario_a3c" / "configs" / "world1_stage1.json").read_text())
+    assert recipe_diff(recipe) == {}
+    assert recipe_diff({**recipe, "recurrent_type": "lstm"}) == {"recurrent_type": ("none", "lstm")}
+
+
+def test_old_stored_configs_keep_their_meaning():
+    "A stored config written before a field existed, or before the defaults became the recipe, keeps its values."
+    old = TrainingConfig.from_stored({"world": 1})
+    assert (old.gray, old.held_buttons, old.repress_jump, old.recurrent_type, old.mode) == (True, False, False, "lstm", "sync")
+    assert (old.epochs, old.minibatches, old.ppo_clip, old.adv_norm, old.layer_norm) == (1, 1, 0.0, False, False)
+
+
+def test_presets():
+    from mario_a3c.config import PRESETS, preset_config
+    g = preset_config("gpu")
+    assert (g.channels_tuple, g.blocks, g.recurrent_type, g.core_size, g.hidden) == ((16, 32, 32), 2, "lstm", 256, 256)
+    assert set(PRESETS) == {"gpu"} and preset_config("gpu", num_envs=16).num_envs == 16
+    with pytest.raises(ValueError, match="preset='tpu' is not a preset: allowed gpu"):
+        preset_config("tpu")
+    with pytest.raises(ValueError, match="preset='big' is not a preset: allowed gpu"):
+        config_from_args(parser().parse_args(["--preset", "big"]))
+
+
+def test_train_notebook_parameters_are_the_defaults():
+    "nbs/train.ipynb's parameters cell restates the fields: its values must be TrainingConfig()'s."
+    nb = json.loads((ROOT / "nbs" / "train.ipynb").read_text())
+    cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+    ns = {}
+    exec("".join(cell["source"]), {}, ns)
+    assert TrainingConfig.from_namespace(ns) == TrainingConfig()
+    assert {k for k in ns if k != "__annotations__"} == {f.name for f in fields(TrainingConfig)} | {"resume", "preset"}
+    assert ns["preset"] == "" and ns["resume"] == ""
+    assert parameters_cell_source().strip() in "".join(cell["source"])   # the same words as the field comments

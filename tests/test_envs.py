@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from mario_a3c.envs import gray_resize, make_env
+from mario_a3c.envs import EnvArgs, gray_resize, make_env
 from mario_a3c.stacks import JoypadActions, action_set, button_mask, make_raw_env, stack_name
 from mario_a3c.vector import make_vec_env
 
@@ -19,7 +19,7 @@ def test_stack_matches_python():
 @pytest.mark.parametrize("gray,size,stack,shape", [(True, 84, 4, (4, 84, 84)), (False, 64, 2, (6, 64, 64)),
                                                    (True, 42, 1, (1, 42, 42))])
 def test_observation_shapes(gray, size, stack, shape):
-    env = make_env(1, 1, gray=gray, size=size, stack=stack)
+    env = make_env(1, 1, gray=gray, size=size, stack=stack, held_buttons=False)
     obs, _ = env.reset(seed=0)
     assert obs.shape == shape and obs.dtype == np.uint8 and env.observation_space.shape == shape
     obs, *_ = env.step(0)
@@ -27,12 +27,24 @@ def test_observation_shapes(gray, size, stack, shape):
     env.close()
 
 
+def test_default_env_is_the_recipe():
+    "`make_env()` builds `EnvArgs()`: colour 64x64 frames, 4 stacked, the 4 held-button planes of the simple set."
+    env = make_env()
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == env.observation_space.shape == (4 * 3 + 4, 64, 64)
+    env.close()
+    a = EnvArgs()
+    assert (a.gray, a.size, a.stack, a.held_buttons, a.repress_jump, a.max_episode_steps) == (False, 64, 4, True, True, 0)
+    with pytest.raises(TypeError, match="unknown environment option"):
+        make_env(colour=True)
+
+
 def test_preprocessing_matches_manual_pipeline():
     """Frame skip + gray + max + resize + stack, rebuilt by hand from the raw emulator with the same actions."""
     actions = action_set("simple")
     rng = np.random.default_rng(0)
     acts = rng.integers(len(actions), size=12)
-    env = make_env(1, 1, frame_skip=4, stack=4)
+    env = make_env(1, 1, frame_skip=4, stack=4, gray=True, size=84, held_buttons=False, repress_jump=False)
     obs, _ = env.reset(seed=0)
     raw = make_raw_env(1, 1)
     first, _ = raw.reset(seed=0)
@@ -57,7 +69,7 @@ def test_gray_resize_close_to_luma_reference():
     frame = np.random.default_rng(1).integers(0, 256, (240, 256, 3), dtype=np.uint8)
     ref = frame.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
     ref = cv2.resize(ref, (84, 84), interpolation=cv2.INTER_AREA)
-    assert np.abs(gray_resize(frame).astype(np.float64) - ref).max() <= 1.0
+    assert np.abs(gray_resize(frame, 84).astype(np.float64) - ref).max() <= 1.0
 
 
 def test_episode_statistics_match_the_trajectory():
@@ -148,6 +160,10 @@ def test_time_limit_truncates():
     out = [env.step(0) for _ in range(5)]
     assert [o[3] for o in out] == [False] * 4 + [True]
     assert out[-1][4]["episode"]["l"] == 5
+    for no_limit in (0, None):   # 0 means no limit; None, from older callers, means the same
+        env = make_env(1, 1, max_episode_steps=no_limit)
+        env.reset(seed=0)
+        assert not any(env.step(0)[3] for _ in range(10))
 
 
 @pytest.mark.parametrize("bad,msg", [
@@ -228,11 +244,11 @@ def test_frame_counter_counts_emulator_frames():
 
 def test_held_buttons_planes_and_the_jump_they_explain():
     """A held A does not jump again: the planes must show the last action's buttons, and the game must agree."""
-    env = make_env(1, 1, gray=False, size=42, stack=2, held_buttons=True)
+    env = make_env(1, 1, gray=False, size=42, stack=2, held_buttons=True, repress_jump=False)
     obs, _ = env.reset(seed=0)
     names = ["A", "B", "right", "left"]  # the buttons the simple set uses, in plane order
     assert obs.shape == (6 + 4, 42, 42) == env.observation_space.shape and not obs[6:].any()
-    frames = make_env(1, 1, gray=False, size=42, stack=2)
+    frames = make_env(1, 1, gray=False, size=42, stack=2, held_buttons=False, repress_jump=False)
     plain, _ = frames.reset(seed=0)
     combos, ys = action_set("simple"), []
     seq = [1] * 10 + [2] * 20 + [2] * 4 + [1] + [2] * 4  # walk, jump, keep A down after landing, release, jump again
@@ -264,10 +280,10 @@ def test_repress_jump_jumps_again_on_the_ground_and_keeps_high_jumps():
     def take_offs(ys):  # steps where Mario leaves the ground (y_pos 79 on World 1-1's floor)
         return sum(a == 79 and b > 79 for a, b in zip([79] + ys, ys))
     held = [1] * 5 + [2] * 40  # walk, then hold right+A
-    assert take_offs(play(held)) == 1
+    assert take_offs(play(held, repress_jump=False)) == 1
     assert take_offs(play(held, repress_jump=True)) >= 3
     long_press = [1] * 5 + [2] * 6 + [1] * 10  # one press of 24 frames
-    assert play(long_press, repress_jump=True) == play(long_press)
+    assert play(long_press, repress_jump=True) == play(long_press, repress_jump=False)
     with pytest.raises(ValueError, match=r"repress_jump=1 is not a bool"):
         make_env(1, 1, repress_jump=1)
 
