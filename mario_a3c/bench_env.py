@@ -28,7 +28,8 @@ class _Single:
     "One env and a random policy; `step()` advances one action; `frames` counts emulator frames."
     def __init__(self, env, seed:int):
         self.env, self.rng = env, np.random.default_rng(seed)
-        self.env.reset(seed=seed); self.n = env.action_space.n
+        self.env.reset(seed=seed)
+        self.n = env.action_space.n
     @property
     def frames(self) -> int: return self.env.get_wrapper_attr('frames')
     def step(self):
@@ -37,25 +38,32 @@ class _Single:
     def close(self): self.env.close()
 
 class _Paired:
-    "The raw emulator and the full stack stepped in turn, one agent step each, each on its own clock: `fps()`."
+    "The raw emulator and the full stack stepped in turn, one agent step each, on their own clocks: `fps()`."
     def __init__(self, raw, wrapped, seed:int, skip:int=4):
         self.raw, self.wrapped, self.skip = _Single(raw, seed), _Single(wrapped, seed), skip
-        self.seconds, self._f0 = {'raw': 0., 'wrapped': 0.}, {'raw': self.raw.frames, 'wrapped': self.wrapped.frames}
+        self.seconds, self._f0 = {'raw': 0.,
+                                  'wrapped': 0.}, {'raw': self.raw.frames, 'wrapped': self.wrapped.frames}
     @property
     def frames(self) -> int: return self.raw.frames + self.wrapped.frames
     def step(self):
         t0 = time.perf_counter()
-        for _ in range(self.skip): self.raw.step()   # `skip` raw frames: the emulator work of one wrapped step
-        t1 = time.perf_counter(); self.wrapped.step(); t2 = time.perf_counter()
-        self.seconds['raw'] += t1 - t0; self.seconds['wrapped'] += t2 - t1
+        # `skip` raw frames: the emulator work of one wrapped step
+        for _ in range(self.skip): self.raw.step()
+        t1 = time.perf_counter()
+        self.wrapped.step()
+        t2 = time.perf_counter()
+        self.seconds['raw'] += t1 - t0
+        self.seconds['wrapped'] += t2 - t1
     def fps(self) -> dict:
         "Frames/s of each side over every `step` so far."
         return {k: (getattr(self, k).frames - self._f0[k]) / s if s else 0. for k, s in self.seconds.items()}
-    def close(self): self.raw.close(); self.wrapped.close()
+    def close(self):
+        self.raw.close()
+        self.wrapped.close()
 
 # %% ../nbs/10_bench_env.ipynb #c32e6f59
 def cpu_busy() -> tuple[float, float]|None:
-    "CPU seconds (busy, available) of the whole machine since boot, all cores, from `/proc/stat`; None where it is missing."
+    "CPU seconds (busy, available) of the machine since boot, all cores, from `/proc/stat`; None without it."
     try:
         with open('/proc/stat') as f: v = [int(x) for x in f.readline().split()[1:9]]
     except (OSError, ValueError): return None
@@ -72,21 +80,26 @@ def cpu_util(start, end) -> float|None:
 class _Vector:
     "A vector env of the full stack and a random policy; `frames` sums every worker's emulator frames."
     def __init__(self, num_envs:int, vectorization:str, actions:str, seed:int, groups:int=1, **vec_kwargs):
-        self.envs = make_vec_env(num_envs, vectorization=vectorization, world=1, stage=1, actions=actions, groups=groups, **vec_kwargs)
-        self.envs.reset(seed=seed); self.rng, self.n, self.num = np.random.default_rng(seed), self.envs.single_action_space.n, num_envs
+        self.envs = make_vec_env(num_envs, vectorization=vectorization, world=1, stage=1, actions=actions,
+                                 groups=groups, **vec_kwargs)
+        self.envs.reset(seed=seed)
+        self.rng, self.n, self.num = np.random.default_rng(seed), self.envs.single_action_space.n, num_envs
         self.groups, self.next = getattr(self.envs, 'group_slices', [slice(0, num_envs)]), None
         for _ in range(5): self.step()                                  # warm up the workers
         self.stop()
     @property
     def frames(self) -> int: return sum(self.envs.get_attr('frames'))
     def _send(self, i:int):
-        g = self.groups[i]; self.envs.step_group_async(i, self.rng.integers(self.n, size=g.stop - g.start))
+        g = self.groups[i]
+        self.envs.step_group_async(i, self.rng.integers(self.n, size=g.stop - g.start))
     def step(self):
         if len(self.groups) == 1: return self.envs.step(self.rng.integers(self.n, size=self.num))
-        if self.next is None:   # double buffering, as `collect` does: every group in flight, then wait/resend in turn
+        if self.next is None:   # double buffering as in `collect`: all groups in flight, then wait/resend
             for i in range(len(self.groups)): self._send(i)
             self.next = 0
-        self.envs.step_group_wait(self.next); self._send(self.next); self.next = (self.next + 1) % len(self.groups)
+        self.envs.step_group_wait(self.next)
+        self._send(self.next)
+        self.next = (self.next + 1) % len(self.groups)
     def stop(self):
         "Collect the steps in flight (part of the measured time), so that `frames` can be read."
         if self.next is None: return
@@ -103,13 +116,19 @@ def measure(benches:dict, seconds:float=20., rounds:int=5,
     per = seconds / (len(benches) * rounds)
     for _ in range(rounds):
         for name, b in benches.items():
-            f0 = b.frames; c0 = cpu_busy(); t0 = time.perf_counter()
+            f0 = b.frames
+            c0 = cpu_busy()
+            t0 = time.perf_counter()
             if hasattr(b, 'start'): b.start()
             _run_for(per, b.step)
             if hasattr(b, 'stop'): b.stop()
-            el = time.perf_counter() - t0; c1 = cpu_busy()
-            tot[name][0] += b.frames - f0; tot[name][1] += el
-            if c0 and c1: cpu[name][0] += c1[0] - c0[0]; cpu[name][1] += c1[1] - c0[1]
+            el = time.perf_counter() - t0
+            c1 = cpu_busy()
+            tot[name][0] += b.frames - f0
+            tot[name][1] += el
+            if c0 and c1:
+                cpu[name][0] += c1[0] - c0[0]
+                cpu[name][1] += c1[1] - c0[1]
     if utils is not None: utils.update({k: cpu_util((0., 0.), tuple(v)) for k, v in cpu.items()})
     return {k: f / t for k, (f, t) in tot.items()}
 
@@ -119,14 +138,16 @@ def raw_env(actions:str='simple'):
     return JoypadActions(make_raw_env(1, 1), actions)
 
 def _free_spin(make, per_proc:int, seed:int, slot:int, frames, idle, go, quit):
-    "Worker of `_Free`: step `per_proc` envs from `make()` in turn with random actions while `go` is set; count their frames."
+    "Worker of `_Free`: step `per_proc` envs in turn with random actions while `go` is set; count frames."
     try:
         envs = [make() for _ in range(per_proc)]
         for i, env in enumerate(envs): env.reset(seed=seed + i)
         rng, n = np.random.default_rng(seed), envs[0].action_space.n
         while True:
             if not go.is_set():
-                idle[slot] = 1; go.wait(); idle[slot] = 0
+                idle[slot] = 1
+                go.wait()
+                idle[slot] = 0
                 if quit.is_set(): break
             for env in envs:
                 _, _, term, trunc, _ = env.step(int(rng.integers(n)))
@@ -135,36 +156,45 @@ def _free_spin(make, per_proc:int, seed:int, slot:int, frames, idle, go, quit):
         for env in envs: env.close()
     except KeyboardInterrupt: pass
 
+# %% ../nbs/10_bench_env.ipynb #bb5e1e6e
 class _Free:
-    "Envs free-running in `procs` processes (default: one per core), `per_proc` each, no vector env; paused between slices."
+    "Envs free-running in `procs` processes (default: one per core), `per_proc` each; paused between slices."
     def __init__(self, make, # picklable env factory (the env counts its frames in `frames`)
                  seed:int, procs:int|None=None, per_proc:int=1, context:str='forkserver', timeout:float=120.):
         ctx, self.n = mp.get_context(context), procs or os.cpu_count() or 1
         self._frames, self._idle = ctx.Array('q', self.n, lock=False), ctx.Array('b', self.n, lock=False)
         self._go, self._quit = ctx.Event(), ctx.Event()
         self.procs = [ctx.Process(target=_free_spin, name=f'mario-free-env-{i}', daemon=True,
-                                  args=(make, per_proc, seed + 1000 * i, i, self._frames, self._idle, self._go, self._quit))
+                                  args=(make, per_proc, seed + 1000 * i, i, self._frames, self._idle,
+                                        self._go, self._quit))
                       for i in range(self.n)]
         for p in self.procs: p.start()
         try: self._wait(lambda: all(self._idle), timeout, 'build its envs')
-        except BaseException: self.close(); raise
+        except BaseException:
+            self.close()
+            raise
     def _wait(self, done, timeout:float, what:str):
         t0 = time.perf_counter()
         while not done():
             if dead := [p for p in self.procs if not p.is_alive()]:
-                raise RuntimeError(f"env process {dead[0].name} exited (code {dead[0].exitcode}): could not {what}")
-            if time.perf_counter() - t0 > timeout: raise TimeoutError(f"an env process did not {what} within {timeout} s")
+                raise RuntimeError(f"env process {dead[0].name} exited (code {dead[0].exitcode}): could not "
+                                   f"{what}")
+            if time.perf_counter() - t0 > timeout:
+                raise TimeoutError(f"an env process did not {what} within {timeout} s")
             time.sleep(0.001)
     @property
     def frames(self) -> int: return sum(self._frames)
     def start(self):
-        self._go.set(); self._wait(lambda: not any(self._idle), 10., 'start stepping')
+        self._go.set()
+        self._wait(lambda: not any(self._idle), 10., 'start stepping')
     def step(self): time.sleep(0.01)   # the processes step on their own; the parent only keeps the clock
     def stop(self):
         "Pause every process after its current step, so that `frames` holds still."
-        self._go.clear(); self._wait(lambda: all(self._idle), 10., 'pause')
+        self._go.clear()
+        self._wait(lambda: all(self._idle), 10., 'pause')
     def close(self):
-        self._quit.set(); self._go.set()
+        self._quit.set()
+        self._go.set()
         for p in self.procs:
             p.join(5)
             if p.is_alive(): p.terminate()
@@ -179,12 +209,17 @@ def bench_env(num_envs:int=8, # envs in the vector env measurements (the trainer
     benches, u, g = {}, {}, min(2, num_envs)
     try:
         benches['raw'] = _Single(raw_env(actions), 0)                               # the emulator's own speed
-        benches['single'] = _Paired(raw_env(actions), make_env(1, 1, actions=actions), 0)   # raw and full stack in turn
-        benches['raw_parallel'] = _Free(partial(raw_env, actions), 0)              # the raw emulator in one process per core
+        # raw and full stack in turn
+        benches['single'] = _Paired(raw_env(actions), make_env(1, 1, actions=actions), 0)
+        # the raw emulator in one process per core
+        benches['raw_parallel'] = _Free(partial(raw_env, actions), 0)
         benches['sync'] = _Vector(num_envs, 'sync', actions, 0)
-        benches['async_lockstep'] = _Vector(num_envs, 'async', actions, 0)   # Gymnasium's API: step all envs, wait for all
-        benches['async_'] = _Vector(num_envs, 'async', actions, 0, groups=g)     # double-buffered, as the trainer steps them
-        benches['threads'] = _Vector(num_envs, 'threads', actions, 0, groups=g)  # ... in threads (the trainer's default)
+        # Gymnasium's API: step all envs, wait for all
+        benches['async_lockstep'] = _Vector(num_envs, 'async', actions, 0)
+        # double-buffered, as the trainer steps them
+        benches['async_'] = _Vector(num_envs, 'async', actions, 0, groups=g)
+        # ... in threads (the trainer's default)
+        benches['threads'] = _Vector(num_envs, 'threads', actions, 0, groups=g)
         m = measure(benches, seconds, rounds, utils=u)
         paired = benches['single'].fps()
     finally:
@@ -192,12 +227,15 @@ def bench_env(num_envs:int=8, # envs in the vector env measurements (the trainer
     raw = m['raw']
     out = dict(stack=stack_versions()['stack'], cpus=os.cpu_count(), num_envs=num_envs, raw_fps=raw,
                raw_parallel_fps=m['raw_parallel'], raw_parallel_speedup=m['raw_parallel'] / raw,
-               raw_paired_fps=paired['raw'], wrapped_fps=paired['wrapped'], wrapper_ratio=paired['wrapped'] / paired['raw'],
+               raw_paired_fps=paired['raw'], wrapped_fps=paired['wrapped'],
+               wrapper_ratio=paired['wrapped'] / paired['raw'],
                sync_fps=m['sync'],
-               async_fps=m['async_'], async_speedup=m['async_'] / raw, async_vs_raw_parallel=m['async_'] / m['raw_parallel'],
+               async_fps=m['async_'], async_speedup=m['async_'] / raw,
+               async_vs_raw_parallel=m['async_'] / m['raw_parallel'],
                async_lockstep_fps=m['async_lockstep'], async_lockstep_speedup=m['async_lockstep'] / raw,
                threads_fps=m['threads'], threads_speedup=m['threads'] / raw,
                threads_vs_raw_parallel=m['threads'] / m['raw_parallel'])
     out = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out.items()}
-    out['cpu_util'] = {k.rstrip('_'): None if v is None else round(v, 3) for k, v in u.items()}   # machine CPU busy per setup
+    # machine CPU busy per setup
+    out['cpu_util'] = {k.rstrip('_'): None if v is None else round(v, 3) for k, v in u.items()}
     return out

@@ -16,7 +16,8 @@ __all__ = ['time_ms', 'bench_setup', 'bench_configs', 'bench_one', 'benchmark_mo
 def time_ms(fn, # callable to time
            ) -> float:
     "Wall time of one call of `fn` in ms."
-    t0 = time.perf_counter(); fn()
+    t0 = time.perf_counter()
+    fn()
     return (time.perf_counter() - t0) * 1e3
 
 # %% ../nbs/10a_bench_model.ipynb #95af35dc
@@ -64,7 +65,8 @@ def bench_configs(configs:list[dict], # each: bench_setup arguments
     try:
         for cfg in configs:
             row = {k: cfg.get(k, v) for k, v in zip(_KEYS, ('lstm', True, False, 2))}
-            rows.append(row); jobs.append(None)
+            rows.append(row)
+            jobs.append(None)
             try:
                 torch.set_num_threads(row['threads'])
                 infer, train = bench_setup(**cfg)
@@ -119,16 +121,18 @@ def benchmark_models(cores=CORES,                 # core types to time with the 
 
 # %% ../nbs/10a_bench_model.ipynb #8be8df9f
 def format_bench(rows:list[dict]) -> str:
-    "Markdown table of benchmark rows: median (best) per batch, best per sample, in ms; '-' where not measured."
+    "Markdown table of benchmark rows: median (best) per batch, best per sample, in ms; '-' if not measured."
     f = lambda r, k: f"{r[k + '_ms']:.0f} ({r[k + '_best_ms']:.0f})" if k + '_ms' in r else '-'
     g = lambda r, k: f"{r[k + '_ms_per_sample']:.2f}" if k + '_ms' in r else '-'
-    lines = ["| core | layout | compile | threads | infer ms / batch | infer ms / obs | train ms / rollout | train ms / sample | note |",
+    lines = ["| core | layout | compile | threads | infer ms / batch | infer ms / obs | train ms / rollout "
+             "| train ms / sample | note |",
              "|---|---|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         note = r.get('error', '')
         if r['compile'] and 'infer_first_ms' in r:
             firsts = ' / '.join(f"{r[k] / 1e3:.0f} s" for k in ('infer_first_ms', 'train_first_ms') if k in r)
             note = note or f"first call {firsts} (compiling)"
-        lines.append(f"| {r['core']} | {'NHWC' if r['channels_last'] else 'NCHW'} | {'on' if r['compile'] else 'off'} | "
-                     f"{r['threads']} | {f(r, 'infer')} | {g(r, 'infer')} | {f(r, 'train')} | {g(r, 'train')} | {note} |")
+        layout, compiled = 'NHWC' if r['channels_last'] else 'NCHW', 'on' if r['compile'] else 'off'
+        lines.append(f"| {r['core']} | {layout} | {compiled} | {r['threads']} | {f(r, 'infer')} "
+                     f"| {g(r, 'infer')} | {f(r, 'train')} | {g(r, 'train')} | {note} |")
     return "\n".join(lines)

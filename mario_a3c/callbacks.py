@@ -18,9 +18,11 @@ __all__ = ['METRIC_NAMES', 'HOOKS', 'EPISODE_TAGS', 'CONSOLE_KEYS', 'Callback', 
            'JsonlLogger', 'config_markdown', 'TensorBoardLogger', 'ConsoleLogger', 'WandbLogger']
 
 # %% ../nbs/08a_callbacks.ipynb #00197fb3
-METRIC_NAMES = ('charts/episodic_return', 'charts/x_pos', 'charts/flag_rate', 'charts/avg_return', 'losses/policy',
-                'losses/value', 'losses/entropy', 'losses/total', 'opt/lr', 'opt/grad_norm', 'perf/fps',
-                'perf/updates_per_s', 'replay/size', 'replay/mean_weight', 'replay/priority_mean', 'vtrace/rho_mean')
+METRIC_NAMES = ('charts/episodic_return', 'charts/x_pos', 'charts/flag_rate', 'charts/avg_return',
+                'losses/policy', 'losses/value', 'losses/entropy', 'losses/total', 'opt/lr',
+                'opt/grad_norm', 'perf/fps',
+                'perf/updates_per_s', 'replay/size', 'replay/mean_weight', 'replay/priority_mean',
+                'vtrace/rho_mean')
 HOOKS = ('on_train_begin', 'on_update', 'on_episode_end', 'on_checkpoint', 'on_train_end')
 
 class Callback:
@@ -34,7 +36,8 @@ class Callback:
 def step_of(trainer, d:dict|None=None) -> tuple[int, int]:
     "(update, frames) of a payload, falling back to `trainer.updates` / `trainer.frames`."
     d = d or {}
-    return int(d.get('update', getattr(trainer, 'updates', 0))), int(d.get('frames', getattr(trainer, 'frames', 0)))
+    return int(d.get('update',
+                     getattr(trainer, 'updates', 0))), int(d.get('frames', getattr(trainer, 'frames', 0)))
 
 # %% ../nbs/08a_callbacks.ipynb #74fd86f4
 class CallbackList(Callback):
@@ -42,9 +45,12 @@ class CallbackList(Callback):
     def __init__(self, callbacks:Iterable=()):
         self.callbacks = []
         for i, cb in enumerate(callbacks or ()):
-            if isinstance(cb, CallbackList): self.callbacks += cb.callbacks; continue
+            if isinstance(cb, CallbackList):
+                self.callbacks += cb.callbacks
+                continue
             if not any(callable(getattr(cb, h, None)) for h in HOOKS):
-                raise TypeError(f"callbacks[{i}]={cb!r} has none of the hooks {', '.join(HOOKS)}: subclass Callback")
+                raise TypeError(f"callbacks[{i}]={cb!r} has none of the hooks {', '.join(HOOKS)}: subclass "
+                                "Callback")
             self.callbacks.append(cb)
     def _call(self, hook, *args):
         for cb in self.callbacks:
@@ -69,7 +75,9 @@ def _plain(v):
     if isinstance(v, (str, bool, int, float, type(None))): return v
     if isinstance(v, np.generic): return v.item()
     if isinstance(v, np.ndarray): return v.tolist()
-    if hasattr(v, 'detach'): v = v.detach().cpu(); return v.item() if v.numel() == 1 else v.tolist()
+    if hasattr(v, 'detach'):
+        v = v.detach().cpu()
+        return v.item() if v.numel() == 1 else v.tolist()
     if isinstance(v, dict): return {str(k): _plain(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)): return [_plain(x) for x in v]
     return str(v)
@@ -91,33 +99,42 @@ def read_metrics(path, # a metrics.jsonl file
         if kind is None or rec.get('kind') == kind: out.append(rec)
     return out
 
+# %% ../nbs/08a_callbacks.ipynb #d91d7130
 class JsonlLogger(Callback):
     "Append one JSON object per update and per episode to `path`, flushed line by line."
     def __init__(self, path): self.path, self.f = Path(path), None
     def on_train_begin(self, trainer):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for t in self.path.parent.glob(f'.{self.path.name}.*.tmp'): t.unlink(missing_ok=True)   # a rewrite killed midway
+        # a rewrite killed midway
+        for t in self.path.parent.glob(f'.{self.path.name}.*.tmp'): t.unlink(missing_ok=True)
         upto = step_of(trainer)[0]
-        if upto > 0 and self.path.exists():  # resumed: forget what the interrupted run logged after its checkpoint
+        if upto > 0 and self.path.exists():  # resumed: forget what was logged after the checkpoint
             keep = [r for r in read_metrics(self.path) if r.get('update', 0) <= upto]
             text = ''.join(json.dumps(r) + '\n' for r in keep).encode('utf-8')
-            atomic_write(self.path, lambda f: f.write(text))   # a kill now leaves the old file or the new, never half
-        elif self.path.exists(): atomic_write(self.path, lambda f: None)   # a new run asked to replace an earlier one's
+            # a kill now leaves the old file or the new, never half
+            atomic_write(self.path, lambda f: f.write(text))
+        # a new run asked to replace an earlier one's
+        elif self.path.exists(): atomic_write(self.path, lambda f: None)
         self.f = open(self.path, 'a', encoding='utf-8')
     def _write(self, kind, trainer, d):
         if self.f is None: self.on_train_begin(trainer)
         update, frames = step_of(trainer, d)
-        rec = {'kind': kind, 'update': update, 'frames': frames, 'time': round(time.time(), 3), **_plain(dict(d))}
+        rec = {'kind': kind, 'update': update, 'frames': frames, 'time': round(time.time(), 3),
+               **_plain(dict(d))}
         end = self.f.tell()
-        try: self.f.write(json.dumps(rec) + '\n'); self.f.flush()
-        except OSError as e:   # a full disk: take back the part of the line that was written, and say which file
+        try:
+            self.f.write(json.dumps(rec) + '\n')
+            self.f.flush()
+        except OSError as e:   # a full disk: take back the part of the line written, and say which file
             try: self.f.truncate(end)
             except OSError: pass
             raise OSError(e.errno, f"{e.strerror}: cannot write {self.path}") from None
     def on_update(self, trainer, metrics): self._write('update', trainer, metrics)
     def on_episode_end(self, trainer, episode): self._write('episode', trainer, episode)
     def on_train_end(self, trainer, summary):
-        if self.f is not None: self.f.close(); self.f = None
+        if self.f is not None:
+            self.f.close()
+            self.f = None
 
 # %% ../nbs/08a_callbacks.ipynb #d842c5c9
 EPISODE_TAGS = {'r': 'charts/episodic_return', 'x': 'charts/x_pos', 'l': 'charts/episodic_length'}
@@ -140,19 +157,22 @@ def config_markdown(config:dict) -> str:
 
 class TensorBoardLogger(Callback):
     "Metrics as TensorBoard scalars (x axis: frames), episodes as charts/*, the config as text."
-    def __init__(self, logdir, flush_secs:int=10): self.logdir, self.flush_secs, self.writer = Path(logdir), flush_secs, None
+    def __init__(self, logdir, flush_secs:int=10):
+        self.logdir, self.flush_secs, self.writer = Path(logdir), flush_secs, None
     def on_train_begin(self, trainer):
         from torch.utils.tensorboard import SummaryWriter
         frames = step_of(trainer)[1]
-        if not frames:   # a new run asked to replace an earlier one's curves: not a second event file beside them
+        if not frames:   # a new run replacing an earlier one's curves: not a second event file beside them
             for old in Path(self.logdir).glob('events.out.tfevents.*'): old.unlink()
-        self.writer = SummaryWriter(str(self.logdir), purge_step=frames + 1 if frames else None, flush_secs=self.flush_secs)
+        self.writer = SummaryWriter(str(self.logdir), purge_step=frames + 1 if frames else None,
+                                    flush_secs=self.flush_secs)
         if cfg := _config_dict(trainer): self.writer.add_text('config', config_markdown(cfg), frames)
     def on_update(self, trainer, metrics):
         if self.writer is None: self.on_train_begin(trainer)
         _, frames = step_of(trainer, metrics)
         for k, v in metrics.items():
-            if k not in ('update', 'frames') and (x := _scalar(v)) is not None: self.writer.add_scalar(k, x, frames)
+            if k not in ('update', 'frames') and (x := _scalar(v)) is not None:
+                self.writer.add_scalar(k, x, frames)
     def on_episode_end(self, trainer, episode):
         if self.writer is None: self.on_train_begin(trainer)
         _, frames = step_of(trainer, episode)
@@ -160,8 +180,10 @@ class TensorBoardLogger(Callback):
             if k in episode and (x := _scalar(episode[k])) is not None: self.writer.add_scalar(tag, x, frames)
     def on_train_end(self, trainer, summary):
         if self.writer is None: return
-        if summary: self.writer.add_text('summary', config_markdown(_plain(dict(summary))), step_of(trainer)[1])
-        self.writer.close(); self.writer = None
+        if summary:
+            self.writer.add_text('summary', config_markdown(_plain(dict(summary))), step_of(trainer)[1])
+        self.writer.close()
+        self.writer = None
 
 # %% ../nbs/08a_callbacks.ipynb #78eada05
 CONSOLE_KEYS = {'perf/fps': 'fps', 'charts/avg_return': 'avg_return', 'charts/flag_rate': 'flag_rate',
@@ -182,8 +204,10 @@ class ConsoleLogger(Callback):
     def on_train_begin(self, trainer):
         c = getattr(trainer, 'config', None)
         if c is not None and hasattr(c, 'frames_per_update'):
-            self._print(f"train {c.run_name or ''}: world {c.world}-{c.stage}, {c.recurrent_type}, {c.returns}"
-                        f"{' + per' if c.per else ''}, {c.total_updates} updates x {c.frames_per_update} frames"
+            self._print(f"train {c.run_name or ''}: world {c.world}-{c.stage}, {c.recurrent_type}, "
+                        f"{c.returns}"
+                        f"{' + per' if c.per else ''}, {c.total_updates} updates x "
+                        f"{c.frames_per_update} frames"
                         f"{f' or {c.max_minutes:g} minutes' if getattr(c, 'max_minutes', 0) else ''}, "
                         f"device {getattr(trainer, 'device', c.device)}, from update {step_of(trainer)[0]}")
         self.last = None
@@ -208,17 +232,20 @@ def _import_wandb():
 
 class WandbLogger(Callback):
     "Mirror metrics and episodes to Weights & Biases (x axis: frames); `log` errors become one warning."
-    def __init__(self, project:str, mode:str='offline', config:dict|None=None, name:str|None=None, dir=None, **init_kwargs):
+    def __init__(self, project:str, mode:str='offline', config:dict|None=None, name:str|None=None, dir=None,
+                 **init_kwargs):
         if mode not in WANDB_MODES: raise ValueError(f"wandb mode={mode!r}: allowed {', '.join(WANDB_MODES)}")
         if not project: raise ValueError("wandb project='' is empty: give a project name")
         self.wandb, self.run, self.warned = _import_wandb(), None, False
-        self.project, self.mode, self.config, self.name, self.dir, self.init_kwargs = project, mode, config, name, dir, init_kwargs
+        self.project, self.mode, self.config, self.name = project, mode, config, name
+        self.dir, self.init_kwargs = dir, init_kwargs
     def on_train_begin(self, trainer):
         config = self.config if self.config is not None else _config_dict(trainer)
         name = self.name or config.get('run_name') or None
         if self.dir is not None: Path(self.dir).mkdir(parents=True, exist_ok=True)
         self.run = self.wandb.init(project=self.project, mode=self.mode, config=config, name=name, id=name,
-                                   resume='allow', dir=None if self.dir is None else str(self.dir), **self.init_kwargs)
+                                   resume='allow', dir=None if self.dir is None else str(self.dir),
+                                   **self.init_kwargs)
     def _log(self, trainer, d, extra=()):
         if self.run is None: self.on_train_begin(trainer)
         _, frames = step_of(trainer, d)
@@ -226,8 +253,11 @@ class WandbLogger(Callback):
         data.update(extra)
         try: self.run.log(data, step=frames)
         except Exception as e:  # a mirror: network trouble must not stop training
-            if not self.warned: warnings.warn(f"wandb log failed, continuing without it ({type(e).__name__}: {e})"); self.warned = True
-    def on_update(self, trainer, metrics): self._log(trainer, metrics, {'update': step_of(trainer, metrics)[0]})
+            if not self.warned:
+                warnings.warn(f"wandb log failed, continuing without it ({type(e).__name__}: {e})")
+                self.warned = True
+    def on_update(self, trainer,
+                  metrics): self._log(trainer, metrics, {'update': step_of(trainer, metrics)[0]})
     def on_episode_end(self, trainer, episode):
         self._log(trainer, {'frames': step_of(trainer, episode)[1]},
                   {tag: float(episode[k]) for k, tag in EPISODE_TAGS.items() if k in episode})
@@ -235,4 +265,5 @@ class WandbLogger(Callback):
         if self.run is None: return
         for k, v in (summary or {}).items():
             if (x := v if isinstance(v, (bool, str)) else _scalar(v)) is not None: self.run.summary[k] = x
-        self.run.finish(); self.run = None
+        self.run.finish()
+        self.run = None

@@ -24,7 +24,8 @@ __all__ = ['FORMAT_VERSION', 'REQUIRED_META', 'CLUSTER_FIELDS', 'CheckpointError
 
 # %% ../nbs/08_checkpoint.ipynb #ad838228
 FORMAT_VERSION = 1  # bump when the layout of the payload or the metadata changes incompatibly
-REQUIRED_META = ('config', 'immutable', 'versions', 'updates', 'frames', 'best_avg_return', 'saved_at', 'format_version')
+REQUIRED_META = ('config', 'immutable', 'versions', 'updates', 'frames', 'best_avg_return', 'saved_at',
+                 'format_version')
 
 class CheckpointError(ValueError):
     "A checkpoint that cannot be used; the message is one line naming the file and the problem."
@@ -37,7 +38,8 @@ def checkpoint_path(directory, # folder of the checkpoints
     "`<directory>/a3c_world{W}_stage{S}_{tag}.pt`."
     world, stage = check_stage(world, stage)
     if not isinstance(tag, str) or not re.fullmatch(r'[A-Za-z0-9_-]+', tag):
-        raise ValueError(f"tag={tag!r} is not a checkpoint tag: allowed letters, digits, _ and - (e.g. latest, best, step200)")
+        raise ValueError(f"tag={tag!r} is not a checkpoint tag: allowed letters, digits, _ and - (e.g. "
+                         "latest, best, step200)")
     return Path(directory) / f'a3c_world{world}_stage{stage}_{tag}.pt'
 
 def meta_path(path) -> Path:
@@ -48,23 +50,30 @@ def meta_path(path) -> Path:
 def _umask() -> int:
     "The process umask, read without changing it where Linux tells it (`os.umask` sets it for a moment)."
     try:
-        with open('/proc/self/status') as f: return int(next(l for l in f if l.startswith('Umask:')).split()[1], 8)
+        with open('/proc/self/status') as f:
+            return int(next(l for l in f if l.startswith('Umask:')).split()[1], 8)
     except (OSError, StopIteration, ValueError):
-        m = os.umask(0o022); os.umask(m); return m
+        m = os.umask(0o022)
+        os.umask(m)
+        return m
 
 def atomic_write(path, # final file name
                  write:Callable, # write(f) fills the open binary file `f`
                 ) -> Path:
-    "Write `path` through a temporary file in the same directory, fsync, then `os.replace`; mode as the umask allows."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    "Write `path` via a temporary file in its directory, fsync, then `os.replace`; mode as the umask allows."
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     try:
         os.fchmod(fd, 0o666 & ~_umask())   # mkstemp's 0600 would make every checkpoint private
         with os.fdopen(fd, 'wb') as f:
-            write(f); f.flush(); os.fsync(f.fileno())
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
+        Path(tmp).unlink(missing_ok=True)
+        raise
     try:
         dfd = os.open(path.parent, os.O_RDONLY)
         try: os.fsync(dfd)
@@ -79,7 +88,7 @@ def make_meta(config:TrainingConfig, # the run's config
               best_avg_return:float|None=None, # best rolling average return so far
               **extra, # any other JSON-able values to keep
              ) -> dict:
-    "Checkpoint metadata with the required keys (`saved_at` and `format_version` are set by `save_checkpoint`)."
+    "Checkpoint metadata with the required keys (`save_checkpoint` sets `saved_at` and `format_version`)."
     return dict(config=config.to_dict(), immutable=config.immutable(),
                 versions={'mario_a3c': __version__, **stack_versions()},
                 updates=int(updates), frames=int(frames),
@@ -92,12 +101,14 @@ def _check_plain(x, where:str='state'):
     "ValueError naming the first value that `torch.load(weights_only=True)` would reject."
     if isinstance(x, dict):
         for k, v in x.items():
-            if not isinstance(k, (str, int, float, bool, type(None))): raise ValueError(f"{where} has a key of type {type(k).__name__}: use str or int keys")
+            if not isinstance(k, (str, int, float, bool, type(None))):
+                raise ValueError(f"{where} has a key of type {type(k).__name__}: use str or int keys")
             _check_plain(v, f'{where}[{k!r}]')
     elif isinstance(x, (list, tuple, set, frozenset)):
         for i, v in enumerate(x): _check_plain(v, f'{where}[{i}]')
     elif not isinstance(x, _PLAIN):
-        raise ValueError(f"{where} is a {type(x).__module__}.{type(x).__name__}: store tensors and plain Python types "
+        kind = f"{type(x).__module__}.{type(x).__name__}"
+        raise ValueError(f"{where} is a {kind}: store tensors and plain types "
                          "(torch.load(weights_only=True) rejects it)")
 
 def _json_default(x):
@@ -108,7 +119,7 @@ def _json_default(x):
 def save_checkpoint(directory, # folder of the checkpoints (created)
                     world:int, stage:int, # the run's stage, part of the file name
                     tag:str, # latest, best, step<N>
-                    state:dict, # model/optimizer/scheduler/scaler state dicts, RNG state, counters: tensors and plain types
+                    state:dict, # model/optimizer/scheduler/scaler states, RNG, counters: tensors, plain types
                     meta:dict, # from `make_meta` (+ extra keys)
                    ) -> Path:
     "Atomically write `<stem>.pt` then `<stem>.json` (the old `.json` goes first); returns the `.pt` path."
@@ -116,16 +127,21 @@ def save_checkpoint(directory, # folder of the checkpoints (created)
     meta = dict(meta, format_version=FORMAT_VERSION, file=path.name, save_id=f'{time.time_ns():x}',
                 saved_at=datetime.now(timezone.utc).isoformat(timespec='seconds'))
     missing = [k for k in REQUIRED_META if k not in meta]
-    if missing: raise ValueError(f"checkpoint metadata misses key(s) {', '.join(missing)}: build it with make_meta()")
+    if missing:
+        raise ValueError(f"checkpoint metadata misses key(s) {', '.join(missing)}: build it with make_meta()")
     _check_plain(state)
     text = json.dumps(meta, indent=1, default=_json_default) + '\n'
-    for p in (path, meta_path(path)):   # what saves killed mid-write left behind (one run writes a folder's files)
+    for p in (path,
+              meta_path(path)):  # what saves killed mid-write left behind (one run writes a folder's files)
         for t in p.parent.glob(f'.{p.name}.*.tmp'): t.unlink(missing_ok=True)
-    meta_path(path).unlink(missing_ok=True)   # killed before the new .json lands: no metadata rather than the old one
+    # killed before the new .json lands: no metadata rather than the old one
+    meta_path(path).unlink(missing_ok=True)
     try:
-        atomic_write(path, lambda f: torch.save({'format_version': FORMAT_VERSION, 'meta': json.loads(text), 'state': state}, f))
+        atomic_write(path, lambda f: torch.save({'format_version': FORMAT_VERSION, 'meta': json.loads(text),
+                                                 'state': state}, f))
         atomic_write(meta_path(path), lambda f: f.write(text.encode('utf-8')))
-    except OSError as e: raise OSError(e.errno, f"{e.strerror or e}: cannot write checkpoint {path}") from None
+    except OSError as e:
+        raise OSError(e.errno, f"{e.strerror or e}: cannot write checkpoint {path}") from None
     return path
 
 # %% ../nbs/08_checkpoint.ipynb #00b70f5f
@@ -134,11 +150,12 @@ def _first_line(e:BaseException, n:int=160) -> str:
     return s if len(s) <= n else s[:n - 3] + '...'
 
 def _repair_meta(path:Path) -> None:
-    "Write the missing `.json` of `path` from the metadata inside the `.pt` (a save killed between its two renames)."
+    "Write the missing `.json` of `path` from the metadata in the `.pt` (a save killed between its renames)."
     try: payload = torch.load(path, map_location='cpu', weights_only=True)
     except Exception: payload = None
     inner = payload.get('meta') if isinstance(payload, dict) else None
-    if not isinstance(inner, dict): raise CheckpointError(f"checkpoint {path} has no metadata file {meta_path(path).name}")
+    if not isinstance(inner, dict):
+        raise CheckpointError(f"checkpoint {path} has no metadata file {meta_path(path).name}")
     atomic_write(meta_path(path), lambda f: f.write((json.dumps(inner, indent=1) + '\n').encode('utf-8')))
     warnings.warn(f"checkpoint {path}: its metadata file was missing and is rewritten from the .pt")
 
@@ -148,38 +165,53 @@ def load_meta(path) -> dict:
         found = ', '.join(p.name for p in sorted(Path(path).glob('*.pt'))[:5]) or 'none'
         raise FileNotFoundError(f"checkpoint {path} is a folder: give one of its .pt files (found: {found})")
     path = Path(path).with_suffix('.pt')
-    if not path.is_file() and not meta_path(path).is_file(): raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not path.is_file() and not meta_path(path).is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
     if not meta_path(path).is_file(): _repair_meta(path)
     try: meta = json.loads(meta_path(path).read_text(encoding='utf-8'))
-    except (ValueError, UnicodeDecodeError) as e: raise CheckpointError(f"checkpoint metadata {meta_path(path)} is not valid JSON: {_first_line(e)}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint metadata {meta_path(path)} is not valid JSON: "
+                              f"{_first_line(e)}") from None
     if not isinstance(meta, dict) or 'format_version' not in meta:
-        raise CheckpointError(f"checkpoint metadata {meta_path(path)} has no format_version: not a mario_a3c checkpoint")
+        raise CheckpointError(f"checkpoint metadata {meta_path(path)} has no format_version: not a "
+                              "mario_a3c checkpoint")
     if meta['format_version'] != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path} has format_version={meta['format_version']!r}: this mario_a3c "
-                              f"({__version__}) reads format_version {FORMAT_VERSION}")
+        raise CheckpointError(f"checkpoint {path} has format_version={meta['format_version']!r}: "
+                              f"this mario_a3c ({__version__}) reads format_version {FORMAT_VERSION}")
     if not isinstance(meta.get('config'), dict):
-        raise CheckpointError(f"checkpoint metadata {meta_path(path)} has no config object (config={meta.get('config')!r})")
+        raise CheckpointError(f"checkpoint metadata {meta_path(path)} has no config object "
+                              f"(config={meta.get('config')!r})")
     return {**meta, 'path': str(path)}
 
+# %% ../nbs/08_checkpoint.ipynb #f18b6c6a
 def load_checkpoint(path, # the `.pt` (or its `.json`)
                     map_location='cpu', # where tensors go
-                    expect:dict|None=None, # config values the checkpoint must have, e.g. {'world': 1, 'recurrent_type': 'lstm'}
+                    expect:dict|None=None, # config values it must have, e.g. {'recurrent_type': 'lstm'}
                    ) -> tuple[dict, dict]:
     "(state, meta) of a checkpoint, with one-line `CheckpointError`s naming the file."
-    meta = load_meta(path); path = Path(meta['path'])
-    if not path.is_file(): raise FileNotFoundError(f"checkpoint {path} does not exist (only its metadata {meta_path(path).name})")
+    meta = load_meta(path)
+    path = Path(meta['path'])
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (only its metadata "
+                                f"{meta_path(path).name})")
     try: payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e: raise CheckpointError(f"checkpoint {path} is corrupt or not a mario_a3c checkpoint ({type(e).__name__}: {_first_line(e)})") from None
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a mario_a3c checkpoint "
+                              f"({type(e).__name__}: {_first_line(e)})") from None
     if not isinstance(payload, dict) or not {'format_version', 'meta', 'state'} <= set(payload):
-        raise CheckpointError(f"checkpoint {path} is not a mario_a3c checkpoint (no format_version/meta/state)")
-    if payload['meta'].get('save_id') != meta.get('save_id'):  # died between the two renames: the .pt is newer
-        warnings.warn(f"checkpoint {path}: metadata file is from an earlier save; rewritten from the metadata in the .pt")
-        atomic_write(meta_path(path), lambda f: f.write((json.dumps(payload['meta'], indent=1) + '\n').encode('utf-8')))
+        raise CheckpointError(f"checkpoint {path} is not a mario_a3c checkpoint (no "
+                              "format_version/meta/state)")
+    if payload['meta'].get('save_id') != meta.get('save_id'):  # died between the renames: the .pt is newer
+        warnings.warn(f"checkpoint {path}: metadata file is from an earlier save; rewritten from the "
+                      "metadata in the .pt")
+        atomic_write(meta_path(path),
+                     lambda f: f.write((json.dumps(payload['meta'], indent=1) + '\n').encode('utf-8')))
         meta = {**payload['meta'], 'path': str(path)}
     cfg = meta.get('config', {})
     for k, want in (expect or {}).items():
         if k not in cfg: raise CheckpointError(f"checkpoint {path} has no config value {k!r}")
-        if cfg[k] != want: raise CheckpointError(f"checkpoint {path} was trained with {k}={cfg[k]!r}, expected {k}={want!r}")
+        if cfg[k] != want:
+            raise CheckpointError(f"checkpoint {path} was trained with {k}={cfg[k]!r}, expected {k}={want!r}")
     return payload['state'], meta
 
 # %% ../nbs/08_checkpoint.ipynb #fab1077b
@@ -190,7 +222,8 @@ def capture_rng_state(np_rng:np.random.Generator|None=None, # the trainer's NumP
     v, st, g = random.getstate()
     npg = np.random.get_state(legacy=False)
     s = {'python': [v, list(st), g], 'torch': torch.get_rng_state(),
-         'numpy_global': {**npg, 'state': {'key': npg['state']['key'].tolist(), 'pos': int(npg['state']['pos'])}}}
+         'numpy_global': {**npg, 'state': {'key': npg['state']['key'].tolist(),
+                                           'pos': int(npg['state']['pos'])}}}
     if torch.cuda.is_available() and torch.cuda.is_initialized(): s['cuda'] = torch.cuda.get_rng_state_all()
     if np_rng is not None: s['numpy'] = np_rng.bit_generator.state
     if torch_generator is not None: s['torch_generator'] = torch_generator.get_state()
@@ -201,25 +234,30 @@ def restore_rng_state(state:dict, # from `capture_rng_state`
                       torch_generator:torch.Generator|None=None, # set to the saved `torch_generator` state
                      ) -> None:
     "Put back what `capture_rng_state` saved."
-    v, st, g = state['python']; random.setstate((v, tuple(st), g))
+    v, st, g = state['python']
+    random.setstate((v, tuple(st), g))
     npg = state['numpy_global']
-    np.random.set_state({**npg, 'state': {'key': np.asarray(npg['state']['key'], dtype=np.uint32), 'pos': npg['state']['pos']}})
+    np.random.set_state({**npg, 'state': {'key': np.asarray(npg['state']['key'], dtype=np.uint32),
+                                          'pos': npg['state']['pos']}})
     torch.set_rng_state(state['torch'].cpu())
     if 'cuda' in state and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([t.cpu() for t in state['cuda']])
     if np_rng is not None and 'numpy' in state: np_rng.bit_generator.state = state['numpy']
-    if torch_generator is not None and 'torch_generator' in state: torch_generator.set_state(state['torch_generator'].cpu())
+    if torch_generator is not None and 'torch_generator' in state:
+        torch_generator.set_state(state['torch_generator'].cpu())
 
 # %% ../nbs/08_checkpoint.ipynb #1ed890f5
 def load_model_state(model:torch.nn.Module, state_dict:dict, path='checkpoint') -> None:
-    "`model.load_state_dict(state_dict)` with a one-line `CheckpointError` naming `path` when they do not fit."
+    "`model.load_state_dict(state_dict)`; a one-line `CheckpointError` naming `path` when they do not fit."
     try: model.load_state_dict(state_dict)
-    except RuntimeError as e: raise CheckpointError(f"checkpoint {path} does not fit this model: {_first_line(e, 240)}") from None
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path} does not fit this model: {_first_line(e, 240)}") from None
 
 # %% ../nbs/08_checkpoint.ipynb #364d3579
 def _norm(k:str, v):
     "A field value in comparable form: channels as their canonical string, bools kept apart from ints."
-    if k == 'channels': return ','.join(map(str, v)) if isinstance(v, (tuple, list)) else str(v).replace(' ', '')
+    if k == 'channels':
+        return ','.join(map(str, v)) if isinstance(v, (tuple, list)) else str(v).replace(' ', '')
     return (type(v) is bool, v)
 
 CLUSTER_FIELDS = ('backend', 'ray_address')   # a resume joins a cluster only when the user names it again
@@ -227,10 +265,11 @@ CLUSTER_FIELDS = ('backend', 'ray_address')   # a resume joins a cluster only wh
 def resolve_resume_config(meta:dict, # from `load_checkpoint` / `load_meta`
                           overrides:dict, # only the values the user asked for (`explicit_overrides(args)`)
                          ) -> TrainingConfig:
-    "The resumed run's config: the checkpoint's, with mutable overrides applied and immutable ones refused if different."
+    "The resumed run's config: the checkpoint's, mutable overrides applied, differing immutable ones refused."
     name = Path(meta.get('path') or meta.get('file') or 'checkpoint').name
     base = TrainingConfig.from_stored(meta['config'], source=f'checkpoint {name}')
-    base = replace(base, **{k: getattr(TrainingConfig(), k) for k in CLUSTER_FIELDS})   # where it ran: only if asked again
+    # where it ran: only if asked again
+    base = replace(base, **{k: getattr(TrainingConfig(), k) for k in CLUSTER_FIELDS})
     for k in IMMUTABLE_FIELDS:
         if k in overrides and _norm(k, overrides[k]) != _norm(k, getattr(base, k)):
             raise ValueError(f"cannot resume with {k}={overrides[k]!r}: checkpoint {name} was trained with "
@@ -248,10 +287,12 @@ def init_weights(model:torch.nn.Module, # the new run's network
     other = TrainingConfig.from_stored(meta['config'], source=f'checkpoint {name}')
     for k in IMMUTABLE_FIELDS:
         if _norm(k, getattr(other, k)) != _norm(k, getattr(config, k)):
-            raise ValueError(f"init_from={str(path)!r} was trained with {k}={getattr(other, k)!r}, this run has "
-                             f"{k}={getattr(config, k)!r}: they must agree")
+            raise ValueError(f"init_from={str(path)!r} was trained with {k}={getattr(other, k)!r}, "
+                             f"this run has {k}={getattr(config, k)!r}: they must agree")
     weights = state.get('model') if isinstance(state, dict) else None
-    if not isinstance(weights, dict): raise CheckpointError(f"checkpoint {name} has no model weights (state['model'])")
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"checkpoint {name} has no model weights (state['model'])")
     dtype = next(model.parameters()).dtype
-    load_model_state(model, {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}, name)
+    load_model_state(model, {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()},
+                     name)
     return meta

@@ -27,7 +27,7 @@ def project_root(start:str|Path|None=None) -> Path:
 # %% ../nbs/00_core.ipynb #0c0e1a02
 @contextmanager
 def one_line_errors(prefix:str='error'): # what the line starts with, e.g. the notebook's name
-    "Print a bad value's one-line error to the process's own stderr (papermill's terminal), then raise it short."
+    "Print a bad value's one-line error to this process's stderr (papermill's terminal), then raise it short."
     try: yield
     except (ValueError, FileNotFoundError) as e:
         print(f'\n{prefix}: {e}', file=sys.__stderr__, flush=True)   # on its own line, after a progress bar
@@ -37,10 +37,11 @@ def one_line_errors(prefix:str='error'): # what the line starts with, e.g. the n
 def writable_dir(name:str, # the setting's name, for the message (e.g. 'checkpoint_dir')
                  folder, # the folder (created when missing)
                 ) -> Path:
-    "`folder`, created and tried for writing; a one-line ValueError naming the setting when it cannot be written."
+    "`folder`, created and tried for writing; else a one-line ValueError naming the setting."
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
-    except OSError as e: raise ValueError(f"{name}={str(folder)!r} is not writable: {e.strerror or e}") from None
+    except OSError as e:
+        raise ValueError(f"{name}={str(folder)!r} is not writable: {e.strerror or e}") from None
     return folder

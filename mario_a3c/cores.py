@@ -23,7 +23,8 @@ def check_core_inputs(x:Tensor,              # features [T, B, D]
     "Raise a one-line ValueError unless `x`, `episode_start` and `state` agree on `T` and `B`."
     if x.ndim != 3: raise ValueError(f"features must be [T, B, D], got shape {tuple(x.shape)}")
     if tuple(episode_start.shape) != tuple(x.shape[:2]):
-        raise ValueError(f"episode_start must be [T, B] = {tuple(x.shape[:2])}, got {tuple(episode_start.shape)}")
+        raise ValueError(f"episode_start must be [T, B] = {tuple(x.shape[:2])}, got "
+                         f"{tuple(episode_start.shape)}")
     if len(state) != n_state or any(s.ndim < 2 or s.shape[1] != x.shape[1] for s in state):
         raise ValueError(f"state must be {n_state} tensors with batch {x.shape[1]} on dim 1, "
                          f"got shapes {[tuple(s.shape) for s in state]}")
@@ -31,7 +32,9 @@ def check_core_inputs(x:Tensor,              # features [T, B, D]
 # %% ../nbs/02a_cores.ipynb #db0ae16a
 class NoCore(nn.Module):
     "Identity core with an empty state: a feed-forward agent."
-    def __init__(self, input_size:int): super().__init__(); self.out_size = input_size
+    def __init__(self, input_size:int):
+        super().__init__()
+        self.out_size = input_size
     def initial_state(self, batch_size:int, device=None) -> tuple: return ()
     def forward(self, x:Tensor, state:tuple, episode_start:Tensor) -> tuple[Tensor, tuple]:
         check_core_inputs(x, episode_start, state, 0)
@@ -48,7 +51,8 @@ class RNNCore(nn.Module):
                 ):
         super().__init__()
         if kind not in ('gru', 'lstm'): raise ValueError(f"RNN kind must be 'gru' or 'lstm', got {kind!r}")
-        if hidden_size < 1 or layers < 1: raise ValueError(f"hidden_size and layers must be >= 1, got {hidden_size}, {layers}")
+        if hidden_size < 1 or layers < 1:
+            raise ValueError(f"hidden_size and layers must be >= 1, got {hidden_size}, {layers}")
         self.kind, self.out_size = kind, hidden_size
         self.rnn = (nn.LSTM if kind == 'lstm' else nn.GRU)(input_size, hidden_size, layers)
 
@@ -96,7 +100,7 @@ class _Block(nn.Module):
 
 # %% ../nbs/02a_cores.ipynb #87c41f35
 class TransformerCore(nn.Module):
-    "Causal self-attention over the current step and the last `window` steps of the episode (memory kept in the state)."
+    "Causal self-attention over this step and the episode's last `window` steps (memory kept in the state)."
     def __init__(self,
                  input_size:int,   # D_in: backbone features
                  d_model:int=256,  # D: width, and the output size
@@ -107,7 +111,8 @@ class TransformerCore(nn.Module):
                 ):
         super().__init__()
         if window < 1: raise ValueError(f"window must be >= 1, got {window}")
-        if heads < 1 or d_model % heads: raise ValueError(f"heads must divide d_model={d_model}, got heads={heads}")
+        if heads < 1 or d_model % heads:
+            raise ValueError(f"heads must divide d_model={d_model}, got heads={heads}")
         if layers < 1: raise ValueError(f"layers must be >= 1, got {layers}")
         self.window, self.out_size = window, d_model
         self.inp = nn.Linear(input_size, d_model)
@@ -124,7 +129,8 @@ class TransformerCore(nn.Module):
         check_core_inputs(x, episode_start, state, len(self.blocks) + 1)
         T, W = x.shape[0], self.window
         *mems, valid = state
-        seg = episode_start.long().cumsum(0)                                 # [T, B] episode index within the call
+        # [T, B] episode index within the call
+        seg = episode_start.long().cumsum(0)
         seg_k = torch.cat([seg.new_zeros(W, seg.shape[1]), seg])          # [K, B], memory is episode 0
         valid_k = torch.cat([valid, torch.ones_like(episode_start)])         # [K, B]
         pos = torch.arange(-W, T, device=x.device)                           # [K] key positions
@@ -132,7 +138,8 @@ class TransformerCore(nn.Module):
         in_window = (dist >= 0) & (dist <= W)                                # [T, K]
         same_ep = seg.T[:, :, None] == seg_k.T[:, None, :]                   # [B, T, K]
         mask = in_window & valid_k.T[:, None, :] & same_ep                   # [B, T, K] visible keys
-        keep = (valid_k & (seg_k == seg[-1]))[-W:]                           # [W, B] still the current episode
+        # [W, B] still the current episode
+        keep = (valid_k & (seg_k == seg[-1]))[-W:]
         h, new_mems = self.inp(x), []                                        # [T, B, D]
         for block, mem in zip(self.blocks, mems):
             new_mems.append((torch.cat([mem, h])[-W:] * keep[..., None]).detach())  # [W, B, D], no gradient

@@ -55,10 +55,11 @@ def milestones(cols:dict, # from `episode_columns`
                rates=(0.5, 0.9), # rolling flag rates to report
                max_gap_s:float=600.0, # see `training_seconds`
               ) -> dict:
-    "Frames, episodes and training hours to the first flag and to each rolling flag rate (None where not reached)."
+    "Frames, episodes and training hours to the first flag and to each rolling flag rate (None if never)."
     flags, frames = cols['flag'], cols['frames']
     hours = training_seconds(cols['time'], max_gap_s) / 3600 if len(flags) else np.zeros(0)
-    def at(i): return None if i is None else {'frames': int(frames[i]), 'episodes': int(i + 1), 'hours': round(float(hours[i]), 3)}
+    def at(i): return None if i is None else {'frames': int(frames[i]), 'episodes': int(i + 1),
+                                              'hours': round(float(hours[i]), 3)}
     first = np.flatnonzero(flags > 0)
     out = {'episodes': int(len(flags)), 'frames': int(frames[-1]) if len(frames) else 0,
            'hours': round(float(hours[-1]), 3) if len(hours) else 0.0, 'window': window,
@@ -78,8 +79,9 @@ def plot_curves(runs:dict, # label -> metrics.jsonl path (or episode columns)
                 title:str='', # figure title
                 dpi:int=80, # PNG resolution
                ):
-    "Return, x position and flag rate against frames for one or more runs; the figure (and the PNG when `path`)."
-    import matplotlib; from matplotlib.figure import Figure
+    "Return, x position and flag rate against frames for one or more runs; the figure (and a PNG at `path`)."
+    import matplotlib
+    from matplotlib.figure import Figure
     fig = Figure(figsize=(11, 3.2), dpi=dpi, layout='constrained')
     axes = fig.subplots(1, 3)
     for (label, src), colour in zip(runs.items(), matplotlib.colormaps['tab10'].colors):
@@ -89,8 +91,11 @@ def plot_curves(runs:dict, # label -> metrics.jsonl path (or episode columns)
             if len(runs) == 1: ax.scatter(f, c[key], s=2, alpha=0.15, color=colour, linewidths=0)
             ax.plot(f, rolling_mean(c[key], window), color=colour, label=label)
         axes[2].plot(f, rolling_mean(c['flag'], window), color=colour, label=label)
-    for ax, name in zip(axes, ('episode return (shaped)', 'max x position', f'flag rate (last {window} episodes)')):
-        ax.set_title(name, fontsize=10); ax.set_xlabel('emulator frames (millions)'); ax.grid(alpha=0.3)
+    for ax, name in zip(axes,
+                        ('episode return (shaped)', 'max x position', f'flag rate (last {window} episodes)')):
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel('emulator frames (millions)')
+        ax.grid(alpha=0.3)
     for y in (0.5, 0.9): axes[2].axhline(y, color='grey', lw=0.8, ls='--')
     axes[2].set_ylim(-0.02, 1.02)
     if len(runs) > 1: axes[2].legend(fontsize=8, loc='upper left')
@@ -107,7 +112,8 @@ def compare_runs(runs:dict, # label -> metrics.jsonl path (or episode columns)
                 ) -> list[dict]:
     "One row per run: rolling return, x and flag rate over the last `window` episodes up to `at_frames`."
     cols = {k: (v if isinstance(v, dict) else episode_columns(v)) for k, v in runs.items()}
-    if at_frames is None: at_frames = int(min(c['frames'][-1] if len(c['frames']) else 0 for c in cols.values()))
+    if at_frames is None:
+        at_frames = int(min(c['frames'][-1] if len(c['frames']) else 0 for c in cols.values()))
     rows = []
     for label, c in cols.items():
         n = int(np.searchsorted(c['frames'], at_frames, side='right'))
@@ -128,7 +134,7 @@ def format_rows(rows:list[dict]) -> str:
 # %% ../nbs/14_curves.ipynb #11c0a003
 def stage_milestones(source, # a metrics.jsonl(.gz) path
                      window:int=100, # episodes in the rolling flag rate
-                     shipped_frames:int|None=None, # frames of the shipped checkpoint (its training hours are looked up)
+                     shipped_frames:int|None=None, # frames of the shipped checkpoint
                     ) -> dict[str, dict]:
     "`milestones` per stage the run played ('W-S' -> dict), with the training time at the shipped checkpoint."
     recs = read_metrics(source, kind='episode')
@@ -140,20 +146,22 @@ def stage_milestones(source, # a metrics.jsonl(.gz) path
         m = milestones(episode_columns(recs, stage=ws), window)
         if shipped_frames is not None:
             i = min(int(np.searchsorted(frames, shipped_frames, side='right')), len(frames)) - 1
-            m['shipped'] = {'frames': int(shipped_frames), 'hours': round(float(hours[i]), 3) if i >= 0 else 0.0}
+            m['shipped'] = {'frames': int(shipped_frames),
+                            'hours': round(float(hours[i]), 3) if i >= 0 else 0.0}
         out[f'{ws[0]}-{ws[1]}'] = m
     return out
 
 def milestone_table(table:dict[str, dict]) -> str:
     "A Markdown table of `stage_milestones`: frames (training hours) to each milestone, per stage."
     def cell(m): return 'not reached' if m is None else f"{m['frames']:,} ({m['hours']:.2f} h)"
-    keys = [('first_flag', 'first flag'), ('flag_rate_50', 'rolling 50%'), ('flag_rate_90', 'rolling 90%'), ('shipped', 'shipped checkpoint')]
+    keys = [('first_flag', 'first flag'), ('flag_rate_50', 'rolling 50%'), ('flag_rate_90', 'rolling 90%'),
+            ('shipped', 'shipped checkpoint')]
     rows = ['| stage | ' + ' | '.join(k[1] for k in keys) + ' |', '|---|' + '---|' * len(keys)]
     rows += [f"| {s} | " + ' | '.join(cell(m.get(k)) for k, _ in keys) + ' |' for s, m in table.items()]
     return '\n'.join(rows)
 
 # %% ../nbs/14_curves.ipynb #11c0a004
-def docs_curves(docs='docs', # the reports' folder: runs/<run>/metrics.jsonl.gz in, images/curves_<run>.png out
+def docs_curves(docs='docs', # reports' folder: runs/<run>/metrics.jsonl.gz in, images/curves_<run>.png out
                 window:int=100, # rolling window in episodes
                 log=print, # gets each run's figure path and milestone table
                ) -> dict[str, dict]:
@@ -161,12 +169,14 @@ def docs_curves(docs='docs', # the reports' folder: runs/<run>/metrics.jsonl.gz 
     docs, out = Path(docs), {}
     for m in sorted(docs.glob('runs/*/metrics.jsonl.gz')):
         run = m.parent.name
-        info = json.loads((m.parent / 'shipped.json').read_text()) if (m.parent / 'shipped.json').is_file() else {}
+        shipped = m.parent / 'shipped.json'
+        info = json.loads(shipped.read_text()) if shipped.is_file() else {}
         table = stage_milestones(m, window, info.get('frames'))
         recs = read_metrics(m, kind='episode')
         png = docs / 'images' / f'curves_{run}.png'
-        plot_curves({s: episode_columns(recs, stage=tuple(map(int, s.split('-')))) for s in table}, window, png,
-                    title=f"{run}: training episodes (sampled actions{', sticky actions' if info.get('sticky') else ''})")
+        curves = {s: episode_columns(recs, stage=tuple(map(int, s.split('-')))) for s in table}
+        sticky = ', sticky actions' if info.get('sticky') else ''
+        plot_curves(curves, window, png, title=f"{run}: training episodes (sampled actions{sticky})")
         out[run] = table
         if log: log(f"{png}\n{milestone_table(table)}")
     return out

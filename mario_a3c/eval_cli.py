@@ -16,11 +16,13 @@ def format_table(result:dict) -> str:
     "Per-episode return, length, max x and flag, then the clear rate."
     rows = [f"{'episode':>7} {'return':>9} {'length':>7} {'max x':>6} {'flag':>5}"]
     for i, e in enumerate(result['episodes'], 1):
-        rows.append(f"{i:>7} {e['return']:>9.2f} {e['length']:>7} {e['max_x']:>6} {'yes' if e['flag'] else 'no':>5}")
+        rows.append(f"{i:>7} {e['return']:>9.2f} {e['length']:>7} {e['max_x']:>6} "
+                    f"{'yes' if e['flag'] else 'no':>5}")
     n, flags = len(result['episodes']), sum(e['flag'] for e in result['episodes'])
-    rows.append(f"clear rate {flags}/{n} = {result['clear_rate'] or 0:.0%}" +
-                (f", mean return {result['mean_return']:.2f}, mean max x {result['mean_max_x']:.0f}" if n else '') +
-                (f", distinct paths {result['distinct_paths']}" if result.get('distinct_paths') is not None else ''))
+    means = f", mean return {result['mean_return']:.2f}, mean max x {result['mean_max_x']:.0f}" if n else ''
+    paths = result.get('distinct_paths')
+    rows.append(f"clear rate {flags}/{n} = {result['clear_rate'] or 0:.0%}" + means +
+                (f", distinct paths {paths}" if paths is not None else ''))
     return '\n'.join(rows)
 
 # %% ../nbs/11a_eval_cli.ipynb #f72e05bc
@@ -33,16 +35,20 @@ def rank_checkpoints(paths, # checkpoints (.pt) to play
     for p in paths: load_meta(p)   # a missing or unreadable file stops the ranking before anything is played
     rows = []
     for p in paths:
-        r = evaluate(p, **kw); n = len(r['episodes'])
-        rows.append(dict(checkpoint=r['checkpoint'], frames=r.get('frames'), episodes=n, clears=sum(e['flag'] for e in r['episodes']),
-                         clear_rate=r['clear_rate'], mean_return=r['mean_return'], mean_max_x=r['mean_max_x']))
+        r = evaluate(p, **kw)
+        n = len(r['episodes'])
+        rows.append(dict(checkpoint=r['checkpoint'], frames=r.get('frames'), episodes=n,
+                         clears=sum(e['flag'] for e in r['episodes']),
+                         clear_rate=r['clear_rate'], mean_return=r['mean_return'],
+                         mean_max_x=r['mean_max_x']))
         if log: log(_ranking_row(rows[-1]))
-    return sorted(rows, key=lambda r: (-(r['clear_rate'] or 0), -(r['mean_max_x'] or 0), -(r['mean_return'] or 0)))
+    return sorted(rows,
+                  key=lambda r: (-(r['clear_rate'] or 0), -(r['mean_max_x'] or 0), -(r['mean_return'] or 0)))
 
 def _ranking_row(r:dict) -> str:
     frames = f"{r['frames']:,}" if isinstance(r['frames'], int) else '?'
-    return (f"{r['clears']:>3}/{r['episodes']:<3} {r['mean_max_x'] or 0:>7.0f} {r['mean_return'] or 0:>9.2f} {frames:>12}  "
-            f"{r['checkpoint']}")
+    return (f"{r['clears']:>3}/{r['episodes']:<3} {r['mean_max_x'] or 0:>7.0f} {r['mean_return'] or 0:>9.2f} "
+            f"{frames:>12}  {r['checkpoint']}")
 
 def format_ranking(rows:list[dict]) -> str:
     "The ranking as a table, best first."
@@ -52,23 +58,31 @@ def format_ranking(rows:list[dict]) -> str:
 # %% ../nbs/11a_eval_cli.ipynb #0b7c02a5
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     "Add the `eval` subcommand to a `mario-a3c` subparsers object."
-    s = subparsers.add_parser('eval', help='play a checkpoint (a table per episode) or rank several checkpoints by clear rate')
+    s = subparsers.add_parser('eval', help='play a checkpoint (a table per episode) or rank several '
+                                           'checkpoints by clear rate')
     s.set_defaults(fn=run_eval)
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument('--checkpoint', metavar='PATH', nargs='+',
-                     help='checkpoint(s) (.pt) to play; their .json says how they were trained; several: a ranking')
+                     help='checkpoint(s) (.pt) to play; their .json says how they were trained; '
+                          'several: a ranking')
     src.add_argument('--pretrained', metavar='W-S', help='a shipped agent, e.g. 1-1')
     s.add_argument('--episodes', type=int, default=5, metavar='N', help='episodes to play (default 5)')
     s.add_argument('--sample', action='store_true', help='sample actions from the policy (default: argmax)')
-    s.add_argument('--noop-max', type=int, default=0, metavar='N', help='random 0..N NOOP steps at each episode start (default 0)')
+    s.add_argument('--noop-max', type=int, default=0, metavar='N',
+                   help='random 0..N NOOP steps at each episode start (default 0)')
     s.add_argument('--sticky', type=float, default=0.0, metavar='P',
-                   help="ALE sticky actions: each emulator frame repeats the last action with probability P, seeded (default 0; ALE's 0.25)")
-    s.add_argument('--world', type=int, default=None, metavar='W', help="world to play (default: the checkpoint's)")
-    s.add_argument('--stage', type=int, default=None, metavar='S', help="stage to play (default: the checkpoint's)")
+                   help="ALE sticky actions: each emulator frame repeats the last action with probability P, "
+                        "seeded (default 0; ALE's 0.25)")
+    s.add_argument('--world', type=int, default=None, metavar='W',
+                   help="world to play (default: the checkpoint's)")
+    s.add_argument('--stage', type=int, default=None, metavar='S',
+                   help="stage to play (default: the checkpoint's)")
     s.add_argument('--video', action='store_true', help='write an MP4 per episode')
-    s.add_argument('--video-dir', default='output/eval', metavar='DIR', help='folder of the videos (default output/eval)')
+    s.add_argument('--video-dir', default='output/eval', metavar='DIR',
+                   help='folder of the videos (default output/eval)')
     s.add_argument('--seed', type=int, default=0, help='seeds no-op starts, sampling, resets (default 0)')
-    s.add_argument('--max-steps', type=int, default=10_000, metavar='N', help='truncate episodes after N env steps (default 10000)')
+    s.add_argument('--max-steps', type=int, default=10_000, metavar='N',
+                   help='truncate episodes after N env steps (default 10000)')
     s.add_argument('--device', default='cpu', help='cpu, cuda or auto (default cpu)')
     s.add_argument('--json', action='store_true', help='end with the result as one JSON line')
     return s
@@ -76,16 +90,20 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 def run_eval(args:argparse.Namespace) -> int:
     "The `eval` subcommand: play, print the table or the ranking (and the JSON line)."
     paths = args.checkpoint or [pretrained_path(args.pretrained)]
-    kw = dict(episodes=args.episodes, deterministic=not args.sample, noop_max=args.noop_max, sticky=args.sticky,
+    kw = dict(episodes=args.episodes, deterministic=not args.sample, noop_max=args.noop_max,
+              sticky=args.sticky,
               world=args.world, stage=args.stage,
-              video=args.video, video_dir=args.video_dir, seed=args.seed, max_steps=args.max_steps, device=args.device)
-    how = (f"{'sampled' if args.sample else 'argmax'} actions, no-op starts 0-{args.noop_max}, sticky actions {args.sticky:g}, "
-           f"seed {args.seed}")
+              video=args.video, video_dir=args.video_dir, seed=args.seed, max_steps=args.max_steps,
+              device=args.device)
+    how = (f"{'sampled' if args.sample else 'argmax'} actions, no-op starts 0-{args.noop_max}, "
+           f"sticky actions {args.sticky:g}, seed {args.seed}")
     if len(paths) > 1:
         print(f"ranking {len(paths)} checkpoints, {args.episodes} episodes each, {how}")
         rows = rank_checkpoints(paths, **kw)
         print(format_ranking(rows))
-        if args.json: print(json.dumps(dict(ranking=rows, best=rows[0]['checkpoint'], **{k: v for k, v in kw.items() if k != 'video_dir'})))
+        if args.json:
+            print(json.dumps(dict(ranking=rows, best=rows[0]['checkpoint'],
+                                  **{k: v for k, v in kw.items() if k != 'video_dir'})))
         return 0
     res = evaluate(paths[0], **kw)
     print(f"{res['checkpoint']} on {res['world']}-{res['stage']}, {how}")

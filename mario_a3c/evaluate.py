@@ -30,23 +30,27 @@ def tiny_checkpoint(directory, # folder for the run's files (checkpoint, config)
     "A checkpoint of a tiny network after one update, made in seconds: for demos and tests."
     from mario_a3c.trainer import Trainer
     d = Path(directory)
-    cfg = dict(num_envs=1, vectorization='sync', size=42, channels='4,8', blocks=1, hidden=32, core_size=32, rollout_steps=4,
-               total_updates=1, warmup_updates=1, amp=False, compile=False, log_every_s=60., seed=seed, run_name='tiny',
-               runs_dir=str(d / 'runs'), checkpoint_dir=str(d / 'models'), tensorboard_dir=str(d / 'tb'))
+    cfg = dict(num_envs=1, vectorization='sync', size=42, channels='4,8', blocks=1, hidden=32, core_size=32,
+               rollout_steps=4, total_updates=1, warmup_updates=1, amp=False, compile=False, log_every_s=60.,
+               seed=seed, run_name='tiny', runs_dir=str(d / 'runs'), checkpoint_dir=str(d / 'models'),
+               tensorboard_dir=str(d / 'tb'), epochs=1, minibatches=1, actors=1)
     import torch
     threads = torch.get_num_threads()  # the trainer sets its own; give the caller's back
-    try: return Path(Trainer(TrainingConfig(**{**cfg, **kw}), log=lambda *a: None, default_callbacks=False).train()['checkpoint'])
+    try:
+        return Path(Trainer(TrainingConfig(**{**cfg, **kw}), log=lambda *a: None,
+                            default_callbacks=False).train()['checkpoint'])
     finally: torch.set_num_threads(threads)
 
 # %% ../nbs/09_evaluate.ipynb #6cfdd030
 def _agent_config(meta:dict, path) -> TrainingConfig:
-    "The training config stored in checkpoint metadata, with a one-line `CheckpointError` when it cannot be used."
+    "The training config in checkpoint metadata; a one-line `CheckpointError` when it cannot be used."
     from mario_a3c.checkpoint import REQUIRED_META, CheckpointError
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing: raise CheckpointError(f"checkpoint {path} metadata misses key(s) {', '.join(missing)}")
     try: return TrainingConfig.from_stored(meta['config'], source=f'checkpoint {path} metadata')
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} metadata has a config this mario_a3c cannot use: {' '.join(str(e).split())}") from None
+        raise CheckpointError(f"checkpoint {path} metadata has a config this mario_a3c cannot "
+                              f"use: {' '.join(str(e).split())}") from None
 
 def load_agent(checkpoint, # a `.pt` checkpoint (or its `.json`)
                device:str='cpu', # cpu, cuda, cuda:N or auto
@@ -62,7 +66,8 @@ def load_agent(checkpoint, # a `.pt` checkpoint (or its `.json`)
     weights = state.get('model') if isinstance(state, dict) else None
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise CheckpointError(f"checkpoint {path} has no model weights (state['model'])")
-    weights = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}  # fp16 shipped agents -> fp32
+    # fp16 shipped agents -> fp32
+    weights = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
     model = ImpalaActorCritic(**config.model_kwargs())
     load_model_state(model, weights, path)
     return model.to(device).eval(), config, meta
@@ -78,33 +83,61 @@ def eval_env_kwargs(config:TrainingConfig, # the checkpoint's training config
                     world:int|None=None, stage:int|None=None, # the stage to play (None: the config's)
                     max_steps:int|None=None, # truncate episodes after this many env steps
                     render:bool=False, # colour frames from `env.render()` (video, callback)
-                    sticky:float=0.0, # ALE sticky actions: chance that an emulator frame repeats the last action
+                    sticky:float=0.0, # ALE sticky actions: chance that a frame repeats the last action
                    ) -> dict:
-    "`make_env` arguments for evaluation: the training preprocessing on one fixed stage, sticky actions as asked."
-    world, stage = check_stage(config.world if world is None else world, config.stage if stage is None else stage)
+    "`make_env` arguments for evaluation: the training preprocessing on one stage, sticky actions as asked."
+    world, stage = check_stage(config.world if world is None else world,
+                               config.stage if stage is None else stage)
     return {**config.env_kwargs(), 'world': world, 'stage': stage, 'random_stage': False, 'stage_span': 1,
-            'max_episode_steps': max_steps, 'render_mode': 'rgb_array' if render else None, 'sticky_actions': sticky}
+            'max_episode_steps': max_steps, 'render_mode': 'rgb_array' if render else None,
+            'sticky_actions': sticky}
 
 # %% ../nbs/09_evaluate.ipynb #cc6295bd
 def summarize(episodes:list[dict], # per-episode rows of `evaluate`
               paths:list|None=None, # each episode's x positions after its no-ops (for `distinct_paths`)
              ) -> dict:
-    "Clear rate and means over finished episodes (None when there are none); how many distinct paths they took."
+    "Clear rate and means over finished episodes (None if there are none); how many distinct paths they took."
     mean = lambda k: float(np.mean([e[k] for e in episodes])) if episodes else None
     distinct = None if paths is None else len({tuple(p) for p in paths})
-    return dict(clear_rate=mean('flag'), mean_return=mean('return'), mean_length=mean('length'), mean_max_x=mean('max_x'),
-                distinct_paths=distinct)
+    return dict(clear_rate=mean('flag'), mean_return=mean('return'), mean_length=mean('length'),
+                mean_max_x=mean('max_x'), distinct_paths=distinct)
 
 def _check_count(name, v, lo):
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
         raise ValueError(f"{name}={v!r} is out of range: allowed an int >= {lo}")
 
 # %% ../nbs/09_evaluate.ipynb #7b840fbf
+def _play_episode(env, obs, model, dev, ep:int, n_noop:int, noop:int, deterministic:bool, gen,
+                  callback:Callable|None, stopped:bool) -> tuple:
+    "One episode from `obs`: `n_noop` no-ops, then the agent; (stats or None, x path, stopped, truncated)."
+    import torch
+    state, start = model.initial_state(1, dev), torch.ones(1, dtype=torch.bool, device=dev)
+    stats, ret, t = None, 0.0, 0
+    xs = []   # x after each agent step (no-ops left out): the episode's path
+    terminated = truncated = False
+    while stats is None and not stopped:
+        if t < n_noop: action = noop
+        else:
+            o = torch.as_tensor(np.asarray(obs), device=dev)[None]  # [1, C, H, W] uint8
+            a, _, _, state = model.act(o, state, start, deterministic=deterministic, generator=gen)
+            action, start = int(a[0]), torch.zeros(1, dtype=torch.bool, device=dev)
+        obs, reward, terminated, truncated, info = env.step(action)
+        ret += float(reward)
+        t += 1
+        if t > n_noop: xs.append(int(info['x_pos']))
+        if terminated or truncated: stats = info['episode']
+        if callback is not None:
+            step = dict(info, episode_index=ep, step=t, action=action, reward=float(reward), noop=t <= n_noop,
+                        **{'return': ret})
+            stopped = callback(env.unwrapped.render(), step) is True
+    return stats, xs, stopped, bool(truncated and not terminated)
+
+# %% ../nbs/09_evaluate.ipynb #717f9284
 def evaluate(checkpoint, # a `.pt` checkpoint (or its `.json`)
              episodes:int=5, # episodes to play
              deterministic:bool=True, # argmax actions (False: sample from the policy)
              noop_max:int=0, # 0..noop_max NOOP steps (drawn from `seed`) before the agent acts
-             sticky:float=0.0, # ALE sticky actions: chance that an emulator frame repeats the last action (seeded)
+             sticky:float=0.0, # ALE sticky actions: chance that a frame repeats the last action (seeded)
              world:int|None=None, stage:int|None=None, # stage to play (None: the checkpoint's)
              video:bool=False, # write an MP4 per episode into `video_dir`
              video_dir='output/eval', # folder of the videos
@@ -116,8 +149,8 @@ def evaluate(checkpoint, # a `.pt` checkpoint (or its `.json`)
             ) -> dict:
     "Play `episodes` episodes of a checkpoint: per-episode return, length, max x, flag, and the clear rate."
     import torch
-    _check_count('episodes', episodes, 1); _check_count('noop_max', noop_max, 0); _check_count('max_steps', max_steps, 1)
-    _check_count('seed', seed, 0); _check_count('threads', threads, 0)
+    for name, v, low in (('episodes', episodes, 1), ('noop_max', noop_max, 0), ('max_steps', max_steps, 1),
+                         ('seed', seed, 0), ('threads', threads, 0)): _check_count(name, v, low)
     if isinstance(sticky, bool) or not isinstance(sticky, (int, float)) or not 0 <= sticky < 1:
         raise ValueError(f"sticky={sticky!r} is out of range: allowed 0 <= p < 1")
     if video: writable_dir('video_dir', video_dir)
@@ -139,30 +172,21 @@ def evaluate(checkpoint, # a `.pt` checkpoint (or its `.json`)
         for ep in range(episodes):
             n_noop = int(rng.integers(0, noop_max + 1))
             obs, _ = env.reset(seed=seed + ep)
-            state, start, stats, ret, t = model.initial_state(1, dev), torch.ones(1, dtype=torch.bool, device=dev), None, 0.0, 0
-            xs = []   # x after each agent step (no-ops left out): the episode's path
-            while stats is None and not stopped:
-                if t < n_noop: action = noop
-                else:
-                    o = torch.as_tensor(np.asarray(obs), device=dev)[None]  # [1, C, H, W] uint8
-                    a, _, _, state = model.act(o, state, start, deterministic=deterministic, generator=gen)
-                    action, start = int(a[0]), torch.zeros(1, dtype=torch.bool, device=dev)
-                obs, reward, terminated, truncated, info = env.step(action)
-                ret += float(reward); t += 1
-                if t > n_noop: xs.append(int(info['x_pos']))
-                if terminated or truncated: stats = info['episode']
-                if callback is not None:
-                    stopped = callback(env.unwrapped.render(), dict(info, episode_index=ep, step=t, action=action, reward=float(reward),
-                                                                    noop=t <= n_noop, **{'return': ret})) is True
+            stats, xs, stopped, truncated = _play_episode(env, obs, model, dev, ep, n_noop, noop,
+                                                          deterministic, gen, callback, stopped)
             if stats is None: break
             paths.append(xs)
-            results.append({'return': stats['r'], 'native_return': stats['native_r'], 'length': stats['l'], 'max_x': stats['x'],
-                            'flag': stats['flag'], 'noops': min(n_noop, stats['l']), 'truncated': bool(truncated and not terminated)})
-    finally: env.close(); torch.set_num_threads(before)
-    videos = [str(Path(video_dir) / f'{prefix}-episode-{i}.mp4') for i in range(len(results))] if video else []
-    return dict(checkpoint=meta['path'], frames=meta.get('frames'), world=kw['world'], stage=kw['stage'], deterministic=deterministic,
-                noop_max=noop_max, sticky=sticky, seed=seed, episodes=results, **summarize(results, paths), videos=videos,
-                stopped=stopped)
+            results.append({'return': stats['r'], 'native_return': stats['native_r'], 'length': stats['l'],
+                            'max_x': stats['x'], 'flag': stats['flag'], 'noops': min(n_noop, stats['l']),
+                            'truncated': truncated})
+    finally:
+        env.close()
+        torch.set_num_threads(before)
+    n = len(results) if video else 0
+    videos = [str(Path(video_dir) / f'{prefix}-episode-{i}.mp4') for i in range(n)]
+    return dict(checkpoint=meta['path'], frames=meta.get('frames'), world=kw['world'], stage=kw['stage'],
+                deterministic=deterministic, noop_max=noop_max, sticky=sticky, seed=seed, episodes=results,
+                **summarize(results, paths), videos=videos, stopped=stopped)
 
 # %% ../nbs/09_evaluate.ipynb #84fded92
 PRETRAINED_DIR = Path(mario_a3c.__file__).parent / 'pretrained'  # package data: shipped agents
@@ -176,7 +200,8 @@ def list_pretrained(directory=None, # folder of shipped agents (default: the pac
                    ) -> list[str]:
     "Stages (`'W-S'`) with a pretrained agent: a `.pt` and its `.json`."
     d = Path(directory or PRETRAINED_DIR)
-    found = (re.fullmatch(r'a3c_world(\d)_stage(\d)', p.stem) for p in sorted(d.glob('a3c_world*_stage*.pt')) if p.with_suffix('.json').is_file())
+    pts = [p for p in sorted(d.glob('a3c_world*_stage*.pt')) if p.with_suffix('.json').is_file()]
+    found = (re.fullmatch(r'a3c_world(\d)_stage(\d)', p.stem) for p in pts)
     return [f'{m[1]}-{m[2]}' for m in found if m]
 
 def pretrained_path(name:str, # a stage, 'W-S' (e.g. '1-1')
@@ -187,40 +212,50 @@ def pretrained_path(name:str, # a stage, 'W-S' (e.g. '1-1')
     d = Path(directory or PRETRAINED_DIR)
     p = d / f'a3c_world{w}_stage{s}.pt'
     if not (p.is_file() and p.with_suffix('.json').is_file()):
-        raise FileNotFoundError(f"no pretrained agent for {w}-{s} ({p} is missing); available: {', '.join(list_pretrained(d)) or 'none'}")
+        raise FileNotFoundError(f"no pretrained agent for {w}-{s} ({p} is missing); available: "
+                                f"{', '.join(list_pretrained(d)) or 'none'}")
     return p
 
 # %% ../nbs/09_evaluate.ipynb #5dae2903
-LOCAL_FIELDS = ('run_name', 'runs_dir', 'checkpoint_dir', 'tensorboard_dir', 'ray_address')  # where a run wrote, not what it learned
+# where a run wrote, not what it learned
+LOCAL_FIELDS = ('run_name', 'runs_dir', 'checkpoint_dir', 'tensorboard_dir', 'ray_address')
 
 def export_pretrained(checkpoint, # a `.pt` checkpoint from training
                       dest_dir=None, # folder of shipped agents (default: the package's)
                       half:bool=True, # store the weights in float16
                       log:Callable|None=print, # one line with the file and its size
-                      stage:str|None=None, # 'W-S' to ship under (a network trained on several stages, once per stage)
+                      stage:str|None=None, # 'W-S' to ship under (a multi-stage network: once per stage)
                      ) -> Path:
-    "Write a weights-only copy of `checkpoint` (+ metadata) as `a3c_world{W}_stage{S}.pt` for `--pretrained W-S`."
+    "Write a weights-only copy of `checkpoint` (+ metadata) as `a3c_world{W}_stage{S}.pt` (`--pretrained`)."
     import torch
     from mario_a3c.checkpoint import FORMAT_VERSION, CheckpointError, atomic_write, load_checkpoint, meta_path
     state, meta = load_checkpoint(checkpoint)
-    src = Path(meta['path']); config = _agent_config(meta, src)
-    if stage is not None:   # plays this stage by default: the schedule's other stages are not part of the agent
+    src = Path(meta['path'])
+    config = _agent_config(meta, src)
+    if stage is not None:   # plays this stage by default: the schedule's other stages are not the agent's
         w, s = _stage_name(stage)
-        meta = {**meta, 'config': {**meta['config'], 'world': w, 'stage': s, 'random_stage': False, 'stage_span': 1}}
+        meta = {**meta,
+                'config': {**meta['config'], 'world': w, 'stage': s, 'random_stage': False, 'stage_span': 1}}
         config = _agent_config(meta, src)
     weights = state.get('model') if isinstance(state, dict) else None
-    if not isinstance(weights, dict): raise CheckpointError(f"checkpoint {src} has no model weights (state['model'])")
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"checkpoint {src} has no model weights (state['model'])")
     dtype = torch.float16 if half else torch.float32
     weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
     dest = Path(dest_dir or PRETRAINED_DIR) / f'a3c_world{config.world}_stage{config.stage}.pt'
     meta = {k: v for k, v in meta.items() if k != 'path'}
-    local = {k: getattr(TrainingConfig(), k) for k in LOCAL_FIELDS}   # the trainer's folders mean nothing where the agent ships
-    meta.update(config={**meta['config'], **local}, run_name='', file=dest.name, save_id=f'{time.time_ns():x}',
+    # the trainer's folders mean nothing where the agent ships
+    local = {k: getattr(TrainingConfig(), k) for k in LOCAL_FIELDS}
+    meta.update(config={**meta['config'], **local}, run_name='', file=dest.name,
+                save_id=f'{time.time_ns():x}',
                 exported_from=src.name, weights_dtype=str(dtype).split('.')[-1],
                 exported_at=datetime.now(timezone.utc).isoformat(timespec='seconds'))
     text = json.dumps(meta, indent=1) + '\n'
-    atomic_write(dest, lambda f: torch.save({'format_version': FORMAT_VERSION, 'meta': json.loads(text), 'state': {'model': weights}}, f))
+    atomic_write(dest, lambda f: torch.save({'format_version': FORMAT_VERSION, 'meta': json.loads(text),
+                                             'state': {'model': weights}}, f))
     atomic_write(meta_path(dest), lambda f: f.write(text.encode('utf-8')))
     n = sum(v.numel() for v in weights.values() if v.is_floating_point())
-    if log: log(f"pretrained {config.world}-{config.stage}: {dest} ({dest.stat().st_size / 1e6:.2f} MB, {n} parameters in {meta['weights_dtype']})")
+    if log:
+        log(f"pretrained {config.world}-{config.stage}: {dest} ({dest.stat().st_size / 1e6:.2f} MB, {n} "
+            f"parameters in {meta['weights_dtype']})")
     return dest

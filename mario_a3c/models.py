@@ -6,6 +6,7 @@
 from __future__ import annotations
 import math
 import torch
+from fastcore.basics import patch
 import torch.nn.functional as F
 from torch import nn, Tensor
 from .noisy import NoisyLinear
@@ -29,7 +30,8 @@ class ResidualBlock(nn.Module):
 
 def impala_stage(cin:int, cout:int, blocks:int) -> nn.Sequential:
     "conv3x3 -> maxpool 3x3 stride 2 (padding 1) -> `blocks` residual blocks."
-    return nn.Sequential(_conv(cin, cout), nn.MaxPool2d(3, stride=2, padding=1), *[ResidualBlock(cout) for _ in range(blocks)])
+    return nn.Sequential(_conv(cin, cout), nn.MaxPool2d(3, stride=2, padding=1),
+                         *[ResidualBlock(cout) for _ in range(blocks)])
 
 # %% ../nbs/02b_models.ipynb #50f7077d
 def impala_out_size(obs_size:int, # input height = width
@@ -41,7 +43,8 @@ def impala_out_size(obs_size:int, # input height = width
 
 class ImpalaBackbone(nn.Module):
     "IMPALA deep residual CNN: float `[N, C, S, S]` in [0, 1] -> `[N, hidden]` features."
-    def __init__(self, in_channels:int=4, obs_size:int=84, channels=(16, 32, 32), blocks:int=2, hidden:int=256):
+    def __init__(self, in_channels:int=4, obs_size:int=84, channels=(16, 32, 32), blocks:int=2,
+                 hidden:int=256):
         super().__init__()
         cins = (in_channels,) + tuple(channels[:-1])
         self.stages = nn.Sequential(*[impala_stage(ci, co, blocks) for ci, co in zip(cins, channels)])
@@ -56,12 +59,15 @@ INITS = ('orthogonal', 'torch')
 
 def orthogonal_init(model:nn.Module, # has `backbone`, `policy` and `value`
                    ) -> nn.Module:
-    "Orthogonal weights (ReLU gain for the CNN, 0.01 policy, 1 value) and zero biases, in place; returns `model`."
+    "Orthogonal weights (ReLU gain for the CNN, 0.01 policy, 1 value), zero biases, in place; `model`."
     for m in model.backbone.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.orthogonal_(m.weight, nn.init.calculate_gain('relu')); nn.init.zeros_(m.bias)
+            nn.init.orthogonal_(m.weight, nn.init.calculate_gain('relu'))
+            nn.init.zeros_(m.bias)
     for head, gain in ((model.policy, 0.01), (model.value, 1.0)):
-        if type(head) is nn.Linear: nn.init.orthogonal_(head.weight, gain); nn.init.zeros_(head.bias)
+        if type(head) is nn.Linear:
+            nn.init.orthogonal_(head.weight, gain)
+            nn.init.zeros_(head.bias)
     return model
 
 # %% ../nbs/02b_models.ipynb #ad1282e4
@@ -72,9 +78,11 @@ def _check_args(n_actions, in_channels, obs_size, channels, blocks, hidden, core
     if len(channels) == 0 or any(int(c) < 1 for c in channels):
         raise ValueError(f"channels must be a non-empty tuple of positive ints, got {tuple(channels)}")
     if obs_size < 2 ** len(channels):
-        raise ValueError(f"obs_size={obs_size} is too small for {len(channels)} stages: need >= {2 ** len(channels)}")
+        raise ValueError(f"obs_size={obs_size} is too small for {len(channels)} stages: need >= "
+                         f"{2 ** len(channels)}")
     if blocks < 0: raise ValueError(f"blocks must be >= 0, got {blocks}")
-    if hidden < 1 or core_size < 1: raise ValueError(f"hidden and core_size must be >= 1, got {hidden}, {core_size}")
+    if hidden < 1 or core_size < 1:
+        raise ValueError(f"hidden and core_size must be >= 1, got {hidden}, {core_size}")
     if core not in CORES: raise ValueError(f"core must be one of {CORES}, got {core!r}")
 
 # %% ../nbs/02b_models.ipynb #ff93ebf5
@@ -95,21 +103,24 @@ class ImpalaActorCritic(nn.Module):
                  core_layers:int=1,       # stacked RNN layers / transformer blocks
                  channels_last:bool=True, # NHWC convolutions (faster on CPU)
                  layer_norm:bool=False,   # LayerNorm on the CNN features before the core
-                 init:str='orthogonal',   # weight init of the CNN and heads: orthogonal or torch (PyTorch's defaults)
+                 init:str='orthogonal',   # weight init of CNN and heads: orthogonal or torch (PyTorch's)
                 ):
         super().__init__()
         channels = tuple(int(c) for c in channels)
         _check_args(n_actions, in_channels, obs_size, channels, blocks, hidden, core, core_size)
-        if init not in INITS: raise ValueError(f"init={init!r} is not a weight init: allowed {', '.join(INITS)}")
-        self.n_actions, self.in_channels, self.obs_size, self.core_kind = n_actions, in_channels, obs_size, core
-        self.channels_last = channels_last
+        if init not in INITS:
+            raise ValueError(f"init={init!r} is not a weight init: allowed {', '.join(INITS)}")
+        self.n_actions, self.in_channels, self.obs_size = n_actions, in_channels, obs_size
+        self.core_kind, self.channels_last = core, channels_last
         self.backbone = ImpalaBackbone(in_channels, obs_size, channels, blocks, hidden)
-        self.norm = nn.LayerNorm(hidden) if layer_norm else nn.Identity()   # keeps the core's inputs at unit scale
+        # keeps the core's inputs at unit scale
+        self.norm = nn.LayerNorm(hidden) if layer_norm else nn.Identity()
         self.core = make_core(core, hidden, core_size, window, heads, core_layers)
         Head = NoisyLinear if noisy else nn.Linear
         self.policy, self.value = Head(self.core.out_size, n_actions), Head(self.core.out_size, 1)
         if init == 'orthogonal': orthogonal_init(self)
-        if channels_last: self.backbone.to(memory_format=torch.channels_last)   # after the init: it needs plain strides
+        # after the init: it needs plain strides
+        if channels_last: self.backbone.to(memory_format=torch.channels_last)
 
     def initial_state(self, batch_size:int, device=None) -> tuple[Tensor, ...]:
         "Zero state for `batch_size` envs: a tuple of tensors with the batch on dim 1 (`()` for core='none')."
@@ -122,8 +133,9 @@ class ImpalaActorCritic(nn.Module):
 
     def forward(self, obs:Tensor, state:tuple, episode_start:Tensor) -> tuple[Tensor, Tensor, tuple]:
         "uint8 `[T, B, C, H, W]`, state, bool `[T, B]` -> (logits `[T, B, A]`, value `[T, B]`, new state)."
-        if obs.dtype != torch.uint8 or obs.ndim != 5 or tuple(obs.shape[2:]) != (self.in_channels, self.obs_size, self.obs_size):
-            raise ValueError(f"obs must be uint8 [T, B, {self.in_channels}, {self.obs_size}, {self.obs_size}], "
+        C, H = self.in_channels, self.obs_size
+        if obs.dtype != torch.uint8 or obs.ndim != 5 or tuple(obs.shape[2:]) != (C, H, H):
+            raise ValueError(f"obs must be uint8 [T, B, {C}, {H}, {H}], "
                              f"got {obs.dtype} {tuple(obs.shape)}")
         T, B = obs.shape[:2]
         x = obs.flatten(0, 1).float().div_(255)  # [T*B, C, H, W] in [0, 1]
@@ -134,28 +146,32 @@ class ImpalaActorCritic(nn.Module):
         assert logits.shape == (T, B, self.n_actions) and value.shape == (T, B)
         return logits, value, state
 
-    @torch.no_grad()
-    def act(self,
-            obs:Tensor,               # uint8 [B, C, H, W]: one step
-            state:tuple,              # core state for the B envs
-            episode_start:Tensor,     # bool [B]
-            deterministic:bool=False, # argmax instead of sampling
-            generator:torch.Generator|None=None, # for reproducible sampling
-           ) -> tuple[Tensor, Tensor, Tensor, tuple]:
-        "One step for B envs: (action `[B]`, log-prob `[B]`, value `[B]`, new state), without gradient."
-        logits, value, state = self(obs[None], state, episode_start[None])  # [1, B, A], [1, B]
-        logp_all = logits[0].log_softmax(-1)                                # [B, A]
-        action = logp_all.argmax(-1) if deterministic else torch.multinomial(logp_all.exp(), 1, generator=generator)[:, 0]
-        return action, logp_all.gather(-1, action[:, None])[:, 0], value[0], state
+# %% ../nbs/02b_models.ipynb #a72eeed7
+@patch
+@torch.no_grad()
+def act(self:ImpalaActorCritic,
+        obs:Tensor,               # uint8 [B, C, H, W]: one step
+        state:tuple,              # core state for the B envs
+        episode_start:Tensor,     # bool [B]
+        deterministic:bool=False, # argmax instead of sampling
+        generator:torch.Generator|None=None, # for reproducible sampling
+       ) -> tuple[Tensor, Tensor, Tensor, tuple]:
+    "One step for B envs: (action `[B]`, log-prob `[B]`, value `[B]`, new state), without gradient."
+    logits, value, state = self(obs[None], state, episode_start[None])  # [1, B, A], [1, B]
+    logp_all = logits[0].log_softmax(-1)                                # [B, A]
+    if deterministic: action = logp_all.argmax(-1)
+    else: action = torch.multinomial(logp_all.exp(), 1, generator=generator)[:, 0]
+    return action, logp_all.gather(-1, action[:, None])[:, 0], value[0], state
 
 # %% ../nbs/02b_models.ipynb #dac2aa0e
 def count_parameters(model:nn.Module) -> int:
     "Number of trainable parameters."
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-def expected_parameter_count(n_actions:int, in_channels:int=4, obs_size:int=84, channels=(16, 32, 32), blocks:int=2,
-                             hidden:int=256, core:str='lstm', core_size:int=256, window:int=16, heads:int=4,
-                             noisy:bool=False, core_layers:int=1, ff_mult:int=4, layer_norm:bool=False) -> int:
+def expected_parameter_count(n_actions:int, in_channels:int=4, obs_size:int=84, channels=(16, 32, 32),
+                             blocks:int=2, hidden:int=256, core:str='lstm', core_size:int=256, window:int=16,
+                             heads:int=4, noisy:bool=False, core_layers:int=1, ff_mult:int=4,
+                             layer_norm:bool=False) -> int:
     "Closed-form parameter count of `ImpalaActorCritic` with these arguments."
     lin = lambda i, o: i * o + o     # weight + bias
     conv = lambda i, o: 9 * i * o + o  # 3x3 kernel + bias
@@ -167,10 +183,12 @@ def expected_parameter_count(n_actions:int, in_channels:int=4, obs_size:int=84, 
     out, D, L = hidden, core_size, core_layers
     if core in ('gru', 'lstm'):
         gates = 4 if core == 'lstm' else 3
-        n += sum(gates * (D * ((hidden if l == 0 else D) + D) + 2 * D) for l in range(L))  # W_ih, W_hh, b_ih, b_hh
+        # W_ih, W_hh, b_ih, b_hh
+        n += sum(gates * (D * ((hidden if l == 0 else D) + D) + 2 * D) for l in range(L))
         out = D
     elif core == 'transformer':
-        block = 2 * D + lin(D, 3 * D) + lin(D, D) + heads * (window + 1) + 2 * D + lin(D, ff_mult * D) + lin(ff_mult * D, D)
+        attention = 2 * D + lin(D, 3 * D) + lin(D, D) + heads * (window + 1)
+        block = attention + 2 * D + lin(D, ff_mult * D) + lin(ff_mult * D, D)
         n += lin(hidden, D) + L * block + 2 * D  # input projection, blocks, final LayerNorm
         out = D
     return n + (2 if noisy else 1) * (lin(out, n_actions) + lin(out, 1))

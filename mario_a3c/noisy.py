@@ -28,7 +28,8 @@ class NoisyLinear(nn.Module):
                 ):
         super().__init__()
         if in_features < 1 or out_features < 1:
-            raise ValueError(f"in_features and out_features must be >= 1, got {in_features} and {out_features}")
+            raise ValueError(f"in_features and out_features must be >= 1, got {in_features} and "
+                             f"{out_features}")
         if sigma0 < 0: raise ValueError(f"sigma0 must be >= 0, got {sigma0}")
         self.in_features, self.out_features, self.sigma0 = in_features, out_features, sigma0
         self.weight_mu = nn.Parameter(torch.empty(out_features, in_features))
@@ -44,8 +45,10 @@ class NoisyLinear(nn.Module):
     def reset_parameters(self):
         "Paper initialisation: `mu ~ U[-1/sqrt(p), 1/sqrt(p)]`, `sigma = sigma0/sqrt(p)`."
         bound = 1 / math.sqrt(self.in_features)
-        self.weight_mu.uniform_(-bound, bound); self.bias_mu.uniform_(-bound, bound)
-        self.weight_sigma.fill_(self.sigma0 * bound); self.bias_sigma.fill_(self.sigma0 * bound)
+        self.weight_mu.uniform_(-bound, bound)
+        self.bias_mu.uniform_(-bound, bound)
+        self.weight_sigma.fill_(self.sigma0 * bound)
+        self.bias_sigma.fill_(self.sigma0 * bound)
 
     @torch.no_grad()
     def reset_noise(self, generator:torch.Generator|None=None): # on the layer's device
@@ -63,4 +66,5 @@ class NoisyLinear(nn.Module):
     def forward(self, x:Tensor) -> Tensor:
         return F.linear(x, *self.weight_and_bias())
 
-    def extra_repr(self): return f"in_features={self.in_features}, out_features={self.out_features}, sigma0={self.sigma0}"
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, sigma0={self.sigma0}"

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from fastcore.basics import patch
 
 from .callbacks import Callback
 from .widgets import Every, TrainingPanel, png_bytes, until, widget_frontend
@@ -26,14 +27,17 @@ class EvalPanel:
                  widgets:bool|None=None, # None: `widget_frontend()`
                  clock:Callable=time.monotonic, stream=None):
         self.widgets = widget_frontend() if widgets is None else bool(widgets)
-        self.every_frame, self.every_table, self.stream = Every(frame_every_s, clock), Every(table_every_s, clock), stream
+        self.every_frame, self.every_table = Every(frame_every_s, clock), Every(table_every_s, clock)
+        self.stream = stream
         self.rows, self.result, self.error, self.thread, self._stop = {}, None, None, None, threading.Event()
         if self.widgets:
             import ipywidgets as W
-            self.frame_img = W.Image(value=png_bytes(np.zeros((240, 256, 3), np.uint8)), format='png',   # black, not a broken image
+            self.frame_img = W.Image(value=png_bytes(np.zeros((240, 256, 3), np.uint8)),
+                                     format='png',   # black, not a broken image
                                      layout=W.Layout(width=f'{256 * scale}px', height=f'{240 * scale}px'))
             self.frame_img.add_class('mario-frame')
-            self.table, self.stop_btn = W.HTML(''), W.Button(description='Stop evaluation', icon='stop', button_style='danger')
+            self.table = W.HTML('')
+            self.stop_btn = W.Button(description='Stop evaluation', icon='stop', button_style='danger')
             self.stop_btn.on_click(lambda _: self.stop())
             self.widget = W.VBox([W.HTML('<style>.mario-frame {image-rendering: pixelated;}</style>'),
                                   W.HBox([self.frame_img, W.VBox([self.stop_btn, self.table])])])
@@ -44,9 +48,11 @@ class EvalPanel:
         ep = int(info.get('episode_index', stats if isinstance(stats, (int, np.integer)) else len(self.rows)))
         row = self.rows.setdefault(ep, dict(episode=ep, steps=0, ret=0.0, max_x=0, flag=False))
         row.update(steps=int(info.get('step', row['steps'])), ret=float(info.get('return', row['ret'])),
-                   max_x=max(row['max_x'], int(info.get('x_pos', 0))), flag=row['flag'] or bool(info.get('flag_get', False)))
+                   max_x=max(row['max_x'], int(info.get('x_pos', 0))),
+                   flag=row['flag'] or bool(info.get('flag_get', False)))
         if isinstance(stats, dict):
-            row.update(steps=int(stats['l']), ret=float(stats['r']), max_x=int(stats['x']), flag=bool(stats['flag']))
+            row.update(steps=int(stats['l']), ret=float(stats['r']), max_x=int(stats['x']),
+                       flag=bool(stats['flag']))
             if not self.widgets: self._line(row)
         if self.widgets:
             if self.every_frame(): self.frame_img.value = png_bytes(frame)
@@ -56,19 +62,24 @@ class EvalPanel:
     def html(self) -> str:
         "The episodes as an HTML table (and the summary once the evaluation is done)."
         head = '<tr><th>episode</th><th>steps</th><th>return</th><th>max x</th><th>flag</th></tr>'
-        body = ''.join(f"<tr><td>{r['episode']}</td><td>{r['steps']}</td><td>{r['ret']:.1f}</td><td>{r['max_x']}</td>"
+        body = ''.join(f"<tr><td>{r['episode']}</td><td>{r['steps']}</td><td>{r['ret']:.1f}</td>"
+                       f"<td>{r['max_x']}</td>"
                        f"<td>{'yes' if r['flag'] else ''}</td></tr>" for r in self.rows.values())
         res = self.result
-        tail = '' if res is None else (f"<p>clear rate {res['clear_rate']:.2f}, mean return {res['mean_return']:.1f}, "
-                                       f"mean max x {res['mean_max_x']:.0f}, distinct paths {res['distinct_paths']} "
-                                       f"(sticky actions {res['sticky']:g})</p>" if res['episodes'] else '<p>no episode finished</p>')
+        if res is None: tail = ''
+        elif not res['episodes']: tail = '<p>no episode finished</p>'
+        else: tail = (f"<p>clear rate {res['clear_rate']:.2f}, mean return {res['mean_return']:.1f}, "
+                      f"mean max x {res['mean_max_x']:.0f}, distinct paths {res['distinct_paths']} "
+                      f"(sticky actions {res['sticky']:g})</p>")
         return f'<table class="mario-eval">{head}{body}</table>{tail}'
 
-    def _line(self, r): print(f"episode {r['episode']}: {r['steps']} steps, return {r['ret']:.1f}, max x {r['max_x']}"
-                              f"{', flag' if r['flag'] else ''}", file=self.stream or sys.stdout, flush=True)
+    def _line(self, r):
+        print(f"episode {r['episode']}: {r['steps']} steps, return {r['ret']:.1f}, max x {r['max_x']}"
+              f"{', flag' if r['flag'] else ''}", file=self.stream or sys.stdout, flush=True)
 
 # %% ../nbs/12a_panels.ipynb #ff5cc64e
-def _run(self:EvalPanel, checkpoint, # a `.pt` checkpoint
+@patch
+def run(self:EvalPanel, checkpoint, # a `.pt` checkpoint
          display:bool=True, # show the widget
          **kwargs, # `evaluate` arguments: episodes, deterministic, world, stage, video, seed, max_steps, ...
         ):
@@ -89,31 +100,37 @@ def _run(self:EvalPanel, checkpoint, # a `.pt` checkpoint
         from IPython.display import display as show
         show(self.widget)
     self.stop_btn.disabled = False
-    self.thread = threading.Thread(target=work, name='mario-a3c-eval', daemon=True); self.thread.start()
+    self.thread = threading.Thread(target=work, name='mario-a3c-eval', daemon=True)
+    self.thread.start()
 
-def _wait(self:EvalPanel, timeout:float|None=None) -> dict|None:
+@patch
+def wait(self:EvalPanel, timeout:float|None=None) -> dict|None:
     "Block until the evaluation ended; `evaluate`'s result. Clicks wait while a cell blocks here."
     if self.thread is not None: self.thread.join(timeout)
     if self.error is not None: raise self.error
     return self.result
 
-async def _wait_async(self:EvalPanel, timeout:float|None=None) -> dict|None:
-    "`await` it in a notebook: `evaluate`'s result, as `wait` gives it, while *Stop* stays live (Run All included)."
+@patch
+async def wait_async(self:EvalPanel, timeout:float|None=None) -> dict|None:
+    "`await` it in a notebook: `evaluate`'s result, as `wait` gives it, while *Stop* stays live."
     try: await until(lambda: self.thread is None or not self.thread.is_alive(), timeout)
-    except (KeyboardInterrupt, asyncio.CancelledError): self.stop(); raise
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        self.stop()
+        raise
     return self.wait(0)
 
-def _stop(self:EvalPanel):
+@patch
+def stop(self:EvalPanel):
     "End the evaluation after the current step."
     self._stop.set()
-
-EvalPanel.run, EvalPanel.wait, EvalPanel.wait_async, EvalPanel.stop = _run, _wait, _wait_async, _stop
 
 # %% ../nbs/12a_panels.ipynb #fb473c53
 def tensorboard_binary() -> str:
     "The `tensorboard` program of this Python's environment, else the one on `PATH`."
     exe = shutil.which('tensorboard', path=str(Path(sys.executable).parent)) or shutil.which('tensorboard')
-    if exe is None: raise FileNotFoundError("no tensorboard program next to this Python or on PATH: pip install tensorboard")
+    if exe is None:
+        raise FileNotFoundError("no tensorboard program next to this Python or on PATH: pip install "
+                                "tensorboard")
     return exe
 
 def show_tensorboard(logdir, # parent folder of the TensorBoard run folders
@@ -146,12 +163,14 @@ def panel_overhead(config, # the run to measure (total_updates is replaced)
     "Trainer frames/s with the training panel live and idle, interleaved in one run; prints and returns them."
     from mario_a3c.trainer import Trainer
     if phases < 2 or phases % 2: raise ValueError(f"phases={phases!r}: allowed an even number >= 2")
-    cfg = replace(config, total_updates=warmup + phases * phase_updates, warmup_updates=1, checkpoint_every=10**6)
+    cfg = replace(config, total_updates=warmup + phases * phase_updates, warmup_updates=1,
+                  checkpoint_every=10**6)
     panel = TrainingPanel(widgets=True, **panel_kwargs)
     panel.active = False
     ph = _Phases(panel, warmup, phase_updates)
     trainer = Trainer(cfg, callbacks=[ph], default_callbacks=False, log=lambda *a: None)
-    panel.start(trainer, display=False); panel.wait()
+    panel.start(trainer, display=False)
+    panel.wait()
     fps = {True: [], False: []}
     times = dict((u, (t, f)) for u, t, f in ph.times)
     for k in range(phases):

@@ -19,12 +19,13 @@ __all__ = ['PREVIEW_SHAPE', 'rgb_screen', 'FrameSlot', 'PreviewEnv', 'FramePrevi
 
 # %% ../nbs/01f_preview.ipynb #c89d6ac2
 def rgb_screen(env:gym.Env) -> np.ndarray|None:
-    "The current RGB screen `[H, W, 3]` uint8 of a (wrapped) Mario env, as a view; None when the env has none."
+    "The current RGB screen `[H, W, 3]` uint8 of a (wrapped) Mario env, as a view; None if it has none."
     u = env.unwrapped
     u = getattr(getattr(u, 'current', u), 'unwrapped', u)   # StageSchedule: the stage being played
     s = getattr(u, 'screen', None)
     if s is None and getattr(env, 'render_mode', None) == 'rgb_array': s = env.render()
-    return s if isinstance(s, np.ndarray) and s.ndim == 3 and s.shape[2] == 3 and s.dtype == np.uint8 else None
+    return s if isinstance(s,
+                           np.ndarray) and s.ndim == 3 and s.shape[2] == 3 and s.dtype == np.uint8 else None
 
 # %% ../nbs/01f_preview.ipynb #55917330
 PREVIEW_SHAPE = (240, 256, 3)  # the NES screen: the largest frame the slot holds
@@ -87,10 +88,11 @@ def _release(shm, unlink:bool):
 _ids = itertools.count(1)
 
 class PreviewEnv(gym.Wrapper):
-    "After each step, copy the RGB screen into a shared `FrameSlot` if the slot asks for this env's `preview_id`."
+    "After each step, copy the RGB screen into a shared `FrameSlot` if it asks for this env's `preview_id`."
     def __init__(self, env:gym.Env, slot_name:str, max_shape:tuple=PREVIEW_SHAPE):
         super().__init__(env)
-        self.preview_id = (os.getpid() << 20) | (next(_ids) & 0xFFFFF)  # unique among the envs of one vector env
+        # unique among the envs of one vector env
+        self.preview_id = (os.getpid() << 20) | (next(_ids) & 0xFFFFF)
         self.slot = FrameSlot(slot_name, max_shape)
         self._header = self.slot.header
 
@@ -101,10 +103,12 @@ class PreviewEnv(gym.Wrapper):
 
     def close(self):
         super().close()
-        if self._header is not None: self._header = None; self.slot.close()
+        if self._header is not None:
+            self._header = None
+            self.slot.close()
 
 def _preview_env(env_fn:Callable, slot_name:str, max_shape:tuple, **env_kwargs) -> PreviewEnv:
-    "Picklable factory: build `env_fn(**env_kwargs)` and wrap it in `PreviewEnv` (runs in the worker process)."
+    "Picklable factory: `env_fn(**env_kwargs)` wrapped in `PreviewEnv` (runs in the worker process)."
     return PreviewEnv(env_fn(**env_kwargs), slot_name, max_shape)
 
 # %% ../nbs/01f_preview.ipynb #cb8ccdf6
@@ -112,7 +116,8 @@ class FramePreview:
     "Ask the process that steps env i for its RGB screen; `frame(i)` is safe to call from any thread."
     def __init__(self, max_shape:tuple=PREVIEW_SHAPE):
         self.max_shape, self.slot, self.ids, self._lock = tuple(max_shape), None, [], threading.Lock()
-        self._seen, self._last = 0, (None, None)   # last seq read; (env id, frame) of the last delivered frame
+        # last seq read; (env id, frame) of the last delivered frame
+        self._seen, self._last = 0, (None, None)
 
     def env_fn(self, env_fn:Callable|None=None, **env_kwargs) -> Callable:
         "A picklable factory for `make_vec_env(env_fn=...)` whose envs answer this preview's requests."
@@ -128,15 +133,16 @@ class FramePreview:
     def frame(self, env_index:int, # which env of the vector
               timeout:float=0.0, # seconds to wait for a fresh frame (0: return at once)
              ) -> np.ndarray|None:
-        "The latest RGB frame `[H, W, 3]` uint8 of env `env_index` (None before its first delivery); asks for a fresh one."
+        "The latest RGB frame `[H, W, 3]` uint8 of env `env_index` (None before any); asks for a fresh one."
         with self._lock:
             ids = self.ids
             if not ids or self.slot is None: return None
-            if isinstance(env_index, bool) or not isinstance(env_index, (int, np.integer)) or not 0 <= env_index < len(ids):
+            whole = isinstance(env_index, (int, np.integer)) and not isinstance(env_index, bool)
+            if not whole or not 0 <= env_index < len(ids):
                 raise ValueError(f"env_index={env_index!r} is out of range: allowed 0-{len(ids) - 1}")
             want, hd, deadline = ids[env_index], self.slot.header, time.monotonic() + timeout
             while True:
-                if hd[_SEQ] != self._seen:          # a delivery since we last looked: keep it if it is env i's
+                if hd[_SEQ] != self._seen:          # a delivery since we last looked: keep it if env i's
                     seq, fid, frame = self.slot.read()
                     self._seen = seq
                     if frame is not None: self._last = (fid, frame)
@@ -150,4 +156,6 @@ class FramePreview:
 
     def close(self):
         "Remove the shared block."
-        if self.slot is not None: self.slot.close(); self.slot = None
+        if self.slot is not None:
+            self.slot.close()
+            self.slot = None

@@ -20,7 +20,7 @@ __all__ = ['ENEMY_FLAGS', 'Player', 'enemy_sensitivity', 'held_press_rate']
 ENEMY_FLAGS = slice(0x0F, 0x14)   # RAM: one "enemy active" flag per enemy slot (5 slots)
 
 class Player:
-    "Feeds one env's observations to a model, carrying its recurrent state: `player(obs) -> (probabilities [A], value)`."
+    "Feeds one env's observations to a model, keeping its state: `player(obs) -> (probabilities [A], value)`."
     def __init__(self, model):
         self.model, self.device = model, next(model.parameters()).device
         self.reset()
@@ -44,7 +44,7 @@ def enemy_sensitivity(model, # an `ImpalaActorCritic` (None when `player_fn` is 
                       seed:int=0, # env reset seed
                       player_fn:Callable|None=None, # () -> player; default `Player(model)`
                      ) -> list[dict]:
-    "Play `action` in two emulators, one without enemies; per step: x, value and jump probability on each screen."
+    "Play `action` in two emulators, one without enemies; per step: x, value and jump probability on each."
     player_fn = player_fn or (lambda: Player(model))
     envs, players = [make_env(**eval_env_kwargs(config)) for _ in range(2)], [player_fn(), player_fn()]
     jump, rows = _jump_actions(config.actions), []
@@ -54,8 +54,10 @@ def enemy_sensitivity(model, # an `ImpalaActorCritic` (None when `player_fn` is 
             emulator_ram(envs[1])[ENEMY_FLAGS] = 0
             (oa, _, ta, ua, ia), (ob, _, tb, ub, ib) = [e.step(action) for e in envs]
             (pa, va), (pb, vb) = players[0](oa), players[1](ob)
-            rows.append(dict(step=t, x=int(ia['x_pos']), value=va, value_no_enemies=vb, jump=float(pa[jump].sum()),
-                             jump_no_enemies=float(pb[jump].sum()), pixels=int((np.asarray(oa) != np.asarray(ob)).sum()),
+            rows.append(dict(step=t, x=int(ia['x_pos']), value=va, value_no_enemies=vb,
+                             jump=float(pa[jump].sum()),
+                             jump_no_enemies=float(pb[jump].sum()),
+                             pixels=int((np.asarray(oa) != np.asarray(ob)).sum()),
                              died=bool(ta and not ia['flag_get'])))
             if ta or ua or tb or ub: break
     finally:
@@ -70,20 +72,23 @@ def held_press_rate(model, # an `ImpalaActorCritic` (None when `player_fn` is gi
                     max_steps:int|None=None, # truncate episodes after this many steps
                     player_fn:Callable|None=None, # () -> player; default `Player(model)`
                    ) -> dict:
-    "Sample episodes; count jumps asked for on the ground (y still over the last step) and those made while A was held."
+    "Sample episodes; count jumps asked for on the ground (y unchanged) and those made while A was held."
     player_fn, rng = player_fn or (lambda: Player(model)), np.random.default_rng(seed)
     jump, env = set(_jump_actions(config.actions)), make_env(**eval_env_kwargs(config, max_steps=max_steps))
     requests = held = steps = 0
     try:
         for ep in range(episodes):
-            player = player_fn(); obs, info = env.reset(seed=seed + ep)
+            player = player_fn()
+            obs, info = env.reset(seed=seed + ep)
             prev, y, prev_y = None, info.get('y_pos'), None
             while True:
                 probs, _ = player(obs)
                 a = int(rng.choice(len(probs), p=probs / probs.sum()))
                 if a in jump and prev_y is not None and y == prev_y:   # standing: this press should jump
-                    requests += 1; held += prev in jump
-                obs, _, term, trunc, info = env.step(a); steps += 1
+                    requests += 1
+                    held += prev in jump
+                obs, _, term, trunc, info = env.step(a)
+                steps += 1
                 prev, prev_y, y = a, y, info['y_pos']
                 if term or trunc: break
     finally: env.close()

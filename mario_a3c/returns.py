@@ -29,18 +29,27 @@ def _check_time_major(bootstrap_value:Optional[Tensor], **tensors:Tensor) -> tup
     for name, x in tensors.items():
         _check_float(name, x, "[T, B]", 2)
         if x.shape != ref.shape:
-            raise ValueError(f"{name} has shape {tuple(x.shape)} but {ref_name} has {tuple(ref.shape)}; all [T, B] inputs must match")
-        if x.dtype != ref.dtype: raise ValueError(f"{name} has dtype {x.dtype} but {ref_name} has {ref.dtype}; use one dtype")
-        if x.device != ref.device: raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}; use one device")
+            raise ValueError(f"{name} has shape {tuple(x.shape)} but {ref_name} has {tuple(ref.shape)}; all "
+                             "[T, B] inputs must match")
+        if x.dtype != ref.dtype:
+            raise ValueError(f"{name} has dtype {x.dtype} but {ref_name} has {ref.dtype}; use one dtype")
+        if x.device != ref.device:
+            raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}; use one device")
     T, B = ref.shape
-    if T < 1: raise ValueError(f"the unroll must have T >= 1 steps, got T={T} ({ref_name} shape {tuple(ref.shape)})")
-    if B < 1: raise ValueError(f"the batch must have B >= 1 columns, got B={B} ({ref_name} shape {tuple(ref.shape)})")
+    if T < 1:
+        raise ValueError(f"the unroll must have T >= 1 steps, got T={T} ({ref_name} shape "
+                         f"{tuple(ref.shape)})")
+    if B < 1:
+        raise ValueError(f"the batch must have B >= 1 columns, got B={B} ({ref_name} shape "
+                         f"{tuple(ref.shape)})")
     if bootstrap_value is not None:
         _check_float("bootstrap_value", bootstrap_value, f"[B]=({B},)", 1)
         if bootstrap_value.shape != (B,):
-            raise ValueError(f"bootstrap_value must have shape [B]=({B},) to match {ref_name} {tuple(ref.shape)}, got {tuple(bootstrap_value.shape)}")
+            raise ValueError(f"bootstrap_value must have shape [B]=({B},) to match {ref_name} "
+                             f"{tuple(ref.shape)}, got {tuple(bootstrap_value.shape)}")
         if bootstrap_value.dtype != ref.dtype or bootstrap_value.device != ref.device:
-            raise ValueError(f"bootstrap_value is {bootstrap_value.dtype} on {bootstrap_value.device} but {ref_name} is {ref.dtype} on {ref.device}")
+            raise ValueError(f"bootstrap_value is {bootstrap_value.dtype} on {bootstrap_value.device} but "
+                             f"{ref_name} is {ref.dtype} on {ref.device}")
     return T, B
 
 def _check_clip(name:str, value) -> float:
@@ -69,14 +78,16 @@ def vtrace(
     "V-trace targets (IMPALA eq. 1) by a backward recursion over time, without gradient."
     T, B = _check_time_major(bootstrap_value, behaviour_logp=behaviour_logp, target_logp=target_logp,
                              rewards=rewards, discounts=discounts, values=values)
-    rho_bar, c_bar, pg_rho_bar = _check_clip("rho_bar", rho_bar), _check_clip("c_bar", c_bar), _check_clip("pg_rho_bar", pg_rho_bar)
+    rho_bar, c_bar = _check_clip("rho_bar", rho_bar), _check_clip("c_bar", c_bar)
+    pg_rho_bar = _check_clip("pg_rho_bar", pg_rho_bar)
     with torch.no_grad():
         rhos = (target_logp - behaviour_logp).exp()                    # [T, B] pi/mu
         values_tp1 = torch.cat([values[1:], bootstrap_value[None]])    # [T, B] V(x_{t+1})
         deltas = rhos.clamp(max=rho_bar) * (rewards + discounts * values_tp1 - values)  # [T, B]
         decay = discounts * rhos.clamp(max=c_bar)                      # [T, B] gamma_t * c_t
         vs_minus_v = torch.empty_like(values)                          # [T, B]
-        acc = torch.zeros_like(bootstrap_value)                        # [B] v_{t+1} - V(x_{t+1}), 0 at t+1 = T
+        # [B] v_{t+1} - V(x_{t+1}), 0 at t+1 = T
+        acc = torch.zeros_like(bootstrap_value)
         for t in range(T - 1, -1, -1):
             acc = deltas[t] + decay[t] * acc
             vs_minus_v[t] = acc
@@ -118,7 +129,8 @@ def _check_weights(weights:Optional[Tensor], like:Tensor) -> Tensor:
     "Weights as a detached tensor broadcastable to `like` `[T, B]`: None -> 1, `[B]` -> `[1, B]`."
     if weights is None: return torch.ones((), dtype=like.dtype, device=like.device)
     allowed = f"a floating-point tensor of shape [T, B]={tuple(like.shape)} or [B]=({like.shape[1]},)"
-    if not isinstance(weights, Tensor): raise ValueError(f"weights must be {allowed}, got {type(weights).__name__}")
+    if not isinstance(weights, Tensor):
+        raise ValueError(f"weights must be {allowed}, got {type(weights).__name__}")
     if not weights.is_floating_point() or weights.shape not in (like.shape, like.shape[1:]):
         raise ValueError(f"weights must be {allowed}, got {weights.dtype} {tuple(weights.shape)}")
     return weights.detach()  # [T, B] or [B], broadcasts over time

@@ -20,7 +20,8 @@ def _check_schedule(warmup_steps, total_steps, floor):
     if not _is_int(total_steps) or total_steps < 1:
         raise ValueError(f"total_steps must be an integer >= 1, got {total_steps!r}")
     if not _is_int(warmup_steps) or not 0 <= warmup_steps <= total_steps:
-        raise ValueError(f"warmup_steps must be an integer in [0, total_steps={total_steps}], got {warmup_steps!r}")
+        raise ValueError(f"warmup_steps must be an integer in [0, total_steps={total_steps}], got "
+                         f"{warmup_steps!r}")
     if isinstance(floor, bool) or not isinstance(floor, numbers.Real) or not 0 <= floor <= 1:
         raise ValueError(f"floor must be a number in [0, 1] (a fraction of the base lr), got {floor!r}")
 

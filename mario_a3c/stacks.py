@@ -25,12 +25,14 @@ def _version(pkg:str) -> str|None:
 def stack_name() -> str:
     "`'modern'` (nes-py >= 9, Gymnasium) or `'legacy'` (nes-py 8, gym 0.26)."
     v = _version('nes-py')
-    if v is None: raise ImportError("nes-py is not installed: `pip install -e .` installs the stack for this Python")
+    if v is None:
+        raise ImportError("nes-py is not installed: `pip install -e .` installs the stack for this Python")
     return 'modern' if int(v.split('.')[0]) >= 9 else 'legacy'
 
 def stack_versions() -> dict:
     "Versions of everything that changes emulator behaviour; stored in checkpoint metadata."
-    pkgs = ['nes-py', 'gym-super-mario-bros', 'gymnasium', 'gym', 'shimmy', 'numpy', 'opencv-python-headless', 'torch']
+    pkgs = ['nes-py', 'gym-super-mario-bros', 'gymnasium', 'gym', 'shimmy', 'numpy', 'opencv-python-headless',
+            'torch']
     return {'stack': stack_name(), 'python': platform.python_version(),
             **{p: v for p in pkgs if (v := _version(p)) is not None}}
 
@@ -42,7 +44,8 @@ def check_stage(world:int, stage:int) -> tuple[int, int]:
     "Validate a (world, stage) pair and return it as ints."
     for name, v, allowed in (('world', world, WORLDS), ('stage', stage, STAGES)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v not in allowed:
-            raise ValueError(f"{name}={v!r} is not a Super Mario Bros {name}: allowed {allowed.start}-{allowed.stop-1}")
+            raise ValueError(f"{name}={v!r} is not a Super Mario Bros {name}: allowed "
+                             f"{allowed.start}-{allowed.stop-1}")
     return int(world), int(stage)
 
 def stage_env_id(world:int|None=None, stage:int|None=None) -> str:
@@ -56,18 +59,21 @@ ACTION_SETS = ('right_only', 'simple', 'complex')
 
 @lru_cache(maxsize=None)
 def _game():
-    "Import `gym_super_mario_bros` (on the legacy stack old `gym` prints a deprecation banner on import: silence it)."
+    "Import `gym_super_mario_bros`, silencing the deprecation banner old `gym` prints on the legacy stack."
     with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter('ignore')
         import gym_super_mario_bros, gym_super_mario_bros.actions
     return gym_super_mario_bros
-_BUTTONS = {'right': 128, 'left': 64, 'down': 32, 'up': 16, 'start': 8, 'select': 4, 'B': 2, 'A': 1, 'NOOP': 0}
+_BUTTONS = {'right': 128, 'left': 64, 'down': 32, 'up': 16, 'start': 8, 'select': 4, 'B': 2, 'A': 1,
+            'NOOP': 0}
 
 def action_set(name:str='simple') -> list[list[str]]:
     "Button combinations of a named action set: `right_only` (5), `simple` (7) or `complex` (12)."
     actions = _game().actions
-    table = {'right_only': actions.RIGHT_ONLY, 'simple': actions.SIMPLE_MOVEMENT, 'complex': actions.COMPLEX_MOVEMENT}
-    if name not in table: raise ValueError(f"actions={name!r} is not an action set: allowed {', '.join(ACTION_SETS)}")
+    table = {'right_only': actions.RIGHT_ONLY, 'simple': actions.SIMPLE_MOVEMENT,
+             'complex': actions.COMPLEX_MOVEMENT}
+    if name not in table:
+        raise ValueError(f"actions={name!r} is not an action set: allowed {', '.join(ACTION_SETS)}")
     return [list(c) for c in table[name]]
 
 def button_mask(combo:list[str]) -> int:
@@ -92,7 +98,8 @@ class JoypadActions(gym.ActionWrapper, gym.utils.RecordConstructorArgs):
     def get_action_meanings(self) -> list[str]: return ['+'.join(c) for c in self.combos]
 
 # %% ../nbs/01_stacks.ipynb #6035cd07
-PLANE_BUTTONS = ('A', 'B', 'right', 'left', 'down', 'up')   # plane order; start and select are in no action set
+# plane order; start and select are in no action set
+PLANE_BUTTONS = ('A', 'B', 'right', 'left', 'down', 'up')
 
 def held_button_names(actions:str='simple') -> list[str]:
     "The buttons an action set uses, in `PLANE_BUTTONS` order: one plane each under `held_buttons`."
@@ -100,7 +107,7 @@ def held_button_names(actions:str='simple') -> list[str]:
     return [b for b in PLANE_BUTTONS if any(b in c for c in combos)]
 
 class HeldButtons(gym.Wrapper, gym.utils.RecordConstructorArgs):
-    "Appends one plane per button of the action set to `[C, H, W]` observations: 255 where the last action held it."
+    "Appends one plane per button to `[C, H, W]` observations: 255 where the last action held that button."
     def __init__(self, env:gym.Env, actions:str='simple'):
         gym.utils.RecordConstructorArgs.__init__(self, actions=actions)
         gym.Wrapper.__init__(self, env)
@@ -129,7 +136,8 @@ class _LegacyResetInfo(gym.Wrapper):
     def __init__(self, env):
         super().__init__(env)
         self._game = env.gym_env
-        while not hasattr(self._game, '_get_info'): self._game = self._game.env  # through gym's API-compat layers
+        # through gym's API-compat layers
+        while not hasattr(self._game, '_get_info'): self._game = self._game.env
 
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
@@ -147,24 +155,27 @@ def make_raw_env(world:int|None=1, stage:int|None=1, render_mode:str|None=None) 
     from shimmy import GymV26CompatibilityV0
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        inner = old_gym.make(env_id, apply_api_compatibility=True, disable_env_checker=True, render_mode=render_mode)
+        inner = old_gym.make(env_id, apply_api_compatibility=True, disable_env_checker=True,
+                             render_mode=render_mode)
     return _LegacyResetInfo(GymV26CompatibilityV0(env=inner))
 
 # %% ../nbs/01_stacks.ipynb #1073bc62
 def emulator_ram(env) -> np.ndarray:
-    "The NES RAM (2 kB, writable) inside `env`, through wrappers, the legacy adapters and a stage schedule, on either stack."
+    "The NES RAM (2 kB, writable) inside `env`, through wrappers, legacy adapters and a stage schedule."
     inner = env.unwrapped
     for _ in range(8):   # legacy: shimmy's adapter -> old gym's API adapter -> the emulator
         if hasattr(inner, 'ram'): return inner.ram
-        inner = getattr(inner, 'gym_env', None) or getattr(inner, 'current', None) or getattr(inner, 'env', None)
+        inner = getattr(inner, 'gym_env',
+                        None) or getattr(inner, 'current', None) or getattr(inner, 'env', None)
         if inner is None: break
         inner = getattr(inner, 'unwrapped', inner)
     raise TypeError(f"{type(env.unwrapped).__name__} has no NES emulator inside")
 
-A_MASK, FLOAT_STATE = button_mask(['A']), 0x1D   # the A bit of a button mask; RAM: Mario's float state (0: on the ground)
+# the A bit of a button mask; RAM: Mario's float state (0: on the ground)
+A_MASK, FLOAT_STATE = button_mask(['A']), 0x1D
 
 class RepressJump(gym.ActionWrapper, gym.utils.RecordConstructorArgs):
-    "Button masks in, button masks out: A held on the ground for 2 frames is let up for a frame, so it presses again."
+    "Button masks in and out: A held on the ground for 2 frames is let up for a frame, so it presses again."
     def __init__(self, env:gym.Env):
         gym.utils.RecordConstructorArgs.__init__(self)
         gym.ActionWrapper.__init__(self, env)
@@ -172,12 +183,14 @@ class RepressJump(gym.ActionWrapper, gym.utils.RecordConstructorArgs):
 
     def reset(self, **kwargs):
         out = self.env.reset(**kwargs)
-        self._ram, self.grounded_a = emulator_ram(self.env), 0   # a stage schedule may have switched emulators
+        # a stage schedule may have switched emulators
+        self._ram, self.grounded_a = emulator_ram(self.env), 0
         return out
 
     def action(self, mask:int) -> int:
         mask = int(mask)
-        return mask & ~A_MASK if mask & A_MASK and self.grounded_a >= 2 else mask   # the RAM is as the last step left it
+        # the RAM is as the last step left it
+        return mask & ~A_MASK if mask & A_MASK and self.grounded_a >= 2 else mask
 
     def step(self, mask):
         mask = self.action(mask)

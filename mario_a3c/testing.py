@@ -16,7 +16,7 @@ __all__ = ['CountingEnv', 'raises_on_step', 'fails_in_worker', 'Sleepy']
 
 # %% ../nbs/01b_testing.ipynb #a0b1c007
 class CountingEnv(gym.Env):
-    "Deterministic test env: obs channel 0 = steps into the episode, channel 1 = episode number; reward = step number."
+    "Deterministic test env: obs channel 0 = step in the episode, channel 1 = episode number; reward = step."
     def __init__(self,
                  length:int=5,          # base episode length; env seeded with s runs `length + s % 3` steps
                  size:int=84,           # observation height = width
@@ -28,7 +28,8 @@ class CountingEnv(gym.Env):
                  **_):                  # other Mario env arguments, ignored
         self.observation_space = gym.spaces.Box(0, 255, (max(stack, 2), size, size), np.uint8)
         self.action_space = gym.spaces.Discrete(len(action_set(actions)))
-        self.base, self.length, self.fail_at, self.hang_at, self.nan_at = length, length, fail_at, hang_at, nan_at
+        self.base, self.length = length, length
+        self.fail_at, self.hang_at, self.nan_at = fail_at, hang_at, nan_at
         self.t, self.episode, self.steps, self.ret = 0, -1, 0, 0.0
 
     def _obs(self) -> np.ndarray:
@@ -46,9 +47,12 @@ class CountingEnv(gym.Env):
         self.steps += 1
         if self.steps == self.fail_at: raise RuntimeError(f"scripted failure at step {self.steps}")
         if self.steps == self.hang_at: time.sleep(3600)
-        self.t += 1; self.ret += self.t
+        self.t += 1
+        self.ret += self.t
         done, info = self.t >= self.length, {}
-        if done: info['episode'] = dict(r=self.ret, native_r=self.ret, l=self.t, x=10 * self.t, flag=False, world=1, stage=1, t=0.0)
+        if done:
+            info['episode'] = dict(r=self.ret, native_r=self.ret, l=self.t, x=10 * self.t, flag=False,
+                                   world=1, stage=1, t=0.0)
         reward = float('nan') if self.nan_at is not None and self.steps >= self.nan_at else float(self.t)
         return self._obs(), reward, done, False, info
 
@@ -74,11 +78,12 @@ def fails_in_worker(parent_pid:int, message:str='no shared memory in this sandbo
 
 # %% ../nbs/01b_testing.ipynb #a0b1c012
 class Sleepy(gym.Env):
-    "Test env: sleeps `delay` s per step (releasing the GIL, like the emulator) and records which thread stepped it."
+    "Test env: sleeps `delay` s per step (releasing the GIL, as the emulator does); records who stepped it."
     observation_space, action_space = gym.spaces.Box(0, 255, (1,), np.uint8), gym.spaces.Discrete(2)
     def __init__(self, delay:float=0.2, block=None): self.delay, self.block, self.who = delay, block, []
     def reset(self, seed=None, options=None): return np.zeros(1, np.uint8), {}
     def step(self, a):
         if self.block is not None: self.block.wait()   # a `threading.Event`: an env stuck until it is set
-        time.sleep(self.delay); self.who.append(threading.current_thread().name)
+        time.sleep(self.delay)
+        self.who.append(threading.current_thread().name)
         return np.ones(1, np.uint8), 1.0, False, False, {}

@@ -9,9 +9,10 @@ from typing import Callable, Sequence
 
 import gymnasium as gym
 import numpy as np
+from fastcore.basics import patch
 from gymnasium.vector.utils import batch_space
 
-from .workers import WorkerError, _info_rows, _split
+from .workers import WorkerError, _info_rows, _split, _step_one
 
 # %% auto #0
 __all__ = ['ThreadedVectorEnv']
@@ -29,19 +30,25 @@ class _Batch:
             self.left -= 1
             if self.left == 0: self.done.set()
 
+# %% ../nbs/01d_threads.ipynb #691ec3cd
 class _Pool:
-    "The envs, their latest results and the work queue: what the threads use (they hold this, not the vector env)."
+    "The envs, their latest results and the work queue: what the threads hold (not the vector env)."
     def __init__(self, envs:list, space:gym.spaces.Space):
         n = len(envs)
-        self.envs, self.tasks = envs, queue.SimpleQueue()   # tasks: (batch, env index, action or reset kwargs); None ends a thread
-        self.obs = np.zeros((n, *space.shape), space.dtype)   # [N, C, H, W] the latest observation of every env
-        self.rew, self.term, self.trunc, self.infos = np.zeros(n), np.zeros(n, bool), np.zeros(n, bool), [None] * n
+        # tasks: (batch, env index, action or reset kwargs); None ends a thread
+        self.envs, self.tasks = envs, queue.SimpleQueue()
+        # [N, C, H, W] the latest observation of every env
+        self.obs = np.zeros((n, *space.shape), space.dtype)
+        self.rew, self.term, self.trunc = np.zeros(n), np.zeros(n, bool), np.zeros(n, bool)
+        self.infos = [None] * n
 
     def serve(self):
         "Thread loop: take the next (batch, env, argument) from the queue and serve it; None ends the loop."
         while (task := self.tasks.get()) is not None:
             batch, i, arg = task
-            if batch.error is not None: batch.served(); continue   # the batch failed already: skip the rest of it
+            if batch.error is not None:   # the batch failed already: skip the rest of it
+                batch.served()
+                continue
             try:
                 if batch.kind == 'reset': self.obs[i], self.infos[i] = self.envs[i].reset(**arg)
                 else: self.step_one(i, arg)
@@ -49,23 +56,19 @@ class _Pool:
             else: batch.served()
 
     def step_one(self, i:int, action):
-        "Step env `i`; an episode that ends is reset at once and its last obs/info travel as `final_obs`/`final_info`."
-        o, self.rew[i], self.term[i], self.trunc[i], info = self.envs[i].step(action)
-        if self.term[i] or self.trunc[i]:
-            final = {'final_obs': o, 'final_info': info}
-            o, info = self.envs[i].reset()
-            info = (final, info)
-        self.obs[i], self.infos[i] = o, info
+        "Step env `i` (`SameStep` autoreset: `final_obs`/`final_info` of an episode that ends)."
+        self.obs[i], self.rew[i], self.term[i], self.trunc[i], self.infos[i] = _step_one(self.envs[i], action)
 
 # %% ../nbs/01d_threads.ipynb #b27a89a4
 class ThreadedVectorEnv(gym.vector.VectorEnv):
     "N envs in this process, stepped by W threads that each take the next waiting env (`SameStep` autoreset)."
     def __init__(self, env_fns:Sequence[Callable[[], gym.Env]], # one factory per env
                  num_workers:int|None=None, # threads (default: one per CPU core, at most one per env)
-                 groups:int=1, # contiguous env groups that `step_group_async` can step on their own (double buffering)
+                 groups:int=1, # contiguous env groups that `step_group_async` can step on their own
                 ):
         n = len(env_fns)
-        w, self.group_slices = _split(n, num_workers, groups)   # the same checks and groups as the worker processes'
+        # the same checks and groups as the worker processes'
+        w, self.group_slices = _split(n, num_workers, groups)
         self.num_envs, self.autoreset_mode = n, gym.vector.AutoresetMode.SAME_STEP
         self.metadata = {'autoreset_mode': self.autoreset_mode}
         self.closed, envs = False, []
@@ -75,103 +78,136 @@ class ThreadedVectorEnv(gym.vector.VectorEnv):
             for e in envs: e.close()
             raise
         self.envs, space = envs, envs[0].observation_space
-        self.single_observation_space, self.single_action_space, self.render_mode = space, envs[0].action_space, envs[0].render_mode
-        self.observation_space, self.action_space = batch_space(space, n), batch_space(self.single_action_space, n)
-        self._inflight, self._pool = {}, _Pool(envs, space)   # _inflight: group (None: all envs) -> its _Batch
-        self.threads = [threading.Thread(target=self._pool.serve, name=f'mario-env-thread-{k}', daemon=True) for k in range(w)]
+        self.single_observation_space, self.single_action_space = space, envs[0].action_space
+        self.render_mode = envs[0].render_mode
+        self.observation_space = batch_space(space, n)
+        self.action_space = batch_space(self.single_action_space, n)
+        # _inflight: group (None: all envs) -> its _Batch
+        self._inflight, self._pool = {}, _Pool(envs, space)
+        self.threads = [threading.Thread(target=self._pool.serve, name=f'mario-env-thread-{k}', daemon=True)
+                        for k in range(w)]
         for t in self.threads: t.start()
 
     @property
     def num_groups(self) -> int: return len(self.group_slices)
 
     def __del__(self):
-        "A vector env dropped without `close()` (a notebook cell run again) stops its threads and closes its envs."
+        "A vector env dropped without `close()` (a cell run again) stops its threads and closes its envs."
         if getattr(self, 'closed', True) or not hasattr(self, 'threads'): return
         try: self.close(terminate=True)
         except Exception: pass   # at interpreter exit the modules it needs may be gone already
 
 # %% ../nbs/01d_threads.ipynb #88fe8468
-def _start(self:ThreadedVectorEnv, kind:str, group:int|None, args):
+@patch
+def _queue_batch(self:ThreadedVectorEnv, kind:str, group:int|None, args):
     "Queue one task per env of `group` (None: all envs), with its action (step) or reset kwargs."
     if self.closed: raise RuntimeError("the vector env is closed")
     s = slice(0, self.num_envs) if group is None else self.group_slices[group]
     if len(args) != s.stop - s.start: raise ValueError(f"{len(args)} actions for {s.stop - s.start} envs")
     if group in self._inflight or None in self._inflight or (group is None and self._inflight):
-        what = 'a step of all envs' if None in self._inflight else f"group {group}'s step" if group in self._inflight else 'a group step'
-        raise RuntimeError(f"{kind} while {what} is in flight: collect it with step_wait / step_group_wait first")
+        if None in self._inflight: what = 'a step of all envs'
+        else: what = f"group {group}'s step" if group in self._inflight else 'a group step'
+        raise RuntimeError(f"{kind} while {what} is in flight: collect it with step_wait / step_group_wait "
+                           "first")
     b = self._inflight[group] = _Batch(kind, range(s.start, s.stop))
     for i, a in zip(b.ids, args): self._pool.tasks.put((b, i, a))
 
-def _finish(self:ThreadedVectorEnv, group:int|None, timeout:float|None) -> slice:
+@patch
+def _wait_batch(self:ThreadedVectorEnv, group:int|None, timeout:float|None) -> slice:
     "Wait for `group`'s batch (None: all envs); an env's exception is re-raised here as `WorkerError`."
     b = self._inflight.get(group)
     if b is None: raise RuntimeError("no step in flight: call step_async / step_group_async first")
     if not b.done.wait(timeout):
-        raise TimeoutError(f"env threads did not finish {'all envs' if group is None else f'group {group}'} within {timeout} s")
+        what = 'all envs' if group is None else f'group {group}'
+        raise TimeoutError(f"env threads did not finish {what} within {timeout} s")
     del self._inflight[group]
     if b.error is not None:
         i, e, tb = b.error
         raise WorkerError(f"{type(e).__name__} in env {i}: {e}\n{tb}")
     return slice(b.ids.start, b.ids.stop)
 
+@patch
 def _results(self:ThreadedVectorEnv, s:slice, rows:bool):
-    "obs, rewards, terminations, truncations and gathered infos of the envs `s` (infos cut to rows `s` if `rows`)."
+    "obs, rewards, terminations, truncations and gathered infos of envs `s` (cut to rows `s` if `rows`)."
     p, infos = self._pool, {}
     for i in range(s.start, s.stop):
         info = p.infos[i]
-        if isinstance(info, tuple): infos = self._add_info(infos, info[0], i); info = info[1]   # an episode ended
+        if isinstance(info, tuple):   # an episode ended
+            infos = self._add_info(infos, info[0], i)
+            info = info[1]
         infos = self._add_info(infos, info, i)
-    return p.obs[s].copy(), p.rew[s].copy(), p.term[s].copy(), p.trunc[s].copy(), _info_rows(infos, s) if rows else infos
+    infos = _info_rows(infos, s) if rows else infos
+    return p.obs[s].copy(), p.rew[s].copy(), p.term[s].copy(), p.trunc[s].copy(), infos
 
-def _reset(self:ThreadedVectorEnv, *, seed:int|list|None=None, options:dict|None=None):
+# %% ../nbs/01d_threads.ipynb #95c90d22
+@patch
+def reset(self:ThreadedVectorEnv, *, seed:int|list|None=None, options:dict|None=None):
     "Reset every env (in the threads); `seed=s` seeds env i with `s + i`."
     n = self.num_envs
-    seeds = [None] * n if seed is None else ([seed + i for i in range(n)] if isinstance(seed, int) else list(seed))
-    _start(self, 'reset', None, [dict(seed=seeds[i], options=options) for i in range(n)])
-    _finish(self, None, None)
+    if seed is None: seeds = [None] * n
+    else: seeds = [seed + i for i in range(n)] if isinstance(seed, int) else list(seed)
+    self._queue_batch('reset', None, [dict(seed=seeds[i], options=options) for i in range(n)])
+    self._wait_batch(None, None)
     infos = {}
     for i in range(n): infos = self._add_info(infos, self._pool.infos[i], i)
     return self._pool.obs.copy(), infos
 
-def _step_async(self:ThreadedVectorEnv, actions): _start(self, 'step', None, np.asarray(actions))
-def _step_wait(self:ThreadedVectorEnv, timeout:float|None=None): return _results(self, _finish(self, None, timeout), False)
-def _step(self:ThreadedVectorEnv, actions): self.step_async(actions); return self.step_wait()
+@patch
+def step_async(self:ThreadedVectorEnv, actions): self._queue_batch('step', None, np.asarray(actions))
+@patch
+def step_wait(self:ThreadedVectorEnv, timeout:float|None=None):
+    return self._results(self._wait_batch(None, timeout), False)
+@patch
+def step(self:ThreadedVectorEnv, actions):
+    self.step_async(actions)
+    return self.step_wait()
 
-def _step_group_async(self:ThreadedVectorEnv, group:int, actions):
-    "Step only the envs of `group` (`group_slices[group]`) with `actions`; other groups may be in flight meanwhile."
-    if not 0 <= group < self.num_groups: raise ValueError(f"group={group!r} is out of range: allowed 0 to {self.num_groups - 1}")
-    _start(self, 'step', group, np.asarray(actions))
+@patch
+def step_group_async(self:ThreadedVectorEnv, group:int, actions):
+    "Step only the envs of `group` (`group_slices[group]`); other groups may be in flight meanwhile."
+    if not 0 <= group < self.num_groups:
+        raise ValueError(f"group={group!r} is out of range: allowed 0 to {self.num_groups - 1}")
+    self._queue_batch('step', group, np.asarray(actions))
 
-def _step_group_wait(self:ThreadedVectorEnv, group:int, timeout:float|None=None):
+@patch
+def step_group_wait(self:ThreadedVectorEnv, group:int, timeout:float|None=None):
     "Collect `group`'s step (groups may be collected in any order): its envs' obs, rewards, ..., infos."
-    return _results(self, _finish(self, group, timeout), True)
+    return self._results(self._wait_batch(group, timeout), True)
 
+# %% ../nbs/01d_threads.ipynb #4940ea08
+@patch
 def _idle(self:ThreadedVectorEnv, what:str):
-    if self._inflight: raise RuntimeError(f"{what} while a step is in flight: collect it with step_wait / step_group_wait first")
+    if self._inflight:
+        raise RuntimeError(f"{what} while a step is in flight: collect it with step_wait / step_group_wait "
+                           "first")
 
-def _get_attr(self:ThreadedVectorEnv, name:str) -> tuple:
+@patch
+def get_attr(self:ThreadedVectorEnv, name:str) -> tuple:
     "An attribute of every env (searched through its wrappers)."
-    _idle(self, 'get_attr'); return tuple(env.get_wrapper_attr(name) for env in self.envs)
+    self._idle('get_attr')
+    return tuple(env.get_wrapper_attr(name) for env in self.envs)
 
-def _call(self:ThreadedVectorEnv, name:str, *args, **kwargs) -> tuple:
+@patch
+def call(self:ThreadedVectorEnv, name:str, *args, **kwargs) -> tuple:
     "Call a method of every env, e.g. `call('render')`."
-    _idle(self, 'call'); return tuple(getattr(env, name)(*args, **kwargs) for env in self.envs)
+    self._idle('call')
+    return tuple(getattr(env, name)(*args, **kwargs) for env in self.envs)
 
-def _close_extras(self:ThreadedVectorEnv, timeout:float|None=5., terminate:bool=False, **kwargs):
-    "Stop the threads (after the steps in flight, unless `terminate`) and close the envs; a thread stuck in an env keeps it."
+@patch
+def render(self:ThreadedVectorEnv): return self.call('render')
+
+@patch
+def close_extras(self:ThreadedVectorEnv, timeout:float|None=5., terminate:bool=False, **kwargs):
+    "Stop the threads (after the steps in flight, unless `terminate`); close the envs no thread is stuck in."
     if not terminate:
         for b in list(self._inflight.values()): b.done.wait(timeout)
     try:
         while True: self._pool.tasks.get_nowait()   # drop what no thread has started
     except queue.Empty: pass
     for _ in self.threads: self._pool.tasks.put(None)
-    for t in self.threads: t.join(min(timeout or 1., 1.) if terminate else timeout)   # a step ends in milliseconds
+    # a step ends in milliseconds
+    for t in self.threads: t.join(min(timeout or 1., 1.) if terminate else timeout)
     self._inflight.clear()
-    if any(t.is_alive() for t in self.threads): return   # closing an env under a running step could crash the process
+    # closing an env under a running step could crash the process
+    if any(t.is_alive() for t in self.threads): return
     for env in self.envs: env.close()
-
-ThreadedVectorEnv.reset, ThreadedVectorEnv.step_async, ThreadedVectorEnv.step_wait = _reset, _step_async, _step_wait
-ThreadedVectorEnv.step, ThreadedVectorEnv.get_attr, ThreadedVectorEnv.call = _step, _get_attr, _call
-ThreadedVectorEnv.render = lambda self: self.call('render')
-ThreadedVectorEnv.close_extras = _close_extras
-ThreadedVectorEnv.step_group_async, ThreadedVectorEnv.step_group_wait = _step_group_async, _step_group_wait

@@ -4,23 +4,21 @@
 
 # %% ../nbs/13_tune.ipynb #fa52c0c6
 from __future__ import annotations
-import math, shutil, time, typing
+import math, typing
 from collections import deque
-from datetime import datetime
-from functools import partial
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
-from .callbacks import Callback, read_metrics
+from .callbacks import Callback
 from .config import TrainingConfig
 from .core import writable_dir
 
 # %% auto #0
 __all__ = ['DEFAULT_SPACE', 'OBJECTIVES', 'Dim', 'check_space', 'space_from_dict', 'space_to_dict', 'suggest', 'TrialFailed',
            'objective_value', 'TrialReporter', 'PruningCallback', 'trial_config', 'run_inprocess', 'default_pruner',
-           'open_study', 'run_study']
+           'open_study']
 
 # %% ../nbs/13_tune.ipynb #7cf8c293
 def _optuna():
@@ -29,29 +27,33 @@ def _optuna():
     return optuna
 
 class Dim(NamedTuple):
-    "One search dimension of a `TrainingConfig` field: a range (`low`-`high`, optionally log scale) or `choices`."
+    "One search dimension of a `TrainingConfig` field: a range (`low`-`high`, maybe log scale) or `choices`."
     low: float|None = None  # lower bound of a numeric field
     high: float|None = None  # upper bound, inclusive
     log: bool = False  # sample on a log scale (needs low > 0)
     choices: tuple = ()  # categorical values (any field type; the only option for str and bool fields)
 
-DEFAULT_SPACE = dict(lr=Dim(5e-5, 1e-3, log=True), entropy_beta=Dim(1e-3, 5e-2, log=True), gamma=Dim(0.9, 0.995),
-                     value_coef=Dim(0.25, 1.0), rollout_steps=Dim(choices=(16, 32, 64)))
+DEFAULT_SPACE = dict(lr=Dim(5e-5, 1e-3, log=True), entropy_beta=Dim(1e-3, 5e-2, log=True),
+                     gamma=Dim(0.9, 0.995), value_coef=Dim(0.25, 1.0),
+                     rollout_steps=Dim(choices=(16, 32, 64)))
 
 def check_space(space:dict) -> dict:
-    "The space if every dimension names a config field and is a valid range or choice list; else a one-line ValueError."
+    "The space if every dimension names a config field and is a valid range or choice list, else ValueError."
     types = typing.get_type_hints(TrainingConfig)
-    if not isinstance(space, dict) or not space: raise ValueError(f"space={space!r}: expected a non-empty dict of field: Dim")
+    if not isinstance(space, dict) or not space:
+        raise ValueError(f"space={space!r}: expected a non-empty dict of field: Dim")
     for k, d in space.items():
         if k not in types: raise ValueError(f"space: {k!r} is not a TrainingConfig field")
         if not isinstance(d, Dim): raise ValueError(f"space[{k!r}]={d!r} is not a Dim")
         if d.choices: continue
-        if types[k] not in (int, float): raise ValueError(f"space[{k!r}]: a {types[k].__name__} field needs choices")
+        if types[k] not in (int, float):
+            raise ValueError(f"space[{k!r}]: a {types[k].__name__} field needs choices")
         if d.low is None or d.high is None or not d.low < d.high:
             raise ValueError(f"space[{k!r}]: low={d.low!r} high={d.high!r}: allowed low < high")
         if d.log and d.low <= 0: raise ValueError(f"space[{k!r}]: log scale needs low > 0, got low={d.low!r}")
     return space
 
+# %% ../nbs/13_tune.ipynb #55f31a88
 def space_from_dict(d:dict) -> dict:
     "A space from JSON-style dicts (`{'lr': {'low': 1e-5, 'high': 1e-3, 'log': True}}`)."
     if not isinstance(d, dict): raise ValueError(f"space: expected a JSON object, got {type(d).__name__}")
@@ -127,15 +129,18 @@ class PruningCallback(Callback):
 def trial_config(base:TrainingConfig, params:dict, folder, number:int) -> TrainingConfig:
     "Trial `number`'s config: `base` with `params`, its outputs inside the study `folder`."
     d = Path(folder).resolve()
-    return TrainingConfig.from_dict({**base.to_dict(), **params, 'run_name': f'trial-{number}', 'runs_dir': str(d / 'runs'),
-                                     'checkpoint_dir': str(d / 'checkpoints' / f'trial-{number}'), 'tensorboard_dir': str(d / 'tensorboard'),
-                                     'overwrite': True})   # a trial's folders are the study's: leftovers of a deleted study go
+    return TrainingConfig.from_dict({**base.to_dict(), **params, 'run_name': f'trial-{number}',
+                                     'runs_dir': str(d / 'runs'),
+                                     'checkpoint_dir': str(d / 'checkpoints' / f'trial-{number}'),
+                                     'tensorboard_dir': str(d / 'tensorboard'),
+                                     'overwrite': True})   # the study's folders: leftovers go
 
 def run_inprocess(config:TrainingConfig, reporter:TrialReporter, out=None, timeout_s=None):
     "Train in this process with a `PruningCallback`; raise unless the run finished or was pruned."
-    from mario_a3c.trainer import Trainer
+    from mario_a3c.trainer import Trainer   # imported when a trial runs, so `mario-a3c --help` stays fast
     summary = Trainer(config, [PruningCallback(reporter)]).train()
-    if summary['stopped'] not in ('done', 'time', 'stop'): raise RuntimeError(f"training stopped early: {summary['stopped']}")
+    if summary['stopped'] not in ('done', 'time', 'stop'):
+        raise RuntimeError(f"training stopped early: {summary['stopped']}")
 
 # %% ../nbs/13_tune.ipynb #6d0c3ec6
 def default_pruner(warmup_updates:int=0, startup_trials:int=2):
@@ -148,10 +153,13 @@ def open_study(name:str, tune_dir='output/tune', seed:int=0, pruner=None):
     if not name or not all(ch.isalnum() or ch in '_.+=-' for ch in name) or name[0] in '.-':
         raise ValueError(f"study={name!r} must be a folder name: letters, digits and _ . + = -")
     folder, db = Path(tune_dir) / name, Path(tune_dir) / name / 'study.db'
-    writable_dir('tune_dir', tune_dir); writable_dir('study folder', folder)
+    writable_dir('tune_dir', tune_dir)
+    writable_dir('study folder', folder)
     try:
-        storage = optuna.storages.RDBStorage(f"sqlite:///{db.resolve()}", engine_kwargs={'connect_args': {'timeout': 60}})
-        study = optuna.create_study(storage=storage, study_name=name, direction='maximize', load_if_exists=True,
+        storage = optuna.storages.RDBStorage(f"sqlite:///{db.resolve()}",
+                                             engine_kwargs={'connect_args': {'timeout': 60}})
+        study = optuna.create_study(storage=storage, study_name=name, direction='maximize',
+                                    load_if_exists=True,
                                     pruner=pruner if pruner is not None else default_pruner())
     except Exception as e:   # sqlalchemy and sqlite errors of a truncated or foreign file
         cause = str(getattr(e, 'orig', None) or e).splitlines()[0][:120]
@@ -164,54 +172,3 @@ def open_study(name:str, tune_dir='output/tune', seed:int=0, pruner=None):
                                     'interrupted: the tuning process stopped during this trial')
         study.tell(n, state=optuna.trial.TrialState.FAIL)
     return study
-
-# %% ../nbs/13_tune.ipynb #9805354a
-def run_study(base:TrainingConfig|None=None, # config every trial starts from
-              n_trials:int=5, # trials to add (to a resumed study as well)
-              study:str='', # study name (empty: a timestamp); an existing one continues
-              tune_dir='output/tune', # parent of the study folders
-              space:dict|None=None, # field -> Dim (default DEFAULT_SPACE)
-              execution:str='inprocess', # inprocess or papermill
-              metric:str='return', # objective: a key of OBJECTIVES
-              last_episodes:int=20, # episodes in the objective's mean
-              seed:int=0, # TPE sampler seed
-              pruner=None, # Optuna pruner (default: median after a quarter of the updates; 'none': no pruning)
-              report_every:int=1, # updates between intermediate values
-              timeout_s:float=3600., # papermill: execution timeout of a trial
-              notebook=None, # papermill: the train notebook
-              runner:Callable|None=None, # replaces the execution's runner: runner(config, reporter, out, timeout_s)
-              log:Callable=print):
-    "Run `n_trials` trials of a study; a failing trial is recorded as failed with its error and the study goes on."
-    optuna = _optuna()
-    TS, base, space = optuna.trial.TrialState, base or TrainingConfig(), check_space(space or DEFAULT_SPACE)
-    if execution not in ('inprocess', 'papermill'): raise ValueError(f"execution={execution!r}: allowed inprocess, papermill")
-    _check_metric(metric)
-    if pruner is None: pruner = default_pruner(base.total_updates // 4)
-    elif pruner == 'none': pruner = optuna.pruners.NopPruner()
-    st = open_study(study or datetime.now().strftime('study-%Y%m%d-%H%M%S'), tune_dir, seed, pruner)
-    folder = Path(tune_dir) / st.study_name
-    if runner is None and execution == 'papermill':
-        from mario_a3c.tune_papermill import run_papermill
-        runner = partial(run_papermill, notebook=notebook)
-    run = runner or run_inprocess
-    for _ in range(n_trials):
-        trial, t0 = st.ask(), time.monotonic()
-        try:
-            cfg = trial_config(base, suggest(trial, space), folder, trial.number)
-            trial.set_user_attr('run_dir', str(cfg.run_dir))
-            if cfg.run_dir.exists(): shutil.rmtree(cfg.run_dir)  # a leftover of a deleted study
-            reporter = TrialReporter(trial, metric, last_episodes, report_every)
-            run(cfg, reporter, out=folder / f'trial-{trial.number}.ipynb', timeout_s=timeout_s)
-            if reporter.pruned: st.tell(trial, state=TS.PRUNED); log(f"trial {trial.number}: pruned at update {reporter.updates}"); continue
-            value = objective_value(read_metrics(cfg.metrics_path), metric, last_episodes)
-            if value is None or not math.isfinite(value):
-                raise ValueError(f"objective {metric}={value}: no finite value from the finished episodes (train longer, or set max_episode_steps)")
-            st.tell(trial, value)
-            log(f"trial {trial.number}: {metric} {value:.4g} in {time.monotonic() - t0:.0f} s  {trial.params}")
-        except KeyboardInterrupt:
-            trial.set_user_attr('error', 'interrupted'); st.tell(trial, state=TS.FAIL); raise
-        except Exception as e:
-            msg = _error_line(e)
-            trial.set_user_attr('error', msg[:1000]); st.tell(trial, state=TS.FAIL)
-            log(f"trial {trial.number}: failed: {msg}")
-    return st

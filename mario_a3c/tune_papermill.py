@@ -18,15 +18,18 @@ __all__ = ['TRAIN_NOTEBOOK', 'WIDGET_PARAMS', 'train_notebook', 'run_papermill']
 
 # %% ../nbs/13a_tune_papermill.ipynb #e7cb05bc
 TRAIN_NOTEBOOK = Path('nbs') / 'train.ipynb'  # relative to the project root
-WIDGET_PARAMS = ('widgets', 'live', 'dashboard')  # notebook parameters switched off in papermill trials, where declared
+# notebook parameters switched off in papermill trials, where declared
+WIDGET_PARAMS = ('widgets', 'live', 'dashboard')
 
 def train_notebook() -> Path:
-    "nbs/train.ipynb of the project here, else of the checkout this package runs from, else the copy installed with it."
+    "nbs/train.ipynb of the project here, else of this package's checkout, else the installed copy."
     import mario_a3c
     pkg = Path(mario_a3c.__file__).parent
-    for p in (project_root() / TRAIN_NOTEBOOK, pkg.parent / TRAIN_NOTEBOOK, pkg / 'notebooks' / 'train.ipynb'):
+    for p in (project_root() / TRAIN_NOTEBOOK, pkg.parent / TRAIN_NOTEBOOK,
+              pkg / 'notebooks' / 'train.ipynb'):
         if p.is_file(): return p
-    raise FileNotFoundError(f"no train notebook: neither {TRAIN_NOTEBOOK} here nor one installed with mario_a3c ({pkg})")
+    raise FileNotFoundError(f"no train notebook: neither {TRAIN_NOTEBOOK} here nor one installed with "
+                            f"mario_a3c ({pkg})")
 
 def _kill_tree(proc:subprocess.Popen, grace_s:float=5.0):
     "Terminate a process and its descendants (SIGTERM, then SIGKILL after `grace_s`)."
@@ -57,20 +60,23 @@ def run_papermill(config:TrainingConfig, reporter:TrialReporter,
                   notebook=None, # the train notebook (default: `train_notebook()`)
                   poll_s:float=1.0, # seconds between reads of the metrics file
                   kernel:str='python3'):
-    "Execute the train notebook for one trial; report while it runs, kill it when pruned; raise when it fails."
+    "Execute the train notebook for one trial: report while it runs, kill it when pruned, raise if it fails."
     import papermill, yaml
     notebook = Path(notebook or train_notebook())
     if not notebook.is_file(): raise FileNotFoundError(f"train notebook {notebook} does not exist")
     declared, out = papermill.inspect_notebook(str(notebook)), Path(out)
     params = {k: v for k, v in config.to_dict().items() if k in declared}
-    if missing := sorted(f.name for f in fields(config) if f.name not in declared and getattr(config, f.name) != f.default):
+    changed = [f.name for f in fields(config) if getattr(config, f.name) != f.default]
+    if missing := sorted(k for k in changed if k not in declared):
         raise ValueError(f"{notebook} has no parameter for {', '.join(missing)}")
     params.update({k: False for k in WIDGET_PARAMS if k in declared})
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix('.yaml').write_text(yaml.safe_dump(params), encoding='utf-8')
-    cmd = [sys.executable, '-m', 'papermill', str(notebook), str(out), '-k', kernel, '-f', str(out.with_suffix('.yaml')),
+    cmd = [sys.executable, '-m', 'papermill', str(notebook), str(out), '-k', kernel,
+           '-f', str(out.with_suffix('.yaml')),
            '--execution-timeout', str(int(timeout_s)), '--no-progress-bar', '--log-output']
-    env = {k: v for k, v in os.environ.items() if k != 'IN_TEST'}  # the real run, not the notebook's test-size one
+    # the real run, not the notebook's test-size one
+    env = {k: v for k, v in os.environ.items() if k != 'IN_TEST'}
     seen, deadline, path = 0, time.monotonic() + timeout_s + 120, config.metrics_path
     with open(out.with_suffix('.log'), 'w', encoding='utf-8') as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=project_root())
@@ -81,10 +87,13 @@ def run_papermill(config:TrainingConfig, reporter:TrialReporter,
                 if any(reporter.record(r) for r in recs[seen:]): return _kill_tree(proc)
                 seen = len(recs)
                 if done: break
-                if time.monotonic() > deadline: raise TimeoutError(f"trial notebook ran past {timeout_s:.0f} s (+120 s)")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"trial notebook ran past {timeout_s:.0f} s (+120 s)")
                 time.sleep(poll_s)
         finally:
             if proc.poll() is None: _kill_tree(proc)
-    if proc.returncode: raise TrialFailed(_notebook_error(out) or f"papermill exited with {proc.returncode}: see {out.with_suffix('.log')}")
+    if proc.returncode:
+        log_path = out.with_suffix('.log')
+        raise TrialFailed(_notebook_error(out) or f"papermill exited with {proc.returncode}: see {log_path}")
     if reporter.updates < config.total_updates:
         raise RuntimeError(f"training stopped early at update {reporter.updates}/{config.total_updates}")

@@ -4,16 +4,81 @@
 
 # %% ../nbs/13b_tune_report.ipynb #4c48d424
 from __future__ import annotations
-import argparse, json, warnings
+import argparse, json, math, shutil, time, warnings
+from datetime import datetime
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
+from .callbacks import read_metrics
 from .config import TrainingConfig, add_config_args, config_from_args, explicit_overrides
-from .tune import DEFAULT_SPACE, OBJECTIVES, _optuna, run_study, space_from_dict
+from .tune import (DEFAULT_SPACE, OBJECTIVES, TrialReporter, _check_metric, _error_line, _optuna,
+                            check_space, default_pruner, objective_value, open_study, run_inprocess,
+                            space_from_dict, suggest, trial_config)
+from .tune_papermill import run_papermill
 
 # %% auto #0
-__all__ = ['SHORT_RUN', 'trials_table', 'best_config', 'save_plots', 'write_results', 'add_tune_parser', 'run_tune']
+__all__ = ['SHORT_RUN', 'run_study', 'trials_table', 'best_config', 'save_plots', 'write_results', 'add_tune_parser', 'run_tune']
+
+# %% ../nbs/13b_tune_report.ipynb #2663bace
+def run_study(base:TrainingConfig|None=None, # config every trial starts from
+              n_trials:int=5, # trials to add (to a resumed study as well)
+              study:str='', # study name (empty: a timestamp); an existing one continues
+              tune_dir='output/tune', # parent of the study folders
+              space:dict|None=None, # field -> Dim (default DEFAULT_SPACE)
+              execution:str='inprocess', # inprocess or papermill
+              metric:str='return', # objective: a key of OBJECTIVES
+              last_episodes:int=20, # episodes in the objective's mean
+              seed:int=0, # TPE sampler seed
+              pruner=None, # Optuna pruner (default: median after a quarter of the updates; 'none')
+              report_every:int=1, # updates between intermediate values
+              timeout_s:float=3600., # papermill: execution timeout of a trial
+              notebook=None, # papermill: the train notebook
+              runner:Callable|None=None, # runner(config, reporter, out, timeout_s) instead
+              log:Callable=print):
+    "Run `n_trials` trials of a study; a failing trial is recorded with its error and the study goes on."
+    optuna = _optuna()
+    TS, base, space = optuna.trial.TrialState, base or TrainingConfig(), check_space(space or DEFAULT_SPACE)
+    if execution not in ('inprocess', 'papermill'):
+        raise ValueError(f"execution={execution!r}: allowed inprocess, papermill")
+    _check_metric(metric)
+    if pruner is None: pruner = default_pruner(base.total_updates // 4)
+    elif pruner == 'none': pruner = optuna.pruners.NopPruner()
+    st = open_study(study or datetime.now().strftime('study-%Y%m%d-%H%M%S'), tune_dir, seed, pruner)
+    folder = Path(tune_dir) / st.study_name
+    if runner is None and execution == 'papermill': runner = partial(run_papermill, notebook=notebook)
+    run = runner or run_inprocess
+    for _ in range(n_trials):
+        trial, t0 = st.ask(), time.monotonic()
+        try:
+            cfg = trial_config(base, suggest(trial, space), folder, trial.number)
+            trial.set_user_attr('run_dir', str(cfg.run_dir))
+            if cfg.run_dir.exists(): shutil.rmtree(cfg.run_dir)  # a leftover of a deleted study
+            reporter = TrialReporter(trial, metric, last_episodes, report_every)
+            run(cfg, reporter, out=folder / f'trial-{trial.number}.ipynb', timeout_s=timeout_s)
+            if reporter.pruned:
+                st.tell(trial, state=TS.PRUNED)
+                log(f"trial {trial.number}: pruned at update {reporter.updates}")
+                continue
+            value = objective_value(read_metrics(cfg.metrics_path), metric, last_episodes)
+            if value is None or not math.isfinite(value):
+                raise ValueError(f"objective {metric}={value}: no finite value from the finished episodes "
+                                 "(train longer, or set max_episode_steps)")
+            st.tell(trial, value)
+            log(f"trial {trial.number}: {metric} {value:.4g} in {time.monotonic() - t0:.0f} s  "
+                f"{trial.params}")
+        except KeyboardInterrupt:
+            trial.set_user_attr('error', 'interrupted')
+            st.tell(trial, state=TS.FAIL)
+            raise
+        except Exception as e:
+            msg = _error_line(e)
+            trial.set_user_attr('error', msg[:1000])
+            st.tell(trial, state=TS.FAIL)
+            log(f"trial {trial.number}: failed: {msg}")
+    return st
 
 # %% ../nbs/13b_tune_report.ipynb #1acdd72a
 def _fmt(v) -> str:
@@ -27,7 +92,8 @@ def trials_table(study) -> str:
     names = sorted({k for t in trials for k in t.params})
     rows = [['#', 'state', 'value', 'seconds', *names, 'error']]
     for t in trials:
-        secs = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
+        ended = t.datetime_complete and t.datetime_start
+        secs = (t.datetime_complete - t.datetime_start).total_seconds() if ended else None
         rows.append([str(t.number), t.state.name, _fmt(t.value), _fmt(None if secs is None else round(secs)),
                      *[_fmt(t.params.get(k)) for k in names], t.user_attrs.get('error', '')[:60]])
     w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -52,13 +118,17 @@ def save_plots(study, folder) -> list[Path]:
             try: ax = fn(study)
             except (ValueError, RuntimeError): continue  # e.g. importances when no parameter varied
         fig = ax.figure if hasattr(ax, 'figure') else np.ravel(ax)[0].figure
-        fig.set_size_inches(7, 4); fig.tight_layout()
-        fig.savefig(Path(folder) / name, dpi=80); plt.close(fig); out.append(Path(folder) / name)
+        fig.set_size_inches(7, 4)
+        fig.tight_layout()
+        fig.savefig(Path(folder) / name, dpi=80)
+        plt.close(fig)
+        out.append(Path(folder) / name)
     return out
 
 def write_results(study, base:TrainingConfig, folder) -> dict:
-    "Write `trials.txt`, `best_config.json` and the plots into the study folder; return the table and the paths."
-    folder = Path(folder); table = trials_table(study)
+    "Write `trials.txt`, `best_config.json` and the plots into the study folder; the table and the paths."
+    folder = Path(folder)
+    table = trials_table(study)
     (folder / 'trials.txt').write_text(table + '\n', encoding='utf-8')
     out = {'table': table, 'plots': save_plots(study, folder), 'best_config': None, 'best_params': None}
     if any(t.state.name == 'COMPLETE' for t in study.get_trials(deepcopy=False)):
@@ -71,22 +141,29 @@ SHORT_RUN = dict(total_updates=200, warmup_updates=20)  # the base config's defa
 
 def add_tune_parser(sub) -> argparse.ArgumentParser:
     "Add the `tune` subcommand to the `mario-a3c` subparsers."
-    s = sub.add_parser('tune', help='Optuna search: short in-process runs or one papermill train notebook per trial',
+    s = sub.add_parser('tune',
+                       help='Optuna search: short in-process runs or one papermill train notebook per trial',
                        argument_default=argparse.SUPPRESS)
     s.set_defaults(fn=run_tune)
     g = s.add_argument_group('study')
     g.add_argument('--trials', type=int, default=5, help='trials to add (default 5)')
     g.add_argument('--study', default='', help='study name; an existing one continues (default: a timestamp)')
-    g.add_argument('--tune-dir', default='output/tune', help='parent of the study folders (default output/tune)')
+    g.add_argument('--tune-dir', default='output/tune',
+                   help='parent of the study folders (default output/tune)')
     g.add_argument('--execution', default='inprocess', choices=['inprocess', 'papermill'],
                    help='a trial is a run in this process (default) or a papermill run of nbs/train.ipynb')
-    g.add_argument('--metric', default='return', choices=list(OBJECTIVES), help='objective over the last episodes (default return)')
+    g.add_argument('--metric', default='return', choices=list(OBJECTIVES),
+                   help='objective over the last episodes (default return)')
     g.add_argument('--last-episodes', type=int, default=20, help='episodes in the objective (default 20)')
-    g.add_argument('--space', metavar='PATH', default=None, help='search space JSON (default: lr, entropy_beta, gamma, value_coef, rollout_steps)')
+    g.add_argument('--space', metavar='PATH', default=None,
+                   help='search space JSON (default: lr, entropy_beta, gamma, value_coef, rollout_steps)')
     g.add_argument('--sampler-seed', type=int, default=0, help='TPE sampler seed (default 0)')
-    g.add_argument('--pruner', default='median', choices=['median', 'none'], help='median pruning after a quarter of the updates, or none')
-    g.add_argument('--report-every', type=int, default=1, help='updates between intermediate values (default 1)')
-    g.add_argument('--timeout', type=float, default=3600., help='papermill mode: execution timeout of a trial in s (default 3600)')
+    g.add_argument('--pruner', default='median', choices=['median', 'none'],
+                   help='median pruning after a quarter of the updates, or none')
+    g.add_argument('--report-every', type=int, default=1,
+                   help='updates between intermediate values (default 1)')
+    g.add_argument('--timeout', type=float, default=3600.,
+                   help='papermill mode: execution timeout of a trial in s (default 3600)')
     add_config_args(s)
     return s
 
@@ -94,21 +171,26 @@ def run_tune(args) -> int:
     "Run the study, print the table and the best parameters, write the results; 0 when a trial has completed."
     _optuna().logging.set_verbosity(_optuna().logging.WARNING)
     total = int(explicit_overrides(args).get('total_updates', SHORT_RUN['total_updates']))
-    short = {**SHORT_RUN, 'warmup_updates': min(SHORT_RUN['warmup_updates'], total // 10)}  # a short --total-updates just works
+    # a short --total-updates just works
+    short = {**SHORT_RUN, 'warmup_updates': min(SHORT_RUN['warmup_updates'], total // 10)}
     base = config_from_args(args, base=TrainingConfig(**short))
     space = DEFAULT_SPACE
     if args.space:
         if not Path(args.space).is_file(): raise FileNotFoundError(f"space file {args.space} does not exist")
         try: raw = json.loads(Path(args.space).read_text(encoding='utf-8'))
-        except (ValueError, UnicodeDecodeError) as e: raise ValueError(f"space file {args.space} is not valid JSON: {e}") from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"space file {args.space} is not valid JSON: {e}") from None
         space = space_from_dict(raw)
     if args.trials < 0: raise ValueError(f"trials={args.trials} is out of range: allowed >= 0")
-    st = run_study(base, args.trials, args.study, args.tune_dir, space, args.execution, args.metric, args.last_episodes,
-                   args.sampler_seed, 'none' if args.pruner == 'none' else None, args.report_every, args.timeout)
+    st = run_study(base, args.trials, args.study, args.tune_dir, space, args.execution, args.metric,
+                   args.last_episodes, args.sampler_seed, 'none' if args.pruner == 'none' else None,
+                   args.report_every, args.timeout)
     res = write_results(st, base, Path(args.tune_dir) / st.study_name)
     print(res['table'])
     print(f"study {st.study_name}: {len(st.trials)} trials in {Path(args.tune_dir) / st.study_name}")
-    if res['best_config'] is None: print('no completed trial'); return 1
+    if res['best_config'] is None:
+        print('no completed trial')
+        return 1
     print(f"best {args.metric}: {st.best_value:.4g}  params {json.dumps(res['best_params'])}")
     print(f"best config: {res['best_config']}  (mario-a3c train --config {res['best_config']})")
     return 0

@@ -23,13 +23,13 @@ __all__ = ['VECTORIZATIONS', 'make_vec_env']
 VECTORIZATIONS = ('threads', 'async', 'gym-async', 'sync')
 
 def make_vec_env(num_envs:int=8, # number of environments
-                 vectorization:str='threads', # 'threads', 'async' (batched worker processes), 'gym-async' (a process per env) or 'sync'
-                 num_workers:int|None=None, # 'threads': threads (default: one per CPU core); 'async': worker processes (default: one per two cores)
-                 worker_threads:int|None=None, # 'async': threads in each worker process (default 2, or the cores per given worker)
+                 vectorization:str='threads', # threads, async (worker processes), gym-async, sync
+                 num_workers:int|None=None, # threads (default 1 per core) or async workers (1 per 2 cores)
+                 worker_threads:int|None=None, # async: threads per worker (default 2, or cores per worker)
                  context:str|None='forkserver', # multiprocessing start method for async workers
                  autoreset_mode:str='SameStep', # 'SameStep' or Gymnasium's 'NextStep'
                  fallback:bool=True, # fall back to sync when async workers cannot start
-                 groups:int=1, # 'threads'/'async': env groups stepped apart for double buffering (`step_group_async`)
+                 groups:int=1, # threads/async: env groups stepped apart for double buffering
                  env_fn:Callable|None=None, # custom env factory taking **env_kwargs (default `make_env`)
                  **env_kwargs, # `make_env` arguments: world, stage, actions, random_stage, ...
                 ) -> gym.vector.VectorEnv:
@@ -38,16 +38,20 @@ def make_vec_env(num_envs:int=8, # number of environments
     if vectorization not in VECTORIZATIONS:
         raise ValueError(f"vectorization={vectorization!r}: allowed {', '.join(VECTORIZATIONS)}")
     modes = [m.value for m in AutoresetMode]
-    if autoreset_mode not in modes: raise ValueError(f"autoreset_mode={autoreset_mode!r}: allowed {', '.join(modes)}")
+    if autoreset_mode not in modes:
+        raise ValueError(f"autoreset_mode={autoreset_mode!r}: allowed {', '.join(modes)}")
     if context is not None and context not in mp.get_all_start_methods():
         raise ValueError(f"context={context!r}: allowed {', '.join(mp.get_all_start_methods())}")
     if vectorization in ('threads', 'async') and autoreset_mode != 'SameStep':
-        raise ValueError(f"autoreset_mode={autoreset_mode!r} needs vectorization='gym-async' or 'sync' ({vectorization!r} is SameStep)")
+        raise ValueError(f"autoreset_mode={autoreset_mode!r} needs vectorization='gym-async' or 'sync' "
+                         f"({vectorization!r} is SameStep)")
     if worker_threads is not None and vectorization != 'async':
-        raise ValueError(f"worker_threads={worker_threads!r} needs vectorization='async' (got {vectorization!r})")
+        raise ValueError(f"worker_threads={worker_threads!r} needs vectorization='async' (got "
+                         f"{vectorization!r})")
     if worker_threads is not None: _count('worker_threads', worker_threads)
     if groups != 1 and vectorization not in ('threads', 'async'):
-        raise ValueError(f"groups={groups!r} needs vectorization='threads' or 'async' (got {vectorization!r})")
+        raise ValueError(f"groups={groups!r} needs vectorization='threads' or 'async' (got "
+                         f"{vectorization!r})")
     if env_fn is None: check_env_args(**env_kwargs)
     fns = [partial(env_fn or make_env, **env_kwargs)] * num_envs
     mode = AutoresetMode(autoreset_mode)
@@ -55,16 +59,18 @@ def make_vec_env(num_envs:int=8, # number of environments
     if vectorization in ('async', 'gym-async'):
         try:
             if vectorization == 'async':
-                return BatchedAsyncVectorEnv(fns, num_workers=num_workers, context=context, groups=groups, threads=worker_threads)
+                return BatchedAsyncVectorEnv(fns, num_workers=num_workers, context=context, groups=groups,
+                                             threads=worker_threads)
             return AsyncVectorEnv(fns, context=context, autoreset_mode=mode)
         except Exception as e:
             if not fallback: raise
             warnings.warn(f"async env workers could not start ({_cause(e)}); "
-                          f"falling back to {num_envs} envs in this process (vectorization='sync')", stacklevel=2)
+                          f"falling back to {num_envs} envs in this process (vectorization='sync')",
+                          stacklevel=2)
     return SyncVectorEnv(fns, autoreset_mode=mode)
 
 def _cause(e:BaseException) -> str:
-    "'Type: message' of the root error: the last exception line of a worker's traceback, else the message's first line."
+    "'Type: message' of the root error: a worker traceback's last exception line, else the first line."
     lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()]
     found = [l for l in lines if re.match(r'^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit): ', l)]
     text = found[-1] if found else f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__

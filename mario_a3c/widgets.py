@@ -9,6 +9,7 @@ from typing import Callable
 
 import cv2
 import numpy as np
+from fastcore.basics import patch
 from matplotlib.figure import Figure
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.ticker import EngFormatter, ScalarFormatter
@@ -20,7 +21,7 @@ __all__ = ['CURVES', 'widget_frontend', 'until', 'Every', 'History', 'png_bytes'
 
 # %% ../nbs/12_widgets.ipynb #1b5a3f1e
 def widget_frontend() -> bool:
-    "True in a kernel driven by JupyterLab/Notebook 7; False under papermill/nbclient, nbdev_test, plain Python."
+    "True in a kernel driven by JupyterLab/Notebook 7; False under papermill, nbdev_test, plain Python."
     forced = os.environ.get('MARIO_A3C_WIDGETS', '')
     if forced in ('0', '1'): return forced == '1'
     try: from IPython import get_ipython
@@ -36,7 +37,7 @@ async def until(done:Callable[[], bool], # polled condition
                 timeout:float|None=None, # seconds (None: no limit)
                 poll_s:float=0.1, # seconds between polls
                ) -> bool:
-    "Await `done()` without blocking the kernel's event loop (widget clicks are handled meanwhile); False on timeout."
+    "Await `done()` without blocking the kernel's event loop (clicks handled meanwhile); False on timeout."
     t0 = time.monotonic()
     while not done():
         if timeout is not None and time.monotonic() - t0 >= timeout: return False
@@ -46,14 +47,16 @@ async def until(done:Callable[[], bool], # polled condition
 # %% ../nbs/12_widgets.ipynb #3c9b4c9c
 class Every:
     "Callable that is True at most once per `seconds` of `clock` (the first call is True)."
-    def __init__(self, seconds:float, clock:Callable=time.monotonic): self.seconds, self.clock, self.last = seconds, clock, None
+    def __init__(self, seconds:float,
+                 clock:Callable=time.monotonic): self.seconds, self.clock, self.last = seconds, clock, None
     def __call__(self) -> bool:
         now = self.clock()
         if self.last is not None and now - self.last < self.seconds: return False
-        self.last = now; return True
+        self.last = now
+        return True
 
 class History:
-    "(x, y) points of a whole run in at most `maxlen` points: when full, drop every other point and double the stride."
+    "(x, y) points of a whole run in at most `maxlen`: when full, drop every other one and double the stride."
     def __init__(self, maxlen:int=500):
         if maxlen < 2: raise ValueError(f"maxlen={maxlen!r} is out of range: allowed >= 2")
         self.maxlen, self.xs, self.ys, self.stride, self.n, self.lock = maxlen, [], [], 1, 0, threading.Lock()
@@ -61,8 +64,10 @@ class History:
         with self.lock:
             self.n += 1
             if (self.n - 1) % self.stride: return
-            self.xs.append(float(x)); self.ys.append(float(y))
-            if len(self.xs) >= self.maxlen: self.xs, self.ys, self.stride = self.xs[::2], self.ys[::2], self.stride * 2
+            self.xs.append(float(x))
+            self.ys.append(float(y))
+            if len(self.xs) >= self.maxlen:
+                self.xs, self.ys, self.stride = self.xs[::2], self.ys[::2], self.stride * 2
     def data(self) -> tuple[np.ndarray, np.ndarray]:
         with self.lock: return np.array(self.xs), np.array(self.ys)
     def __len__(self): return len(self.xs)
@@ -74,40 +79,58 @@ def png_bytes(rgb:np.ndarray) -> bytes:
     if not ok: raise ValueError(f"cannot encode an image of shape {rgb.shape} as PNG")
     return buf.tobytes()
 
-CURVES = (('charts/episodic_return', 'episodic return'), ('charts/x_pos', 'max x position'), ('charts/flag_rate', 'flag rate'),
+CURVES = (('charts/episodic_return', 'episodic return'), ('charts/x_pos', 'max x position'),
+          ('charts/flag_rate', 'flag rate'),
           ('losses/policy', 'policy loss'), ('losses/value', 'value loss'), ('losses/entropy', 'entropy'),
           ('opt/lr', 'learning rate'), ('perf/fps', 'frames/s'))
 
 class Curves:
     "One reused figure of the training curves, rendered to PNG bytes."
     def __init__(self, names=CURVES, figsize=(11, 4.4), dpi=72):
-        self.fig = Figure(figsize=figsize, dpi=dpi); FigureCanvasAgg(self.fig)
+        self.fig = Figure(figsize=figsize, dpi=dpi)
+        FigureCanvasAgg(self.fig)
         axes = self.fig.subplots(2, math.ceil(len(names) / 2)).flat
         self.lines = {}
         for ax, (key, title) in zip(axes, names):
-            ax.set_title(title, fontsize=9); ax.tick_params(labelsize=7); ax.grid(alpha=0.3); ax.locator_params(nbins=4)
-            y = ScalarFormatter(); y.set_powerlimits((-3, 4))   # distinct ticks: more digits, or an offset if nearly flat
-            ax.yaxis.set_major_formatter(y); ax.xaxis.set_major_formatter(EngFormatter(sep=''))   # frames: 50k, 1.2M
+            ax.set_title(title, fontsize=9)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+            ax.locator_params(nbins=4)
+            y = ScalarFormatter()
+            y.set_powerlimits((-3, 4))   # distinct ticks: more digits, or an offset if nearly flat
+            ax.yaxis.set_major_formatter(y)
+            ax.xaxis.set_major_formatter(EngFormatter(sep=''))   # frames: 50k, 1.2M
             self.lines[key] = ax.plot([], [], lw=1, marker='.', ms=3)[0]
         self.fig.tight_layout()
     def png(self, data:dict) -> bytes:
         "Set each curve to `data[key] = (xs, ys)` and render."
         for key, line in self.lines.items():
-            if key in data: line.set_data(*data[key]); line.axes.relim(); line.axes.autoscale_view()
-        buf = io.BytesIO(); self.fig.savefig(buf, format='png', pil_kwargs={'compress_level': 1}); return buf.getvalue()
+            if key in data:
+                line.set_data(*data[key])
+                line.axes.relim()
+                line.axes.autoscale_view()
+        buf = io.BytesIO()
+        self.fig.savefig(buf, format='png', pil_kwargs={'compress_level': 1})
+        return buf.getvalue()
     def blank(self) -> bytes:
         "A PNG of the figure's size that says where the curves will be (shown until the first redraw)."
-        fig = Figure(figsize=self.fig.get_size_inches(), dpi=self.fig.dpi); FigureCanvasAgg(fig)
-        fig.text(0.5, 0.5, 'the curves appear here after the first updates', ha='center', va='center', color='0.4')
-        buf = io.BytesIO(); fig.savefig(buf, format='png'); return buf.getvalue()
+        fig = Figure(figsize=self.fig.get_size_inches(), dpi=self.fig.dpi)
+        FigureCanvasAgg(fig)
+        fig.text(0.5, 0.5, 'the curves appear here after the first updates', ha='center', va='center',
+                 color='0.4')
+        buf = io.BytesIO()
+        fig.savefig(buf, format='png')
+        return buf.getvalue()
 
 # %% ../nbs/12_widgets.ipynb #efd6b581
 _STYLE = ('<style>.mario-frame {image-rendering: pixelated;}'   # crisp upscaled NES pixels
-          ' .mario-status .widget-html-content {white-space: normal; overflow-wrap: anywhere; line-height: 1.4;}</style>')
+          ' .mario-status .widget-html-content {white-space: normal; overflow-wrap: anywhere;'
+          ' line-height: 1.4;}</style>')
 
 def _hms(s) -> str:
     if s is None or not math.isfinite(s): return '?'
-    s = int(s); return f'{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}'
+    s = int(s)
+    return f'{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}'
 
 def _num(v) -> float|None:
     try: return float(v)
@@ -115,6 +138,7 @@ def _num(v) -> float|None:
 
 _UPDATE_CURVES = ('charts/flag_rate', 'losses/policy', 'losses/value', 'losses/entropy', 'opt/lr', 'perf/fps')
 
+# %% ../nbs/12_widgets.ipynb #a27cfce1
 class TrainingPanel(Callback):
     "Live view of a `Trainer` in JupyterLab (frame, curves, progress, buttons); plain lines when headless."
     def __init__(self, frame_every_s:float=0.25, # seconds between preview frames
@@ -129,9 +153,11 @@ class TrainingPanel(Callback):
                  stream=None, # headless lines go here (default stdout)
                 ):
         self.widgets = widget_frontend() if widgets is None else bool(widgets)
-        self.every = {k: Every(s, clock) for k, s in (('frame', frame_every_s), ('curves', curves_every_s),
-                                                     ('progress', progress_every_s), ('lines', print_every_s))}
-        self.frame_every_s, self.clock, self.stream, self.scale, self.env_index = frame_every_s, clock, stream, scale, env_index
+        rates = (('frame', frame_every_s), ('curves', curves_every_s), ('progress', progress_every_s),
+                 ('lines', print_every_s))
+        self.every = {k: Every(s, clock) for k, s in rates}
+        self.frame_every_s, self.clock, self.stream = frame_every_s, clock, stream
+        self.scale, self.env_index = scale, env_index
         self.hist = {k: History(history) for k, _ in CURVES}
         self.trainer = self.result = self.error = self.thread = self.ui = self.plot = None
         self.paused, self.active, self._dirty, self._quiet, self._shown = False, True, False, False, None
@@ -144,18 +170,23 @@ class TrainingPanel(Callback):
         s = self.scale
         self.frame_img = W.Image(format='png', layout=W.Layout(width=f'{256 * s}px', height=f'{240 * s}px'))
         self.curves_img, self.curves = W.Image(format='png'), Curves()
-        # a black screen and a note until the first frame and redraw (an empty Image shows a broken-image icon)
-        self.frame_img.value, self.curves_img.value = png_bytes(np.zeros((240, 256, 3), np.uint8)), self.curves.blank()
+        # a black screen and a note until the first frame and redraw (an empty Image shows a broken-image
+        # icon)
+        self.frame_img.value = png_bytes(np.zeros((240, 256, 3), np.uint8))
+        self.curves_img.value = self.curves.blank()
         self.env_pick = W.Dropdown(options=[0], value=0, description='env', layout=W.Layout(width='150px'))
         self.pause_btn = W.Button(description='Pause preview', icon='pause')
         auto = W.Layout(width='auto')
         self.save_btn = W.Button(description='Save checkpoint now', icon='save', layout=auto)
         self.stop_btn = W.Button(description='Stop training', icon='stop', button_style='danger', layout=auto)
-        self.bar = W.IntProgress(value=0, min=0, max=1000, layout=W.Layout(width='100%'))   # per mille of the run
+        # per mille of the run
+        self.bar = W.IntProgress(value=0, min=0, max=1000, layout=W.Layout(width='100%'))
         self.progress, self.status = W.HTML('waiting for the first update'), W.HTML('')
-        for w, c in ((self.frame_img, 'mario-frame'), (self.curves_img, 'mario-curves'), (self.progress, 'mario-progress'),
-                     (self.pause_btn, 'mario-pause'), (self.stop_btn, 'mario-stop'), (self.save_btn, 'mario-save'),
-                     (self.status, 'mario-status')): w.add_class(c)
+        classes = ((self.frame_img, 'mario-frame'), (self.curves_img, 'mario-curves'),
+                   (self.progress, 'mario-progress'), (self.pause_btn, 'mario-pause'),
+                   (self.stop_btn, 'mario-stop'), (self.save_btn, 'mario-save'),
+                   (self.status, 'mario-status'))
+        for w, c in classes: w.add_class(c)
         self.pause_btn.on_click(lambda _: self.toggle_preview())
         self.save_btn.on_click(lambda _: self.save_now())
         self.stop_btn.on_click(lambda _: self.stop())
@@ -166,13 +197,17 @@ class TrainingPanel(Callback):
         self.widget.add_class('mario-panel')
 
 # %% ../nbs/12_widgets.ipynb #80af860a
-def _start(self:TrainingPanel, trainer, # a `Trainer` (or anything with its callbacks, config, stop, save, preview_frame)
+@patch
+def start(self:TrainingPanel,
+          trainer, # a `Trainer` (or anything with its callbacks, config, stop, save, preview_frame)
            display:bool=True, # show the widget (False: e.g. a benchmark)
           ):
     "Train `trainer` with this panel: in a background thread behind the widgets, or here with plain lines."
-    if self.thread is not None and self.thread.is_alive(): raise RuntimeError("this panel is already running a trainer")
+    if self.thread is not None and self.thread.is_alive():
+        raise RuntimeError("this panel is already running a trainer")
     self.trainer, self.result, self.error = trainer, None, None
-    self._done.clear(); self._save.clear()
+    self._done.clear()
+    self._save.clear()
     cbs = trainer.callbacks.callbacks
     if self not in cbs: cbs.append(self)
     if not self.widgets:
@@ -183,7 +218,8 @@ def _start(self:TrainingPanel, trainer, # a `Trainer` (or anything with its call
     # lines printed from the training thread would land in whichever cell runs next: the panel replaces them
     trainer.callbacks.callbacks = [c for c in cbs if not isinstance(c, ConsoleLogger)]
     n = trainer.config.num_envs
-    self.env_pick.options = list(range(n)); self.env_pick.value = self.env_index = min(self.env_index, n - 1)
+    self.env_pick.options = list(range(n))
+    self.env_pick.value = self.env_index = min(self.env_index, n - 1)
     for b in (self.save_btn, self.stop_btn): b.disabled = False
     if display:
         from IPython.display import display as show
@@ -191,74 +227,92 @@ def _start(self:TrainingPanel, trainer, # a `Trainer` (or anything with its call
     self.thread = threading.Thread(target=self._train, name='mario-a3c-train', daemon=True)
     self.ui = threading.Thread(target=self._ui_loop, name='mario-a3c-panel', daemon=True)
     self.plot = threading.Thread(target=self._curves_loop, name='mario-a3c-curves', daemon=True)
-    self.thread.start(); self.ui.start(); self.plot.start()
+    self.thread.start()
+    self.ui.start()
+    self.plot.start()
 
+@patch
 def _train(self:TrainingPanel):
     try: self.result = self.trainer.train()
     except BaseException as e: self.error = e
     finally: self._done.set()
 
+@patch
 def _ui_loop(self:TrainingPanel):
     while not self._done.wait(self.frame_every_s):   # few wake-ups: each one competes for the GIL
         if not self.active: continue
-        try: self.tick(curves=False)   # a slow curve redraw (CPU-starved kernel) must not hold up frames and progress
+        # a slow curve redraw (CPU-starved kernel) must not hold up frames and progress
+        try: self.tick(curves=False)
         except Exception as e: self._note(f'panel: {type(e).__name__}: {e}')
-    self.plot.join(); self.tick(final=True)
+    self.plot.join()
+    self.tick(final=True)
 
+@patch
 def _curves_loop(self:TrainingPanel):
     while not self._done.wait(1.0):
         if not self.active: continue
         try: self.draw_curves()
         except Exception as e: self._note(f'panel: {type(e).__name__}: {e}')
 
-def _finished(self:TrainingPanel) -> bool:
+# %% ../nbs/12_widgets.ipynb #3a996bc5
+@patch
+def finished(self:TrainingPanel) -> bool:
     "True once training has ended and the panel shows how (always True headless)."
     return not any(t is not None and t.is_alive() for t in (self.thread, self.ui, self.plot))
 
-def _wait(self:TrainingPanel, timeout:float|None=None) -> dict|None:
+@patch
+def wait(self:TrainingPanel, timeout:float|None=None) -> dict|None:
     "Block until training ended (or `timeout`); the trainer's summary. Clicks wait while a cell blocks here."
     for t in (self.thread, self.ui, self.plot):
         if t is not None: t.join(timeout)
     if self.error is not None: raise self.error
     return self.result
 
-async def _wait_async(self:TrainingPanel, timeout:float|None=None) -> dict|None:
-    "`await` it in a notebook: the summary, as `wait` gives it, while the buttons stay live (Run All included)."
+@patch
+async def wait_async(self:TrainingPanel, timeout:float|None=None) -> dict|None:
+    "`await` it in a notebook: `wait`'s summary, while the buttons stay live (Run All included)."
     try: await until(self.finished, timeout)
-    except (KeyboardInterrupt, asyncio.CancelledError):   # the kernel's stop button: stop training gracefully too
-        self.stop(); raise
+    except (KeyboardInterrupt,
+            asyncio.CancelledError):  # the kernel's stop button: stop training gracefully too
+        self.stop()
+        raise
     return self.wait(0)
 
-def _toggle_preview(self:TrainingPanel):
+@patch
+def toggle_preview(self:TrainingPanel):
     "Pause or resume the frame preview (training goes on)."
     self.paused = not self.paused
     if self.widgets: self.pause_btn.description = 'Resume preview' if self.paused else 'Pause preview'
 
-def _save_now(self:TrainingPanel):
+@patch
+def save_now(self:TrainingPanel):
     "Ask for a `step<N>` checkpoint; the training thread writes it after the current update."
     if self._done.is_set(): return
-    self._save.set(); self._note('saving a checkpoint after this update...')
+    self._save.set()
+    self._note('saving a checkpoint after this update...')
 
-def _stop(self:TrainingPanel):
+@patch
+def stop(self:TrainingPanel):
     "Stop training gracefully: the trainer saves a checkpoint and returns its summary."
     if self._done.is_set(): return
     if self.trainer is not None: self.trainer.stop()
     if self.widgets: self.stop_btn.disabled = True
     self._note('stopping after this update...')
 
-def _show_env(self:TrainingPanel, i:int):
+@patch
+def show_env(self:TrainingPanel, i:int):
     "Preview env `i` from now on."
     self.env_index, self._shown = int(i), None
 
-TrainingPanel.start, TrainingPanel._train, TrainingPanel._ui_loop, TrainingPanel.wait = _start, _train, _ui_loop, _wait
-TrainingPanel._curves_loop, TrainingPanel.finished, TrainingPanel.wait_async = _curves_loop, _finished, _wait_async
-TrainingPanel.toggle_preview, TrainingPanel.save_now, TrainingPanel.stop, TrainingPanel.show_env = _toggle_preview, _save_now, _stop, _show_env
-
 # %% ../nbs/12_widgets.ipynb #a4ef7a62
-def _on_train_begin(self:TrainingPanel, trainer): self._t0, self._f0 = self.clock(), trainer.frames
+@patch
+def on_train_begin(self:TrainingPanel, trainer): self._t0, self._f0 = self.clock(), trainer.frames
 
-def _on_update(self:TrainingPanel, trainer, metrics):
-    if self._save.is_set(): self._save.clear(); trainer.save(f'step{trainer.updates}')
+@patch
+def on_update(self:TrainingPanel, trainer, metrics):
+    if self._save.is_set():
+        self._save.clear()
+        trainer.save(f'step{trainer.updates}')
     if not self.active: return
     f = metrics.get('frames', trainer.frames)
     for k in _UPDATE_CURVES:
@@ -266,46 +320,59 @@ def _on_update(self:TrainingPanel, trainer, metrics):
     self._dirty = True
     if not self.widgets and not self._quiet and self.every['lines'](): self._note(self.progress_text())
 
-def _on_episode_end(self:TrainingPanel, trainer, episode):
+@patch
+def on_episode_end(self:TrainingPanel, trainer, episode):
     if not self.active: return
     f = episode.get('frames', trainer.frames)
     for k, key in (('r', 'charts/episodic_return'), ('x', 'charts/x_pos')):
         if (v := _num(episode.get(k))) is not None: self.hist[key].add(f, v)
     self._dirty = True
 
-def _on_checkpoint(self:TrainingPanel, trainer, path, tag):
+@patch
+def on_checkpoint(self:TrainingPanel, trainer, path, tag):
     if self.widgets: self._note(f'checkpoint {tag}: {path}')
 
-def _on_train_end(self:TrainingPanel, trainer, summary):
-    if self._save.is_set() and not str(summary.get('stopped')).startswith('error'):   # Save pressed in the last update
-        self._save.clear(); trainer.save(f'step{trainer.updates}')
+@patch
+def on_train_end(self:TrainingPanel, trainer, summary):
+    # Save pressed during the last update
+    if self._save.is_set() and not str(summary.get('stopped')).startswith('error'):
+        self._save.clear()
+        trainer.save(f'step{trainer.updates}')
     if not self.widgets and not self._quiet: self._note('done: ' + self.progress_text())
 
-def _progress_info(self:TrainingPanel) -> dict:
-    "Where the run stands against whichever limit ends it first: `total_updates` (at this run's speed) or `max_minutes`."
-    t = self.trainer; c = t.config
+@patch
+def progress_info(self:TrainingPanel) -> dict:
+    "The run against whichever limit ends it first: `total_updates` (at this speed) or `max_minutes`."
+    t = self.trainer
+    c = t.config
     total, done = c.total_updates * c.frames_per_update, t.frames
     el = self.clock() - self._t0 if self._t0 is not None else 0.0
     rate = (done - self._f0) / el if el > 0 and done > self._f0 else None
     by_updates = (total - done) / rate if rate else None
     by_time = max(60 * c.max_minutes - el, 0.0) if c.max_minutes else None
-    timed = by_time is not None and (by_updates is None or by_time < by_updates)   # the budget ends the run first
+    # the budget ends the run first
+    timed = by_time is not None and (by_updates is None or by_time < by_updates)
     return dict(frames=done, total=total, elapsed=el, timed=timed, remaining=by_time if timed else by_updates,
                 fraction=min(el / (60 * c.max_minutes), 1.0) if timed else min(done / max(total, 1), 1.0))
 
-def _progress_text(self:TrainingPanel) -> str:
-    "frames, updates, elapsed and remaining time; the percentage belongs to the limit that ends the run first."
+@patch
+def progress_text(self:TrainingPanel) -> str:
+    "frames, updates, elapsed and remaining time; the percentage is of the limit that ends the run first."
     p, t = self.progress_info(), self.trainer
     pct, c = f"({100 * p['fraction']:.0f}%)", t.config
     frames = f"frames {p['frames']:,}/{p['total']:,}" + ('' if p['timed'] else f' {pct}')
-    elapsed = f"elapsed {_hms(p['elapsed'])}" + (f" of {_hms(60 * c.max_minutes)} {pct}" if p['timed'] else '')
+    budget = f" of {_hms(60 * c.max_minutes)} {pct}" if p['timed'] else ''
+    elapsed = f"elapsed {_hms(p['elapsed'])}" + budget
     return f"{frames}  updates {t.updates}/{c.total_updates}  {elapsed}  remaining {_hms(p['remaining'])}"
 
+# %% ../nbs/12_widgets.ipynb #2346bddf
+@patch
 def _note(self:TrainingPanel, msg:str):
     if self.widgets: self.status.value = msg
     else: print(msg, file=self.stream or sys.stdout, flush=True)
 
-def _draw_curves(self:TrainingPanel, force:bool=False):
+@patch
+def draw_curves(self:TrainingPanel, force:bool=False):
     "Redraw the curves if there is news and their time has come (`force`: whenever there is news)."
     with self._draw_lock:
         if self._dirty and (self.every['curves']() or force):
@@ -313,15 +380,17 @@ def _draw_curves(self:TrainingPanel, force:bool=False):
             self.curves_img.value = self.curves.png({k: h.data() for k, h in self.hist.items() if len(h)})
             self.curves_drawn += 1
 
-def _tick(self:TrainingPanel, final:bool=False, curves:bool=True):
-    "One refresh: a new preview frame, the progress, the curves (each at most as often as its rate limit allows)."
+@patch
+def tick(self:TrainingPanel, final:bool=False, curves:bool=True):
+    "One refresh: a new preview frame, the progress, the curves (each at most as often as its rate limit)."
     t = self.trainer
     if t is None or not self.widgets: return
     if not self.paused and (self.every['frame']() or final):
         try: f = t.preview_frame(self.env_index)
         except ValueError: f = None   # the env count changed under us
         if f is not None and f is not self._shown:
-            self._shown, self.frame_img.value = f, png_bytes(f); self.frames_shown += 1
+            self._shown, self.frame_img.value = f, png_bytes(f)
+            self.frames_shown += 1
     if self.every['progress']() or final:
         self.bar.value = round(1000 * self.progress_info()['fraction'])
         self.progress.value = self.progress_text()
@@ -329,9 +398,5 @@ def _tick(self:TrainingPanel, final:bool=False, curves:bool=True):
     if final:
         for b in (self.save_btn, self.stop_btn): b.disabled = True
         r = self.result or {}
-        self._note(f"finished ({r.get('stopped', self.error)}): {r.get('updates')} updates, {r.get('frames', 0):,} frames, "
-                   f"checkpoint {r.get('checkpoint')}")
-
-TrainingPanel.on_train_begin, TrainingPanel.on_update, TrainingPanel.on_episode_end = _on_train_begin, _on_update, _on_episode_end
-TrainingPanel.on_checkpoint, TrainingPanel.on_train_end, TrainingPanel.progress_text = _on_checkpoint, _on_train_end, _progress_text
-TrainingPanel.progress_info, TrainingPanel._note, TrainingPanel.tick, TrainingPanel.draw_curves = _progress_info, _note, _tick, _draw_curves
+        self._note(f"finished ({r.get('stopped', self.error)}): {r.get('updates')} updates, "
+                   f"{r.get('frames', 0):,} frames, checkpoint {r.get('checkpoint')}")

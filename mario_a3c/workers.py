@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 import gymnasium as gym
 import numpy as np
+from fastcore.basics import patch
 from gymnasium.vector.utils import CloudpickleWrapper, batch_space
 
 # %% auto #0
@@ -20,7 +21,7 @@ __all__ = ['THREADS_PER_WORKER', 'WorkerError', 'BatchedAsyncVectorEnv']
 
 # %% ../nbs/01c_workers.ipynb #e7355740
 def _step_one(env, action):
-    "One `SameStep` step: an episode that ends is reset at once, its last obs and info kept as `final_obs`/`final_info`."
+    "One `SameStep` step: an episode that ends is reset at once, its last obs and info kept in `final_*`."
     o, r, term, trunc, info = env.step(action)
     if term or trunc:
         final = {'final_obs': o, 'final_info': info}
@@ -31,7 +32,7 @@ def _step_one(env, action):
 def _error(e:BaseException) -> tuple: return ('error', (type(e).__name__, str(e), traceback.format_exc()))
 
 def _answer_steps(steps:queue.SimpleQueue, conn):
-    "Answer each step once all its envs are done, in the order the steps came (the worker's answering thread)."
+    "Answer each step once all its envs are done, in the order the steps came (the answering thread)."
     while (futures := steps.get()) is not None:
         try:
             rew, term, trunc, infos = zip(*[f.result() for f in futures])
@@ -39,20 +40,26 @@ def _answer_steps(steps:queue.SimpleQueue, conn):
         except Exception as e: msg = _error(e)
         try: conn.send(msg)
         except OSError: os._exit(1)   # the parent is gone
-        if msg[0] == 'error': os._exit(1)   # as after any error, the worker ends: its envs are in an unknown state
+        # as after any error, the worker ends: its envs are in an unknown state
+        if msg[0] == 'error': os._exit(1)
 
+# %% ../nbs/01c_workers.ipynb #e73eddf9
 def _worker(fns, idx:list, shm_name:str, shape:tuple, dtype, n_total:int, conn, parent_conn, threads:int=1):
-    "Serve reset/step/get_attr/call/close for the envs `fns` (global indices `idx`), stepping them on `threads` threads."
+    "Serve reset/step/get_attr/call/close for the envs `fns` (global indices `idx`) on `threads` threads."
     parent_conn.close()
     shm = pool = None
     try:
         envs = [fn() for fn in fns]
         shm = shared_memory.SharedMemory(name=shm_name)
         obs = np.ndarray((n_total, *shape), dtype=dtype, buffer=shm.buf)
-        def step(j, a):   # on a pool thread: env j's step, its observation written straight into shared memory
-            o, *rest = _step_one(envs[j], a); obs[idx[j]] = o; return rest
+        def step(j,
+                 a):   # on a pool thread: env j's step, its observation written straight into shared memory
+            o, *rest = _step_one(envs[j], a)
+            obs[idx[j]] = o
+            return rest
         pool, steps = ThreadPoolExecutor(threads, thread_name_prefix='mario-env'), queue.SimpleQueue()
-        answering = threading.Thread(target=_answer_steps, args=(steps, conn), name='mario-env-answers', daemon=True)
+        answering = threading.Thread(target=_answer_steps, args=(steps, conn), name='mario-env-answers',
+                                     daemon=True)
         answering.start()
         conn.send(('ok', None))
         while True:
@@ -60,20 +67,25 @@ def _worker(fns, idx:list, shm_name:str, shape:tuple, dtype, n_total:int, conn, 
             if cmd == 'step':   # data: (positions of the envs to step, or None for all; their actions)
                 pos, actions = data
                 pos = range(len(envs)) if pos is None else pos
-                steps.put([pool.submit(step, j, a) for j, a in zip(pos, actions)])   # answered in order, meanwhile take the next command
+                # answered in order; meanwhile take the next command
+                steps.put([pool.submit(step, j, a) for j, a in zip(pos, actions)])
             elif cmd == 'reset':   # (`reset`, `get_attr`, `call`, `close` come only with no step in flight)
-                seeds, options = data; infos = []
+                seeds, options = data
+                infos = []
                 for i, env in enumerate(envs):
-                    obs[idx[i]], info = env.reset(seed=seeds[i], options=options); infos.append(info)
+                    obs[idx[i]], info = env.reset(seed=seeds[i], options=options)
+                    infos.append(info)
                 conn.send(('ok', infos))
             elif cmd == 'get_attr': conn.send(('ok', [env.get_wrapper_attr(data) for env in envs]))
             elif cmd == 'call':
                 name, args, kwargs = data
                 conn.send(('ok', [getattr(env, name)(*args, **kwargs) for env in envs]))
             elif cmd == 'close':
-                steps.put(None); answering.join()
+                steps.put(None)
+                answering.join()
                 for env in envs: env.close()
-                conn.send(('ok', None)); break
+                conn.send(('ok', None))
+                break
             else: raise ValueError(f"unknown worker command {cmd!r}")
     except (KeyboardInterrupt, EOFError, BrokenPipeError): pass
     except Exception as e:
@@ -87,15 +99,17 @@ def _worker(fns, idx:list, shm_name:str, shape:tuple, dtype, n_total:int, conn, 
 class WorkerError(RuntimeError):
     "An exception raised inside an env worker process (its traceback is in the message)."
 
-THREADS_PER_WORKER = 2   # default threads per worker process: fewer processes, and threads that take the next env
+# default threads per worker process: fewer processes, and threads that take the next env
+THREADS_PER_WORKER = 2
 
 def _count(name:str, v) -> int:
     "`v` as an int if it is a whole number >= 1; otherwise a one-line error naming `name`."
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1: raise ValueError(f"{name}={v!r} is out of range: allowed >= 1")
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise ValueError(f"{name}={v!r} is out of range: allowed >= 1")
     return int(v)
 
 def _split(n:int, num_workers:int|None, groups:int) -> tuple[int, list[slice]]:
-    "Checked worker count for `n` envs (default one per CPU core, at most one per env) and `groups` contiguous env slices."
+    "Checked worker count for `n` envs (default one per core, at most one per env) and `groups` env slices."
     if n < 1: raise ValueError(f"num_envs={n} is out of range: allowed >= 1")
     w = min(num_workers or os.cpu_count() or 1, n)
     if w < 1: raise ValueError(f"num_workers={num_workers!r} is out of range: allowed >= 1")
@@ -104,71 +118,96 @@ def _split(n:int, num_workers:int|None, groups:int) -> tuple[int, list[slice]]:
     gb = np.linspace(0, n, groups + 1).round().astype(int)
     return w, [slice(int(a), int(b)) for a, b in zip(gb[:-1], gb[1:])]
 
+# %% ../nbs/01c_workers.ipynb #2f760ddd
 class BatchedAsyncVectorEnv(gym.vector.VectorEnv):
-    "N envs in W worker processes; each worker steps its share of the envs on `threads` threads (`SameStep` autoreset)."
+    "N envs in W worker processes; each worker steps its share on `threads` threads (`SameStep` autoreset)."
     def __init__(self, env_fns:Sequence[Callable[[], gym.Env]], # one factory per env
-                 num_workers:int|None=None, # worker processes (default: one per `threads` CPU cores, at most one per env)
+                 num_workers:int|None=None, # worker processes (default: one per `threads` cores)
                  context:str|None='forkserver', # multiprocessing start method
                  start_timeout:float=120., # seconds to wait for the workers to build their envs
-                 groups:int=1, # contiguous env groups that `step_group_async` can step on their own (double buffering)
-                 threads:int|None=None, # threads per worker stepping its envs (default 2, or the cores per given worker)
+                 groups:int=1, # contiguous env groups that `step_group_async` can step on their own
+                 threads:int|None=None, # threads per worker (default 2, or the cores per given worker)
                 ):
         n, cpus = len(env_fns), os.cpu_count() or 1
-        if threads is None: threads = THREADS_PER_WORKER if num_workers is None else max(1, cpus // max(1, num_workers))
+        if threads is None:
+            threads = THREADS_PER_WORKER if num_workers is None else max(1, cpus // max(1, num_workers))
         self.threads = _count('threads', threads)
-        w, self.group_slices = _split(n, -(-cpus // self.threads) if num_workers is None else num_workers, groups)
+        w, self.group_slices = _split(n, -(-cpus // self.threads) if num_workers is None else num_workers,
+                                      groups)
         self.num_envs, self.autoreset_mode = n, gym.vector.AutoresetMode.SAME_STEP
         self.metadata = {'autoreset_mode': self.autoreset_mode}
         dummy = env_fns[0]()
         self.single_observation_space, self.single_action_space = dummy.observation_space, dummy.action_space
-        self.render_mode = dummy.render_mode; dummy.close()
+        self.render_mode = dummy.render_mode
+        dummy.close()
         self.observation_space = batch_space(self.single_observation_space, n)
         self.action_space = batch_space(self.single_action_space, n)
         shape, dtype = self.single_observation_space.shape, self.single_observation_space.dtype
-        self._shm = shared_memory.SharedMemory(create=True, size=max(1, n * int(np.prod(shape)) * np.dtype(dtype).itemsize))
+        size = max(1, n * int(np.prod(shape)) * np.dtype(dtype).itemsize)
+        self._shm = shared_memory.SharedMemory(create=True, size=size)
         self._obs = np.ndarray((n, *shape), dtype=dtype, buffer=self._shm.buf)
-        # envs are dealt to the workers in turn, so each group is spread over them and each worker gets envs to step
+        # envs are dealt to the workers in turn, so each group is spread over them and each worker gets envs
+        # to step
         self.worker_envs = [list(range(k, n, w)) for k in range(w)]   # global env indices of each worker
-        self._group_pos = [[[j for j, i in enumerate(ids) if g.start <= i < g.stop] for g in self.group_slices]
-                           for ids in self.worker_envs]   # [worker][group] -> positions among the worker's envs
+        # [worker][group] -> positions among the worker's envs
+        self._group_pos = [[[j for j, i in enumerate(ids) if g.start <= i < g.stop]
+                            for g in self.group_slices] for ids in self.worker_envs]
         ctx = mp.get_context(context)
         self.conns, self.processes, self.closed, self._pending = [], [], False, deque()
         for ids in self.worker_envs:
             parent, child = ctx.Pipe()
             p = ctx.Process(target=_worker, daemon=True, name=f'mario-env-worker-{ids[0]}',
-                            args=([CloudpickleWrapper(env_fns[i]) for i in ids], ids, self._shm.name, shape, dtype, n,
-                                  child, parent, self.threads))
-            p.start(); child.close()
-            self.conns.append(parent); self.processes.append(p)
+                            args=([CloudpickleWrapper(env_fns[i]) for i in ids], ids, self._shm.name, shape,
+                                  dtype, n, child, parent, self.threads))
+            p.start()
+            child.close()
+            self.conns.append(parent)
+            self.processes.append(p)
         try: self._gather(timeout=start_timeout)
-        except BaseException: self.close(terminate=True); raise
+        except BaseException:
+            self.close(terminate=True)
+            raise
 
     @property
     def num_groups(self) -> int: return len(self.group_slices)
 
-    def _gather(self, timeout:float|None=None, workers:Sequence[int]|None=None) -> list:
-        "One answer per worker (of `workers`, default all); a worker error is re-raised here, a dead worker raises EOFError."
-        out = []
-        for i in (range(len(self.conns)) if workers is None else workers):
-            conn, p = self.conns[i], self.processes[i]
-            if timeout is not None and not conn.poll(timeout):
-                raise TimeoutError(f"env worker {p.name} (pid {p.pid}) did not answer within {timeout} s")
-            status, data = conn.recv()
-            if status == 'error':
-                name, msg, tb = data
-                raise WorkerError(f"{name} in {p.name}: {msg}\n{tb}")
-            out.append(data)
-        return out
+# %% ../nbs/01c_workers.ipynb #76e83635
+@patch
+def _gather(self:BatchedAsyncVectorEnv, timeout:float|None=None, workers:Sequence[int]|None=None) -> list:
+    "One answer per worker (of `workers`, default all); re-raises a worker's error; EOFError if one died."
+    out = []
+    for i in (range(len(self.conns)) if workers is None else workers):
+        conn, p = self.conns[i], self.processes[i]
+        if timeout is not None and not conn.poll(timeout):
+            raise TimeoutError(f"env worker {p.name} (pid {p.pid}) did not answer within {timeout} s")
+        status, data = conn.recv()
+        if status == 'error':
+            name, msg, tb = data
+            raise WorkerError(f"{name} in {p.name}: {msg}\n{tb}")
+        out.append(data)
+    return out
 
-    def _send(self, cmd:str, datas:list|None=None):
-        if self._pending:   # a worker answers in order: a step's answer would be taken for this command's
-            raise RuntimeError(f"{cmd} while a step is in flight: collect it with step_wait / step_group_wait first")
-        for i, conn in enumerate(self.conns): conn.send((cmd, None if datas is None else datas[i]))
+@patch
+def _send(self:BatchedAsyncVectorEnv, cmd:str, datas:list|None=None):
+    if self._pending:   # a worker answers in order: a step's answer would be taken for this command's
+        raise RuntimeError(f"{cmd} while a step is in flight: collect it with step_wait / step_group_wait "
+                           "first")
+    for i, conn in enumerate(self.conns): conn.send((cmd, None if datas is None else datas[i]))
+
+@patch
+def _in_env_order(self:BatchedAsyncVectorEnv, parts:list) -> tuple:
+    "Per-worker answers (one per env of the worker) as one tuple in env order."
+    out = [None] * self.num_envs
+    for ids, part in zip(self.worker_envs, parts):
+        for i, x in zip(ids, part): out[i] = x
+    return tuple(out)
 
 # %% ../nbs/01c_workers.ipynb #37db9470
-def _reset(self:BatchedAsyncVectorEnv, *, seed:int|list|None=None, options:dict|None=None):
+@patch
+def reset(self:BatchedAsyncVectorEnv, *, seed:int|list|None=None, options:dict|None=None):
     "Reset every env; `seed=s` seeds env i with `s + i`."
-    seeds = [None] * self.num_envs if seed is None else ([seed + i for i in range(self.num_envs)] if isinstance(seed, int) else list(seed))
+    if seed is None: seeds = [None] * self.num_envs
+    else: seeds = [seed + i for i in range(self.num_envs)] if isinstance(seed, int) else list(seed)
     self._send('reset', [([seeds[i] for i in ids], options) for ids in self.worker_envs])
     infos = {}
     for i, info in enumerate(self._in_env_order(self._gather())): infos = self._add_info(infos, info, i)
@@ -178,25 +217,34 @@ def _info_rows(infos:dict, s:slice) -> dict:
     "The rows `s` of every array in a gathered `info` (nested dicts included)."
     return {k: _info_rows(v, s) if isinstance(v, dict) else v[s] for k, v in infos.items()}
 
-def _start(self:BatchedAsyncVectorEnv, group:int|None, actions):
+# %% ../nbs/01c_workers.ipynb #4ba9419a
+@patch
+def _start_step(self:BatchedAsyncVectorEnv, group:int|None, actions):
     "Send each worker the actions of its envs in `group` (None: all envs)."
     s = slice(0, self.num_envs) if group is None else self.group_slices[group]
     actions = np.asarray(actions)
-    if len(actions) != s.stop - s.start: raise ValueError(f"{len(actions)} actions for {s.stop - s.start} envs")
+    if len(actions) != s.stop - s.start:
+        raise ValueError(f"{len(actions)} actions for {s.stop - s.start} envs")
     sent = []
     for w, ids in enumerate(self.worker_envs):
         pos = None if group is None else self._group_pos[w][group]
         if pos == []: continue   # no env of this group in this worker
         part = [ids[j] - s.start for j in (range(len(ids)) if pos is None else pos)]
-        self.conns[w].send(('step', (pos, actions[part]))); sent.append(w)
+        self.conns[w].send(('step', (pos, actions[part])))
+        sent.append(w)
     self._pending.append((group, sent))
 
-def _finish(self:BatchedAsyncVectorEnv, group:int|None, timeout:float|None):
-    "Collect the oldest step in flight, which must be `group`'s: (obs, rewards, terminations, truncations, infos) of its envs."
+# %% ../nbs/01c_workers.ipynb #da6d4cdc
+@patch
+def _finish_step(self:BatchedAsyncVectorEnv, group:int|None, timeout:float|None):
+    "Collect the oldest step in flight, which must be `group`'s: (obs, rewards, terms, truncs, infos)."
     if not self._pending: raise RuntimeError("no step in flight: call step_async / step_group_async first")
     g, sent = self._pending[0]
-    if g != group: raise RuntimeError(f"the oldest step in flight is group {g}'s, not {group}'s: collect in the order sent")
-    parts = self._gather(timeout, sent); self._pending.popleft()
+    if g != group:
+        raise RuntimeError(f"the oldest step in flight is group {g}'s, not {group}'s: collect in the order "
+                           "sent")
+    parts = self._gather(timeout, sent)
+    self._pending.popleft()
     s = slice(0, self.num_envs) if group is None else self.group_slices[group]
     k = s.stop - s.start
     rew, term, trunc, infos = np.zeros(k), np.zeros(k, bool), np.zeros(k, bool), {}
@@ -206,65 +254,71 @@ def _finish(self:BatchedAsyncVectorEnv, group:int|None, timeout:float|None):
         at = [ids[j] - s.start for j in (range(len(ids)) if group is None else self._group_pos[w][group])]
         rew[at], term[at], trunc[at] = p[0], p[1], p[2]
         pairs += zip(at, p[3])
-    for i, info in sorted(pairs, key=lambda x: x[0]):   # Gymnasium's `_add_info` sizes its arrays for all N envs
+    for i, info in sorted(pairs,
+                          key=lambda x: x[0]):  # Gymnasium's `_add_info` sizes its arrays for all N envs
         if isinstance(info, tuple):   # an episode ended: its last step, then the new episode's start
-            infos = self._add_info(infos, info[0], s.start + i); info = info[1]
+            infos = self._add_info(infos, info[0], s.start + i)
+            info = info[1]
         infos = self._add_info(infos, info, s.start + i)
     return self._obs[s].copy(), rew, term, trunc, infos if group is None else _info_rows(infos, s)
 
-def _step_async(self:BatchedAsyncVectorEnv, actions):
+# %% ../nbs/01c_workers.ipynb #a056640e
+@patch
+def step_async(self:BatchedAsyncVectorEnv, actions):
     "Send each worker the actions of its envs."
-    _start(self, None, actions)
+    self._start_step(None, actions)
 
-def _step_wait(self:BatchedAsyncVectorEnv, timeout:float|None=None):
-    "Collect the step started by `step_async`: observations `[N, ...]`, rewards, terminations, truncations, infos."
-    return _finish(self, None, timeout)
+@patch
+def step_wait(self:BatchedAsyncVectorEnv, timeout:float|None=None):
+    "Collect the step started by `step_async`: obs `[N, ...]`, rewards, terminations, truncations, infos."
+    return self._finish_step(None, timeout)
 
-def _step_group_async(self:BatchedAsyncVectorEnv, group:int, actions):
-    "Step only the envs of `group` (`group_slices[group]`) with `actions`; other groups may be in flight meanwhile."
-    if not 0 <= group < self.num_groups: raise ValueError(f"group={group!r} is out of range: allowed 0 to {self.num_groups - 1}")
-    _start(self, group, actions)
+@patch
+def step_group_async(self:BatchedAsyncVectorEnv, group:int, actions):
+    "Step only the envs of `group` (`group_slices[group]`); other groups may be in flight meanwhile."
+    if not 0 <= group < self.num_groups:
+        raise ValueError(f"group={group!r} is out of range: allowed 0 to {self.num_groups - 1}")
+    self._start_step(group, actions)
 
-def _step_group_wait(self:BatchedAsyncVectorEnv, group:int, timeout:float|None=None):
-    "Collect `group`'s step (steps are collected in the order they were sent): its envs' obs, rewards, ..., infos."
-    return _finish(self, group, timeout)
+@patch
+def step_group_wait(self:BatchedAsyncVectorEnv, group:int, timeout:float|None=None):
+    "Collect `group`'s step (in the order the steps were sent): its envs' obs, rewards, ..., infos."
+    return self._finish_step(group, timeout)
 
-def _step(self:BatchedAsyncVectorEnv, actions):
-    self.step_async(actions); return self.step_wait()
+@patch
+def step(self:BatchedAsyncVectorEnv, actions):
+    self.step_async(actions)
+    return self.step_wait()
 
-def _in_env_order(self:BatchedAsyncVectorEnv, parts:list) -> tuple:
-    "Per-worker answers (one per env of the worker) as one tuple in env order."
-    out = [None] * self.num_envs
-    for ids, part in zip(self.worker_envs, parts):
-        for i, x in zip(ids, part): out[i] = x
-    return tuple(out)
-
-def _get_attr(self:BatchedAsyncVectorEnv, name:str) -> tuple:
+# %% ../nbs/01c_workers.ipynb #94c4ef64
+@patch
+def get_attr(self:BatchedAsyncVectorEnv, name:str) -> tuple:
     "An attribute of every env (searched through its wrappers)."
-    self._send('get_attr', [name] * len(self.conns)); return self._in_env_order(self._gather())
+    self._send('get_attr', [name] * len(self.conns))
+    return self._in_env_order(self._gather())
 
-def _call(self:BatchedAsyncVectorEnv, name:str, *args, **kwargs) -> tuple:
+@patch
+def call(self:BatchedAsyncVectorEnv, name:str, *args, **kwargs) -> tuple:
     "Call a method of every env, e.g. `call('render')`."
-    self._send('call', [(name, args, kwargs)] * len(self.conns)); return self._in_env_order(self._gather())
+    self._send('call', [(name, args, kwargs)] * len(self.conns))
+    return self._in_env_order(self._gather())
 
-def _render(self:BatchedAsyncVectorEnv): return self.call('render')
+@patch
+def render(self:BatchedAsyncVectorEnv): return self.call('render')
 
-def _close_extras(self:BatchedAsyncVectorEnv, timeout:float|None=5., terminate:bool=False, **kwargs):
-    "Stop the workers: politely, or with `terminate=True` at once (SIGKILL also ends a stopped or hung worker)."
+@patch
+def close_extras(self:BatchedAsyncVectorEnv, timeout:float|None=5., terminate:bool=False, **kwargs):
+    "Stop the workers: politely, or at once with `terminate=True` (SIGKILL: a stopped or hung one too)."
     if not terminate:
         try:
             while self._pending: self._gather(timeout, self._pending.popleft()[1])
-            self._send('close'); self._gather(timeout)
+            self._send('close')
+            self._gather(timeout)
         except Exception: terminate = True
     for p in self.processes:
         if terminate and p.is_alive(): p.kill()
         p.join(timeout)
     for c in self.conns: c.close()
     self._obs = None
-    self._shm.close(); self._shm.unlink()
-
-BatchedAsyncVectorEnv.reset, BatchedAsyncVectorEnv.step_async, BatchedAsyncVectorEnv.step_wait = _reset, _step_async, _step_wait
-BatchedAsyncVectorEnv.step, BatchedAsyncVectorEnv.get_attr, BatchedAsyncVectorEnv.call = _step, _get_attr, _call
-BatchedAsyncVectorEnv.render, BatchedAsyncVectorEnv.close_extras = _render, _close_extras
-BatchedAsyncVectorEnv._in_env_order = _in_env_order
-BatchedAsyncVectorEnv.step_group_async, BatchedAsyncVectorEnv.step_group_wait = _step_group_async, _step_group_wait
+    self._shm.close()
+    self._shm.unlink()

@@ -10,7 +10,8 @@ import pytest
 
 optuna = pytest.importorskip("optuna")
 from mario_a3c.config import TrainingConfig
-from mario_a3c.tune import Dim, open_study, run_study
+from mario_a3c.tune import Dim, open_study
+from mario_a3c.tune_report import run_study
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
