@@ -10,14 +10,13 @@ from collections import deque
 from multiprocessing.connection import wait as wait_any
 import numpy as np
 import torch
+from fastcore.basics import patch
 from .config import TrainingConfig
-from .models import ImpalaActorCritic
-from .rollout import Rollout, Collected, EnvFailure, collect, check_batch
-from .vector import make_vec_env
+from .rollout import Rollout, Collected, EnvFailure, Actor, check_batch
+
 
 # %% auto #0
-__all__ = ['SharedSlots', 'WeightsBoard', 'ActorFailure', 'ActorPool', 'count_restart', 'make_pool', 'async_collect',
-           'pop_async_metrics']
+__all__ = ['SharedSlots', 'WeightsBoard', 'rollout_meta', 'ActorFailure', 'Pool', 'ActorPool']
 
 # %% ../nbs/06a_actors.ipynb #f495c508
 _FIELDS = ('obs', 'actions', 'behaviour_logp', 'rewards', 'dones', 'episode_start')
@@ -28,7 +27,7 @@ class SharedSlots:
                  T:int, # steps per rollout
                  B:int, # envs per rollout
                  obs_shape:tuple, # (C, H, W)
-                 state:tuple, # a core state for B envs (batch on dim 1): the shapes and dtypes of `init_state`
+                 state:tuple, # a core state for B envs (batch on dim 1): shapes and dtypes of `init_state`
                 ):
         z = lambda shape, dtype=torch.float32: torch.zeros((n, *shape), dtype=dtype).share_memory_()
         self.n, self.T, self.B = n, T, B
@@ -40,25 +39,29 @@ class SharedSlots:
 
     def write(self, i:int, r:Rollout):
         "Copy rollout `r` into buffer `i`."
-        if check_batch(r) != (self.T, self.B): raise ValueError(f"rollout is [T, B]={(r.T, r.B)}, the buffers hold {(self.T, self.B)}")
+        if check_batch(r) != (self.T, self.B):
+            raise ValueError(f"rollout is [T, B]={(r.T, r.B)}, the buffers hold {(self.T, self.B)}")
         for k in _FIELDS + ('values',): getattr(self, k)[i].copy_(getattr(r, k))
         for s, x in zip(self.init_state, r.init_state): s[i].copy_(x)
 
     def read(self, idx:list) -> Rollout:
         "Buffers `idx` stacked along B and copied out of shared memory: one `Rollout` [T, len(idx) * B]."
         cat = lambda x: torch.cat([x[i] for i in idx], 1)  # [T(+1), K*B, ...]
-        r = Rollout(*(cat(getattr(self, k)) for k in _FIELDS), tuple(cat(s) for s in self.init_state), cat(self.values))
+        r = Rollout(*(cat(getattr(self, k)) for k in _FIELDS), tuple(cat(s) for s in self.init_state),
+                    cat(self.values))
         assert check_batch(r) == (self.T, len(idx) * self.B)
         return r
 
 # %% ../nbs/06a_actors.ipynb #5b898f04
 class WeightsBoard:
-    "A versioned state dict in shared memory, double-buffered: the learner publishes, actors pull the newest without locks."
+    "A versioned state dict in shared memory, double-buffered: learner publishes, actors pull, no locks."
     def __init__(self, state_dict:dict, # initial weights (any device)
                  version:int=0, # the learner's update count for them
                 ):
-        self.bufs = tuple({k: v.detach().to('cpu', copy=True).share_memory_() for k, v in state_dict.items()} for _ in range(2))
-        self.meta = torch.tensor([0, version, version], dtype=torch.int64).share_memory_()  # [publication, version of buffer 0, of buffer 1]
+        share = lambda: {k: v.detach().to('cpu', copy=True).share_memory_() for k, v in state_dict.items()}
+        self.bufs = (share(), share())
+        # [publication, version of buffer 0, of buffer 1]
+        self.meta = torch.tensor([0, version, version], dtype=torch.int64).share_memory_()
 
     @property
     def version(self) -> int: return int(self.meta[1 + int(self.meta[0]) % 2])
@@ -73,30 +76,36 @@ class WeightsBoard:
     def pull(self, model:torch.nn.Module, # loads the weights
              have:int=-1, # publication already loaded (-1: none)
             ) -> tuple[int, int|None]:
-        "Load the newest weights into `model` unless publication `have` is loaded: (publication, its version or None)."
+        "Load the newest weights into `model` unless `have` is newest: (publication, its version or None)."
         while True:
             p = int(self.meta[0])
             if p == have: return have, None
-            model.load_state_dict(self.bufs[p % 2]); v = int(self.meta[1 + p % 2])
+            model.load_state_dict(self.bufs[p % 2])
+            v = int(self.meta[1 + p % 2])
             if int(self.meta[0]) == p: return p, v   # no newer publication began meanwhile: the copy is whole
 
 # %% ../nbs/06a_actors.ipynb #45c4799a
-def _actor(rank:int, config:dict, env_fn, seed:int, slots:SharedSlots, free:list, board:WeightsBoard,
+def rollout_meta(out:Collected, # what `Actor.rollout` returned
+                 rank:int, # the actor
+                 version:int, # the learner's update count of the weights it acted with
+                 wait:float, # seconds the actor waited for the learner before this rollout
+                ) -> dict:
+    "What travels with a hosted actor's rollout: who, which weights, timings, finished episodes."
+    return dict(actor=rank, version=version, act_s=out.act_s, env_s=out.env_s, put_wait_s=wait,
+                episodes=out.episodes)
+
+def _actor(rank:int, config:dict, env_fn, builds:int, slots:SharedSlots, free:list, board:WeightsBoard,
            preview:bool, conn):
-    "Actor process: act with the newest published weights into its free buffers; send each filled buffer's index."
+    "Actor process: host an `Actor`; roll out with the newest weights into free buffers; send their indices."
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the learner's: it stops the actors
     torch.set_num_threads(1)
     c = TrainingConfig.from_dict(config)
-    n = c.num_envs // c.actors
-    model = ImpalaActorCritic(**c.model_kwargs())
-    pub, version = board.pull(model)
-    envs, free = None, deque(free)
+    send_ids = lambda envs: conn.send({'preview_ids': [int(x) for x in envs.get_attr('preview_id')]})
+    actor = Actor(c, env_fn, rank=rank, n=c.num_envs // c.actors, builds=builds,
+                  on_start=send_ids if preview else None)
+    pub, version = board.pull(actor.model)
+    free = deque(free)
     try:
-        envs = make_vec_env(n, vectorization='sync', env_fn=env_fn, **c.env_kwargs())
-        obs, _ = envs.reset(seed=seed)
-        if preview: conn.send({'preview_ids': [int(x) for x in envs.get_attr('preview_id')]})
-        obs, start, state = torch.from_numpy(np.array(obs, dtype=np.uint8)), torch.ones(n, dtype=torch.bool), model.initial_state(n)
-        gen = torch.Generator().manual_seed(seed)
         while True:
             t0 = time.perf_counter()
             while not free or conn.poll():   # buffers given back; None: stop
@@ -104,45 +113,82 @@ def _actor(rank:int, config:dict, env_fn, seed:int, slots:SharedSlots, free:list
                 if msg is None: return
                 free.append(msg)
             wait = time.perf_counter() - t0
-            pub, v = board.pull(model, pub)
+            pub, v = board.pull(actor.model, pub)
             if v is not None: version = v
-            out = collect(envs, model, state, obs, start, c.rollout_steps, generator=gen)
-            state, obs, start = out.state, out.obs, out.episode_start
-            i = free.popleft(); slots.write(i, out.rollout)
-            eps = [{**e, 'env': e['env'] + rank * n} for e in out.episodes]
-            conn.send((i, dict(actor=rank, version=version, act_s=out.act_s, env_s=out.env_s, put_wait_s=wait, episodes=eps)))
+            out = actor.rollout()
+            i = free.popleft()
+            slots.write(i, out.rollout)
+            conn.send((i, rollout_meta(out, rank, version, wait)))
     except (EOFError, BrokenPipeError, ConnectionResetError): pass   # the learner has gone: stop
     except Exception as e:
-        print(f"actor {rank}: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else 'no message'}", file=sys.stderr)
+        line = str(e).strip().splitlines()[-1] if str(e).strip() else 'no message'
+        print(f"actor {rank}: {type(e).__name__}: {line}", file=sys.stderr)
         sys.exit(1)
-    finally:
-        if envs is not None: envs.close()
+    finally: actor.close()
+
 
 # %% ../nbs/06a_actors.ipynb #4ee699d1
 class ActorFailure(EnvFailure):
     "Actors died or hung more often than `max_env_restarts` allows."
 
-class ActorPool:
-    "`actors` processes filling shared rollout buffers; the learner takes batches of `actors` rollouts stacked along B."
+class Pool:
+    "What every actor pool shares: restart counting, `Collected` batches, the `async/*` metrics."
+    def count_restart(self, msg:str):
+        "Count one actor restart and log `msg`; `ActorFailure` when `max_env_restarts` are used up."
+        limit = self.config.max_env_restarts
+        if self.restarts >= limit: raise ActorFailure(f"{msg}; max_env_restarts={limit} used up")
+        self.restarts += 1
+        self.builds += 1   # a new build: the restarted actor's envs get fresh seeds
+        self.log(f"{msg}; restarting it (restart {self.restarts}/{limit})")
+
+    def take(self, model:torch.nn.Module, # the learner's network
+             version:int, # the learner's update count
+            ) -> Collected:
+        "Publish `model`'s weights if `version` is new, then take one batch of `actors` rollouts."
+        if self.version != version: self.publish(model.state_dict(), version)
+        rollout, metas, wait = self.batch()
+        self._stats.append(([version - m['version'] for m in metas], wait, [m['put_wait_s'] for m in metas]))
+        ids = tuple(m['actor'] * self.n + j for m in metas for j in range(self.n))   # env of each column
+        return Collected(rollout, None, None, None, [e for m in metas for e in m['episodes']],
+                         sum(m['act_s'] for m in metas), sum(m['env_s'] for m in metas), ids)
+
+    def metrics(self) -> dict:
+        "The `async/*` metrics of the batches taken since the last call."
+        if not self._stats: return {}
+        lags = [l for ls, _, _ in self._stats for l in ls]
+        puts = [p for _, _, ps in self._stats for p in ps]
+        out = {'async/policy_lag': float(np.mean(lags)), 'async/policy_lag_max': float(max(lags)),
+               'async/learner_wait_s': float(sum(w for _, w, _ in self._stats)),
+               'async/actor_put_wait_s': float(np.mean(puts)), 'async/queue': float(len(self.pending)),
+               'async/actor_restarts': float(self.restarts)}
+        self._stats.clear()
+        return out
+
+
+# %% ../nbs/06a_actors.ipynb #0c6fd25a
+class ActorPool(Pool):
+    "`actors` processes filling shared rollout buffers; the learner takes `actors` rollouts at a time."
     def __init__(self, config:TrainingConfig, # mode='async' run
                  model:torch.nn.Module, # the learner's network: its weights are the first publication
                  env_fn=None, # env factory (picklable; default Mario `make_env`)
                  version:int=0, # the learner's update count
                  builds:int=0, # env builds so far: seeds are seed + num_envs * builds + env index
                  log=print, # one-line notices (restarts)
-                 bind_preview=None, # called with the envs' preview ids (an object with `get_attr`) when all actors reported them
+                 bind_preview=None, # called with all envs' preview ids (`get_attr`)
                  context:str='forkserver', # multiprocessing start method
                 ):
         c = self.config = config
         self.K, self.n, self.m = c.actors, c.num_envs // c.actors, c.queue_size // c.actors
-        self.ctx, self.env_fn, self.log, self.builds, self.restarts = mp.get_context(context), env_fn, log, builds, 0
+        self.ctx, self.env_fn, self.log = mp.get_context(context), env_fn, log
+        self.builds, self.restarts = builds, 0
         if context == 'forkserver': self.ctx.set_forkserver_preload(['mario_a3c.actors'])
-        self.slots = SharedSlots(self.K * self.m, c.rollout_steps, self.n, (c.in_channels, c.size, c.size), model.initial_state(self.n, 'cpu'))
+        self.slots = SharedSlots(self.K * self.m, c.rollout_steps, self.n, (c.in_channels, c.size, c.size),
+                                 model.initial_state(self.n, 'cpu'))
         self.board, self.bind_preview = WeightsBoard(model.state_dict(), version), bind_preview
         self.preview_ids = [None] * self.K
         self.pending = deque()   # (buffer, meta) sent by actors, not yet taken by the learner: the queue
         self.procs, self.conns, self.seen = [None] * self.K, [None] * self.K, [0.0] * self.K
-        self.max_queue, self._acc = 0, []
+        self.max_queue, self._stats = 0, []
         for r in range(self.K): self._start(r)
 
     @property
@@ -155,55 +201,63 @@ class ActorPool:
         queued = {i for i, _ in self.pending}
         free = [i for i in range(r * self.m, (r + 1) * self.m) if i not in queued]
         parent, child = self.ctx.Pipe()
-        seed = self.config.seed + self.config.num_envs * self.builds + r * self.n
         p = self.ctx.Process(target=_actor, name=f'mario-actor-{r}', daemon=True,
-                             args=(r, self.config.to_dict(), self.env_fn, seed, self.slots, free, self.board,
-                                   self.bind_preview is not None, child))
-        p.start(); child.close()
+                             args=(r, self.config.to_dict(), self.env_fn, self.builds, self.slots, free,
+                                   self.board, self.bind_preview is not None, child))
+        p.start()
+        child.close()
         self.procs[r], self.conns[r], self.seen[r] = p, parent, time.monotonic()
 
-# %% ../nbs/06a_actors.ipynb #97009af9
-def count_restart(pool, msg:str):
-    "Count one actor restart of `pool` and log `msg`; `ActorFailure` when `max_env_restarts` are used up (any backend)."
-    limit = pool.config.max_env_restarts
-    if pool.restarts >= limit: raise ActorFailure(f"{msg}; max_env_restarts={limit} used up")
-    pool.restarts += 1; pool.builds += 1   # a new build: the restarted actor's envs get fresh seeds
-    pool.log(f"{msg}; restarting it (restart {pool.restarts}/{limit})")
 
+# %% ../nbs/06a_actors.ipynb #97009af9
+@patch
 def _restart(self:ActorPool, r:int, why:str):
     "Kill actor `r` if needed and start it again; `ActorFailure` when the restarts are used up."
     p = self.procs[r]
     if p.is_alive(): p.kill()
-    p.join(5); self.conns[r].close()
-    count_restart(self, f"actor {r} (pid {p.pid}) {why}, exit code {p.exitcode}")
+    p.join(5)
+    self.conns[r].close()
+    self.count_restart(f"actor {r} (pid {p.pid}) {why}, exit code {p.exitcode}")
     self._start(r)
 
+@patch
 def _poll(self:ActorPool, timeout:float):
     "Receive what the actors sent within `timeout` seconds; restart dead and hung actors."
     owner = {conn: r for r, conn in enumerate(self.conns)}
     for conn in wait_any(list(owner), timeout):
         r = owner[conn]
         try: msg = conn.recv()
-        except (EOFError, OSError): self._restart(r, 'died'); continue
-        if isinstance(msg, dict): self._preview_ids(r, msg['preview_ids']); continue
-        self.pending.append(msg); self.seen[r] = time.monotonic()
+        except (EOFError, OSError):
+            self._restart(r, 'died')
+            continue
+        if isinstance(msg, dict):
+            self._preview_ids(r, msg['preview_ids'])
+            continue
+        self.pending.append(msg)
+        self.seen[r] = time.monotonic()
     self.max_queue = max(self.max_queue, len(self.pending))
     now, queued = time.monotonic(), [i // self.m for i, _ in self.pending]
     for r in range(self.K):   # an actor with a free buffer must send within step_timeout
         if queued.count(r) < self.m and now - self.seen[r] > self.config.step_timeout:
-            self._restart(r, f"sent no rollout for {now - self.seen[r]:.0f} s (step_timeout={self.config.step_timeout})")
+            silent = f"{now - self.seen[r]:.0f} s (step_timeout={self.config.step_timeout})"
+            self._restart(r, f"sent no rollout for {silent}")
 
 class _Ids(list):
     "Env preview ids in env order, shaped like a vector env for `FramePreview.bind`."
     def get_attr(self, name:str) -> list: return list(self)
 
+@patch
 def _preview_ids(self:ActorPool, r:int, ids:list):
-    "Actor `r`'s envs' preview ids; once every actor has reported, bind them (in env order) to the trainer's preview."
+    "Record actor `r`'s env preview ids; bind the preview once every actor has sent its own."
     self.preview_ids[r] = ids
-    if all(x is not None for x in self.preview_ids): self.bind_preview(_Ids(i for x in self.preview_ids for i in x))
+    if all(x is not None for x in self.preview_ids):
+        self.bind_preview(_Ids(i for x in self.preview_ids for i in x))
 
-def _batch(self:ActorPool) -> tuple[Rollout, list, float]:
-    "The `actors` oldest queued rollouts stacked along B (a copy), their metas, and the seconds waited for them."
+
+# %% ../nbs/06a_actors.ipynb #4dcad56a
+@patch
+def batch(self:ActorPool) -> tuple[Rollout, list, float]:
+    "The `actors` oldest queued rollouts stacked along B (a copy), their metas, and the seconds waited."
     t0 = time.perf_counter()
     while len(self.pending) < self.K: self._poll(0.2)
     wait = time.perf_counter() - t0
@@ -216,7 +270,8 @@ def _batch(self:ActorPool) -> tuple[Rollout, list, float]:
     self._poll(0)   # take in what else is already waiting: `pending` then tells whether the learner is behind
     return rollout, [meta for _, meta in take], wait
 
-def _close(self:ActorPool, terminate:bool=False, timeout:float=5.0):
+@patch
+def close(self:ActorPool, terminate:bool=False, timeout:float=5.0):
     "Stop every actor: ask them (unless `terminate`), then kill what is left; never raises."
     for conn in self.conns:
         try:
@@ -225,49 +280,10 @@ def _close(self:ActorPool, terminate:bool=False, timeout:float=5.0):
     deadline = time.monotonic() + (0 if terminate else timeout)
     for p in self.processes:
         p.join(max(0.0, deadline - time.monotonic()))
-        if p.is_alive(): p.kill(); p.join(5)
+        if p.is_alive():
+            p.kill()
+            p.join(5)
     for conn in self.conns:
         try: conn.close()
         except OSError: pass
 
-ActorPool._restart, ActorPool._poll, ActorPool._preview_ids, ActorPool.batch, ActorPool.close = _restart, _poll, _preview_ids, _batch, _close
-
-# %% ../nbs/06a_actors.ipynb #d2a43dbb
-def make_pool(trainer):
-    "The actor pool of `trainer.config.backend`: processes here ('mp') or Ray actors ('ray')."
-    c = trainer.config
-    kw = dict(version=trainer.updates, builds=trainer.env_builds, log=trainer.log)
-    if c.backend == 'ray':   # remote nodes share no memory with this one: frames come back as Ray calls instead
-        from mario_a3c.ray_backend import RayActorPool
-        return RayActorPool(c, trainer.model, env_fn=trainer.env_fn, **kw)
-    preview = getattr(trainer, 'preview', None)   # the panel's FramePreview: actors' envs answer its requests
-    env_fn = preview.env_fn(trainer.env_fn, **c.env_kwargs()) if preview is not None else trainer.env_fn
-    return ActorPool(c, trainer.model, env_fn=env_fn, bind_preview=None if preview is None else preview.bind, **kw)
-
-def async_collect(trainer) -> Collected|None:
-    "`Trainer._collect` for mode='async': publish new weights, take one batch of actor rollouts (None: actors failed for good)."
-    pool = trainer.envs
-    try:
-        if pool is None: pool = trainer.envs = make_pool(trainer)
-        if pool.version != trainer.updates: pool.publish(trainer.model.state_dict(), trainer.updates)
-        rollout, metas, wait = pool.batch()
-    except ActorFailure as e:
-        trainer.log(f"{e}: stopping"); return None
-    finally:
-        if pool is not None: trainer.env_restarts, trainer.env_builds = pool.restarts, pool.builds
-    pool._acc.append(([trainer.updates - m['version'] for m in metas], wait, [m['put_wait_s'] for m in metas]))
-    n = trainer.config.num_envs // trainer.config.actors
-    return Collected(rollout, None, None, None, [e for m in metas for e in m['episodes']],
-                     sum(m['act_s'] for m in metas), sum(m['env_s'] for m in metas),
-                     tuple(m['actor'] * n + j for m in metas for j in range(n)))
-
-def pop_async_metrics(trainer) -> dict:
-    "The `async/*` metrics of the batches taken since the last call."
-    pool = trainer.envs
-    if pool is None or not pool._acc: return {}
-    lags = [l for ls, _, _ in pool._acc for l in ls]; puts = [p for _, _, ps in pool._acc for p in ps]
-    out = {'async/policy_lag': float(np.mean(lags)), 'async/policy_lag_max': float(max(lags)),
-           'async/learner_wait_s': float(sum(w for _, w, _ in pool._acc)), 'async/actor_put_wait_s': float(np.mean(puts)),
-           'async/queue': float(len(pool.pending)), 'async/actor_restarts': float(pool.restarts)}
-    pool._acc.clear()
-    return out

@@ -21,16 +21,20 @@ __all__ = ['BENCH_MODES', 'raw_fps', 'train_fps', 'bench', 'async_scaling', 'add
 def _raw_worker(seconds:float, seed:int, actions:str, out):
     "Step one raw emulator with random buttons for `seconds`; put (frames, elapsed) on `out`."
     b = _Single(raw_env(actions), seed)   # the same raw loop as `mario-a3c bench-env`
-    f0 = b.frames; el = _run_for(seconds, b.step)
-    out.put((b.frames - f0, el)); b.env.close()
+    f0 = b.frames
+    el = _run_for(seconds, b.step)
+    out.put((b.frames - f0, el))
+    b.env.close()
 
 def raw_fps(num_procs:int=8, # worker processes, one emulator each
             seconds:float=20., # measuring time per worker
             actions:str='simple', # action set of the random buttons
            ) -> float:
     "Total raw emulator frames/s of `num_procs` processes running at once."
-    ctx = mp.get_context('fork'); q = ctx.Queue()   # the children run only the emulator: a plain fork is safe
-    ps = [ctx.Process(target=_raw_worker, args=(seconds, i, actions, q), daemon=True) for i in range(num_procs)]
+    ctx = mp.get_context('fork')   # the children run only the emulator: a plain fork is safe
+    q = ctx.Queue()
+    ps = [ctx.Process(target=_raw_worker, args=(seconds, i, actions, q), daemon=True)
+          for i in range(num_procs)]
     for p in ps: p.start()
     res, deadline = [], time.monotonic() + seconds + 120
     while len(res) < num_procs:
@@ -45,10 +49,12 @@ def raw_fps(num_procs:int=8, # worker processes, one emulator each
 # %% ../nbs/10b_bench.ipynb #7471d79d
 class _Clock(Callback):
     "Record (time, frames, machine CPU) per update; stop the trainer `seconds` after the warm-up."
-    def __init__(self, warmup_s:float, seconds:float): self.warmup_s, self.seconds, self.marks, self.metrics = warmup_s, seconds, [], []
+    def __init__(self, warmup_s:float, seconds:float):
+        self.warmup_s, self.seconds, self.marks, self.metrics = warmup_s, seconds, [], []
     def on_train_begin(self, trainer): self.t0 = time.perf_counter()
     def on_update(self, trainer, metrics):
-        now = time.perf_counter(); self.marks.append((now, trainer.frames, cpu_busy()))
+        now = time.perf_counter()
+        self.marks.append((now, trainer.frames, cpu_busy()))
         if now - self.t0 >= self.warmup_s: self.metrics.append(metrics)
         start = [m for m in self.marks if m[0] - self.t0 >= self.warmup_s]
         if start and now - start[0][0] >= self.seconds: trainer.stop()
@@ -57,7 +63,7 @@ def train_fps(config:TrainingConfig|None=None, # the preset to measure (default:
               seconds:float=40., # measuring time after the warm-up
               warmup_s:float=20., # time excluded at the start
              ) -> dict:
-    "Emulator frames/s consumed by learning with the real trainer, the machine's CPU utilisation meanwhile, the run's summary."
+    "Emulator frames/s consumed by learning with the real trainer, CPU utilisation meanwhile, the summary."
     from mario_a3c.trainer import Trainer
     tmp = tempfile.mkdtemp(prefix='mario-bench-')
     cfg = replace(config or TrainingConfig(), total_updates=10**6, warmup_updates=1, run_name='bench',
@@ -66,12 +72,14 @@ def train_fps(config:TrainingConfig|None=None, # the preset to measure (default:
     clock = _Clock(warmup_s, seconds)
     summary = Trainer(cfg, [clock]).train()
     marks = [m for m in clock.marks if m[0] - clock.t0 >= warmup_s]
-    if len(marks) < 2: raise RuntimeError(f"too few updates after the warm-up ({len(clock.marks)} in all): raise seconds")
+    if len(marks) < 2:
+        raise RuntimeError(f"too few updates after the warm-up ({len(clock.marks)} in all): raise seconds")
     (t0, f0, c0), (t1, f1, c1) = marks[0], marks[-1]
-    profile = {k: round(float(np.mean([m[k] for m in clock.metrics if k in m])), 3)   # where an update's time goes
+    # where an update's time goes
+    profile = {k: round(float(np.mean([m[k] for m in clock.metrics if k in m])), 3)
                for k in sorted({k for m in clock.metrics for k in m}) if k.startswith(('perf/', 'async/'))}
-    return dict(train_fps=(f1 - f0) / (t1 - t0), cpu_util=cpu_util(c0, c1), updates=len(marks) - 1, summary=summary,
-                profile=profile)
+    return dict(train_fps=(f1 - f0) / (t1 - t0), cpu_util=cpu_util(c0, c1), updates=len(marks) - 1,
+                summary=summary, profile=profile)
 
 # %% ../nbs/10b_bench.ipynb #ad57aed2
 BENCH_MODES = ('sync', 'async', 'both')
@@ -83,15 +91,18 @@ def bench(seconds:float=40., # measuring time of each side
           config:TrainingConfig|None=None, # preset (default: the defaults)
           mode:str|None=None, # sync, async or both (default: the config's mode)
          ) -> dict:
-    "Raw emulator and real trainer in one run: `raw_fps`, `train_fps`, `ratio` (per mode with `_sync`/`_async`) and the context."
+    "Raw emulator and real trainer: `raw_fps`, `train_fps`, `ratio` (per mode `_sync`/`_async`), context."
     cfg = config or TrainingConfig()
     mode = mode or cfg.mode
     if mode not in BENCH_MODES: raise ValueError(f"mode={mode!r}: allowed {', '.join(BENCH_MODES)}")
     modes = ['sync', 'async'] if mode == 'both' else [mode]
-    c0 = cpu_busy(); raw = raw_fps(cfg.num_envs, seconds, cfg.actions); util_raw = cpu_util(c0, cpu_busy())
+    c0 = cpu_busy()
+    raw = raw_fps(cfg.num_envs, seconds, cfg.actions)
+    util_raw = cpu_util(c0, cpu_busy())
     runs = {m: train_fps(replace(cfg, mode=m), seconds, warmup_s) for m in modes}
     tr, s = runs[modes[0]], runs[modes[0]]['summary']
-    out = dict(raw_fps=round(raw, 1), train_fps=round(tr['train_fps'], 1), ratio=round(tr['train_fps'] / raw, 3))
+    out = dict(raw_fps=round(raw, 1), train_fps=round(tr['train_fps'], 1),
+               ratio=round(tr['train_fps'] / raw, 3))
     for m, r in runs.items():
         out.update({f'train_fps_{m}': round(r['train_fps'], 1), f'ratio_{m}': round(r['train_fps'] / raw, 3)})
     out['cpu_util'] = dict(raw=_r3(util_raw), **{m: _r3(r['cpu_util']) for m, r in runs.items()})
@@ -100,7 +111,8 @@ def bench(seconds:float=40., # measuring time of each side
         out[f'ratio_at_full_cpu_{m}'] = _r3(full)
     out.update(num_envs=cfg.num_envs, rollout_steps=cfg.rollout_steps, recurrent_type=cfg.recurrent_type,
                channels=cfg.channels, vectorization=cfg.vectorization, per=cfg.per, updates=tr['updates'],
-               device=str(s.get('device', cfg.resolve_device())), stack=stack_versions()['stack'], cpus=os.cpu_count())
+               device=str(s.get('device', cfg.resolve_device())), stack=stack_versions()['stack'],
+               cpus=os.cpu_count())
     if 'async' in runs: out.update(actors=cfg.actors, queue_size=cfg.queue_size, backend=cfg.backend)
     out['profile'] = {m: r['profile'] for m, r in runs.items()}
     return out
@@ -116,19 +128,23 @@ def async_scaling(actors_list=(1, 2, 4), # actor counts to measure (each must di
     rows = []
     for k in actors_list:
         cfg = replace(config or TrainingConfig(), mode='async', actors=int(k), queue_size=2 * int(k))
-        r = train_fps(cfg, seconds, warmup_s); p = r['profile']
+        r = train_fps(cfg, seconds, warmup_s)
+        p = r['profile']
         rows.append(dict(actors=int(k), train_fps=round(r['train_fps'], 1),
                          ratio=None if raw is None else round(r['train_fps'] / raw, 3), updates=r['updates'],
                          learn_s=p.get('perf/learn_s'), learner_wait_s=p.get('async/learner_wait_s'),
-                         actor_put_wait_s=p.get('async/actor_put_wait_s'), policy_lag=p.get('async/policy_lag')))
+                         actor_put_wait_s=p.get('async/actor_put_wait_s'),
+                         policy_lag=p.get('async/policy_lag')))
     return rows
 
 def add_bench_mode_args(parser):
     "Let a `bench` parser built with `add_config_args` take `--mode both` and `--actors-list 1,2,4`."
     for a in parser._actions:
-        if a.dest == 'mode': a.choices, a.help = BENCH_MODES, 'sync, async or both: which trainers to measure (default: sync)'
+        if a.dest == 'mode':
+            a.choices, a.help = BENCH_MODES, 'sync, async or both: which trainers to measure (default: sync)'
     parser.add_argument('--actors-list', metavar='LIST', default=None,
-                        help='also measure async training with each of these actor counts, e.g. 1,2,4 (a scaling table)')
+                        help='also measure async training with each of these actor counts, e.g. 1,2,4 '
+                             '(a scaling table)')
     return parser
 
 def bench_cli(args) -> dict:
@@ -139,5 +155,6 @@ def bench_cli(args) -> dict:
     res = bench(seconds=args.seconds, warmup_s=args.warmup, config=config_from_args(args), mode=mode)
     if getattr(args, 'actors_list', None):
         ks = [int(k) for k in args.actors_list.split(',')]
-        res['scaling'] = async_scaling(ks, args.seconds, args.warmup, config_from_args(args), raw=res['raw_fps'])
+        cfg = config_from_args(args)
+        res['scaling'] = async_scaling(ks, args.seconds, args.warmup, cfg, raw=res['raw_fps'])
     return res

@@ -8,12 +8,12 @@ import os, time, warnings
 from collections import deque
 import numpy as np
 import torch
-from .actors import count_restart
+from fastcore.basics import patch
+from .actors import Pool, rollout_meta
 from .config import TrainingConfig
-from .models import ImpalaActorCritic
 from .preview import rgb_screen
-from .rollout import Rollout, collect, check_batch
-from .vector import make_vec_env
+from .rollout import Actor, Rollout, check_batch
+
 
 # %% auto #0
 __all__ = ['RolloutActor', 'stack_rollouts', 'local_ray_init', 'RayActorPool']
@@ -28,25 +28,22 @@ def _tensor(a:np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a)
 
 class RolloutActor:
-    "`num_envs / actors` envs and a CPU copy of the policy; `rollout(weights, version)` acts one rollout."
+    "A Ray host for one `Actor` of `num_envs / actors` envs: `rollout(weights, version)` acts one rollout."
     def __init__(self, rank:int, # actor index: its envs are rank * n ... rank * n + n - 1
                  config:dict, # `TrainingConfig.to_dict()`
                  env_fn=None, # env factory (default Mario `make_env`)
-                 seed:int=0, # env i of this actor gets seed + i
+                 builds:int=0, # env builds so far (they advance the seeds, as in `Actor`)
                 ):
         torch.set_num_threads(1)
-        c = self.config = TrainingConfig.from_dict(config)
-        self.rank, self.n, self.version, self.idle_since = rank, c.num_envs // c.actors, None, None
-        self.model = ImpalaActorCritic(**c.model_kwargs())
-        self.envs = make_vec_env(self.n, vectorization='sync', env_fn=env_fn, **c.env_kwargs())
-        obs, _ = self.envs.reset(seed=seed)
-        self.obs, self.start = torch.from_numpy(np.array(obs, dtype=np.uint8)), torch.ones(self.n, dtype=torch.bool)
-        self.state, self.gen = self.model.initial_state(self.n), torch.Generator().manual_seed(seed)
+        c = TrainingConfig.from_dict(config)
+        self.rank, self.version, self.idle_since = rank, None, None
+        self.actor = Actor(c, env_fn, rank=rank, n=c.num_envs // c.actors, builds=builds)
 
     def frame(self, i:int, # env index within this actor, 0 .. num_envs / actors - 1
              ) -> np.ndarray|None:
-        "A copy of env `i`'s RGB screen `[H, W, 3]` (None if it has none); served while a rollout runs (threaded actor)."
-        s = rgb_screen(self.envs.envs[i])
+        "A copy of env `i`'s RGB screen `[H, W, 3]` (None if it has none); served while a rollout runs."
+        envs = self.actor.envs
+        s = None if envs is None else rgb_screen(envs.envs[i])
         return None if s is None else s.copy()
 
     def where(self) -> dict:
@@ -57,48 +54,51 @@ class RolloutActor:
     def rollout(self, weights:list, # [state dict of numpy arrays, or an object ref to one]
                 version:int, # the learner's update count for these weights
                ) -> tuple[dict, dict]:
-        "Act one rollout (loading `weights` if `version` is new): (numpy arrays of the rollout, meta)."
+        "Act one rollout (with `weights` if `version` is new): (numpy arrays of the rollout, meta)."
         wait = 0.0 if self.idle_since is None else time.perf_counter() - self.idle_since
+        w = None
         if version != self.version:
             w = weights[0]
             if not isinstance(w, dict):
                 import ray
                 w = ray.get(w)
-            self.model.load_state_dict({k: _tensor(v) for k, v in w.items()}); self.version = version
-        out = collect(self.envs, self.model, self.state, self.obs, self.start, self.config.rollout_steps, generator=self.gen)
-        self.state, self.obs, self.start = out.state, out.obs, out.episode_start
+            w, self.version = {k: _tensor(v) for k, v in w.items()}, version
+        out = self.actor.rollout(w)
         r = out.rollout
-        arrays = {k: getattr(r, k).numpy() for k in _FIELDS} | {'init_state': [s.numpy() for s in r.init_state]}
-        eps = [{**e, 'env': e['env'] + self.rank * self.n} for e in out.episodes]
+        arrays = {k: getattr(r, k).numpy() for k in _FIELDS}                # [T(+1), n, ...] each
+        arrays['init_state'] = [s.numpy() for s in r.init_state]
         self.idle_since = time.perf_counter()
-        return arrays, dict(actor=self.rank, version=version, act_s=out.act_s, env_s=out.env_s, put_wait_s=wait, episodes=eps)
+        return arrays, rollout_meta(out, self.rank, version, wait)
 
 def stack_rollouts(parts:list) -> Rollout:
     "Rollout arrays of K actors stacked along B into one `Rollout` (one copy)."
     cat = lambda xs: torch.cat([_tensor(x) for x in xs], 1)   # [T(+1), K*B, ...]
     r = Rollout(*(cat([p[k] for p in parts]) for k in _FIELDS[:6]),
-                tuple(cat(s) for s in zip(*(p['init_state'] for p in parts))), cat([p['values'] for p in parts]))
+                tuple(cat(s) for s in zip(*(p['init_state'] for p in parts))),
+                cat([p['values'] for p in parts]))
     check_batch(r)
     return r
 
+
 # %% ../nbs/06b_ray.ipynb #f9a14447
 def local_ray_init(**kwargs):
-    "`ray.init()` of a one-machine cluster that listens on loopback only (Ray's default binds every interface)."
+    "`ray.init()` of a one-machine cluster listening on loopback only (Ray's default binds every interface)."
     import ray
     from ray._private import ray_constants
-    os.environ['RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER'] = '0'   # Ray's switch for a cluster of one: node address = loopback
-    ray_constants.ENABLE_RAY_CLUSTER = False               # ...read once at import, so also where Ray was imported already
+    # Ray's switch for a cluster of one: node address = loopback
+    os.environ['RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER'] = '0'
+    # ...read once at import, so also where Ray was imported
+    ray_constants.ENABLE_RAY_CLUSTER = False
     return ray.init(_node_ip_address='127.0.0.1', **kwargs)
 
-class RayActorPool:
-    "Ray actors on any node of a cluster acting for the learner on the driver: the `ActorPool` interface over Ray."
+class RayActorPool(Pool):
+    "Ray actors on any node of a cluster acting for the learner on the driver: `ActorPool`'s API over Ray."
     def __init__(self, config:TrainingConfig, # mode='async', backend='ray'
                  model:torch.nn.Module, # the learner's network: its weights are the first publication
                  env_fn=None, # env factory (importable on every node; default Mario `make_env`)
                  version:int=0, # the learner's update count
                  builds:int=0, # env builds so far: seeds are seed + num_envs * builds + env index
                  log=print, # one-line notices (restarts)
-                 bind_preview=None, # unused: remote frames come through `preview_frame`
                 ):
         import ray
         self.ray, c = ray, config
@@ -111,9 +111,11 @@ class RayActorPool:
                                  include_dashboard=False, log_to_driver=False)
         # two threads per actor: `frame` calls are answered while a `rollout` call runs
         self.Actor = ray.remote(num_cpus=1, scheduling_strategy='SPREAD', max_concurrency=2)(RolloutActor)
-        self._frame_call, self._frame = None, (None, None)   # (env, ref) in flight; (env, frame) last received
+        # (env, ref) in flight; (env, frame) last received
+        self._frame_call, self._frame = None, (None, None)
         self.publish(model.state_dict(), version)
-        self.actors, self.inflight, self.pending, self.max_queue, self._acc = [None] * self.K, {}, deque(), 0, []
+        self.actors, self.inflight, self.pending = [None] * self.K, {}, deque()
+        self.max_queue, self._stats = 0, []
         for r in range(self.K): self._start(r)
 
     processes = ()   # nothing on this machine to kill: `close` ends the actors
@@ -126,42 +128,49 @@ class RayActorPool:
         self._version = version
 
     def _start(self, r:int):
-        seed = self.config.seed + self.config.num_envs * self.builds + r * self.n
-        self.actors[r] = self.Actor.remote(r, self.config.to_dict(), self.env_fn, seed)
+        self.actors[r] = self.Actor.remote(r, self.config.to_dict(), self.env_fn, self.builds)
         for _ in range(self.m): self._submit(r)
 
     def _submit(self, r:int):
         self.inflight[self.actors[r].rollout.remote([self.weights], self._version)] = (r, time.monotonic())
 
-    def where(self) -> list[dict]:
-        "Node id and pid of each actor."
-        return self.ray.get([a.where.remote() for a in self.actors])
 
-    def preview_frame(self, env_index:int) -> np.ndarray|None:
-        "The latest RGB frame of env `env_index` that came back from its actor (None before one); asks for the next; never blocks."
-        if isinstance(env_index, bool) or not isinstance(env_index, (int, np.integer)) or not 0 <= env_index < self.config.num_envs:
-            raise ValueError(f"env_index={env_index!r} is out of range: allowed 0-{self.config.num_envs - 1}")
-        call = self._frame_call
-        if call is not None and self.ray.wait([call[1]], timeout=0)[0]:
-            try: self._frame = (call[0], self.ray.get(call[1]))
-            except Exception: pass   # the actor died; its restart answers the next request
-            call = self._frame_call = None
-        if call is None or call[0] != env_index:
-            r, i = divmod(env_index, self.n)
-            self._frame_call = (env_index, self.actors[r].frame.remote(i))
-        env, frame = self._frame
-        return frame if env == env_index else None
+# %% ../nbs/06b_ray.ipynb #5b6a049d
+@patch
+def where(self:RayActorPool) -> list[dict]:
+    "Node id and pid of each actor."
+    return self.ray.get([a.where.remote() for a in self.actors])
+
+@patch
+def preview_frame(self:RayActorPool, env_index:int) -> np.ndarray|None:
+    "The latest RGB frame of env `env_index` from its actor (None before one); asks for the next; no wait."
+    n = self.config.num_envs
+    if isinstance(env_index, bool) or not isinstance(env_index, (int, np.integer)) or not 0 <= env_index < n:
+        raise ValueError(f"env_index={env_index!r} is out of range: allowed 0-{n - 1}")
+    call = self._frame_call
+    if call is not None and self.ray.wait([call[1]], timeout=0)[0]:
+        try: self._frame = (call[0], self.ray.get(call[1]))
+        except Exception: pass   # the actor died; its restart answers the next request
+        call = self._frame_call = None
+    if call is None or call[0] != env_index:
+        r, i = divmod(env_index, self.n)
+        self._frame_call = (env_index, self.actors[r].frame.remote(i))
+    env, frame = self._frame
+    return frame if env == env_index else None
+
 
 # %% ../nbs/06b_ray.ipynb #769476de
+@patch
 def _restart(self:RayActorPool, r:int, why:str):
     "Replace actor `r` (dropping its calls); `ActorFailure` when the restarts are used up."
     for ref in [ref for ref, (o, _) in self.inflight.items() if o == r]: del self.inflight[ref]
     try: self.ray.kill(self.actors[r])
     except Exception: pass
-    count_restart(self, f"ray actor {r} {why}")
+    self.count_restart(f"ray actor {r} {why}")
     self._start(r)
 
-def _batch(self:RayActorPool) -> tuple[Rollout, list, float]:
+@patch
+def batch(self:RayActorPool) -> tuple[Rollout, list, float]:
     "The first `actors` ready rollouts stacked along B, their metas, and the seconds waited for them."
     t0, got = time.perf_counter(), []
     while len(got) < self.K:
@@ -175,12 +184,15 @@ def _batch(self:RayActorPool) -> tuple[Rollout, list, float]:
         try: arrays, meta = self.ray.get(ready[0])
         except (self.ray.exceptions.RayActorError, self.ray.exceptions.RayTaskError) as e:
             line = str(e).strip().splitlines()[-1][:200] if str(e).strip() else 'no message'
-            self._restart(r, f"failed ({type(e).__name__}: {line})"); continue
-        got.append((arrays, meta)); self._submit(r)
+            self._restart(r, f"failed ({type(e).__name__}: {line})")
+            continue
+        got.append((arrays, meta))
+        self._submit(r)
     self.max_queue = max(self.max_queue, len(self.inflight))
     return stack_rollouts([a for a, _ in got]), [m for _, m in got], time.perf_counter() - t0
 
-def _close(self:RayActorPool, terminate:bool=False):
+@patch
+def close(self:RayActorPool, terminate:bool=False):
     "End every actor (and Ray itself if this pool started it); never raises."
     for a in self.actors:
         try:
@@ -191,4 +203,3 @@ def _close(self:RayActorPool, terminate:bool=False):
         try: self.ray.shutdown()
         except Exception: pass
 
-RayActorPool._restart, RayActorPool.batch, RayActorPool.close = _restart, _batch, _close

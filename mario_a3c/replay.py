@@ -9,6 +9,7 @@ from dataclasses import fields
 from statistics import NormalDist
 import numpy as np
 import torch
+from fastcore.basics import patch
 from .segments import Segment, PackedSegment, collate_segments
 
 # %% auto #0
@@ -24,13 +25,13 @@ def chi_square(counts, probs) -> float:
 def chi2_quantile(df:int, # degrees of freedom
                   q:float, # probability, e.g. 0.999
                  ) -> float:
-    "Wilson-Hilferty approximation of the `q`-quantile of a chi-square distribution with `df` degrees of freedom."
+    "Wilson-Hilferty approximation of the `q`-quantile of a chi-square distribution with `df` degrees."
     z, v = NormalDist().inv_cdf(q), 2 / (9 * df)
     return df * (1 - v + z * math.sqrt(v)) ** 3
 
 # %% ../nbs/04_replay.ipynb #57aa275f
 def _check_values(x, what="values") -> np.ndarray:
-    "`x` as a flat float64 array, or a one-line ValueError naming the first value that is negative or not finite."
+    "`x` as a flat float64 array, or a one-line ValueError naming the first negative or non-finite value."
     x = np.asarray(x, np.float64).reshape(-1)
     bad = ~np.isfinite(x) | (x < 0)
     if bad.any(): raise ValueError(f"{what} must be finite and >= 0, got {x[bad][0]}")
@@ -59,7 +60,8 @@ class SumTree:
         if idx.shape != values.shape: raise ValueError(f"{len(idx)} indices but {len(values)} values")
         if len(idx) == 0: return
         if idx.min() < 0 or idx.max() >= self.capacity:
-            raise ValueError(f"index {idx[(idx < 0) | (idx >= self.capacity)][0]} outside [0, {self.capacity})")
+            bad = idx[(idx < 0) | (idx >= self.capacity)][0]
+            raise ValueError(f"index {bad} outside [0, {self.capacity})")
         node = idx + self._n
         self._sum[node], self._min[node] = values, values
         while node[0] > 1:
@@ -73,7 +75,8 @@ class SumTree:
         node = np.ones(len(v), np.int64)
         for _ in range(self._n.bit_length() - 1):
             left, right = self._sum[2 * node], self._sum[2 * node + 1]
-            go_right = (v >= left) & (right > 0)  # never step into an empty subtree (guards rounding at the top end)
+            # never step into an empty subtree (guards rounding at the top end)
+            go_right = (v >= left) & (right > 0)
             v = np.where(go_right, v - left, v)
             node = 2 * node + go_right
         return node - self._n
@@ -121,35 +124,41 @@ class PrioritizedReplay:
         "Set the priorities of stored items `indices` (e.g. to new |TD errors|)."
         idx = np.asarray(indices, np.int64).reshape(-1)
         if len(idx) and (idx.min() < 0 or idx.max() >= self._size):
-            raise ValueError(f"index {idx[(idx < 0) | (idx >= self._size)][0]} not in the buffer (0 <= index < {self._size})")
-        if len(idx) != np.size(priorities): raise ValueError(f"{len(idx)} indices but {np.size(priorities)} priorities")
+            bad = idx[(idx < 0) | (idx >= self._size)][0]
+            raise ValueError(f"index {bad} not in the buffer (0 <= index < {self._size})")
+        if len(idx) != np.size(priorities):
+            raise ValueError(f"{len(idx)} indices but {np.size(priorities)} priorities")
         self._set(idx, priorities)
 
-    def probs(self) -> np.ndarray:
-        "Sampling probability P(i) of every stored item [len]."
-        return self.tree[np.arange(self._size)] / self.tree.total
 
-    def sample(self, batch_size:int, # B, at most len(self)
-               beta:float, # importance-sampling exponent in [0, 1]
-               rng:np.random.Generator|None=None, # defaults to the buffer's own seeded generator
-              ) -> tuple:
-        "Stratified proportional draw: (indices [B], items: `SegmentBatch` or list, weights float32 [B], max 1)."
-        if not 1 <= batch_size <= self._size:
-            raise ValueError(f"batch_size must be in [1, {self._size}] (items in the buffer), got {batch_size}")
-        if not 0 <= beta <= 1: raise ValueError(f"beta must be in [0, 1], got {beta}")
-        rng = self.rng if rng is None else rng
-        v = (np.arange(batch_size) + rng.random(batch_size)) * (self.tree.total / batch_size)  # one draw per stratum
-        idx = np.minimum(self.tree.find(v), self._size - 1)  # the walk never reaches an empty leaf; min is a guard
-        weights = (self.tree[idx] / self.tree.min) ** -beta  # (N P(i))^-beta / max_j (N P(j))^-beta
-        items = [self.items[i] for i in idx]
-        if all(isinstance(x, PackedSegment) for x in items):
-            items = collate_segments([x.unpack() for x in items], self.state_batch_dim)
-        return idx, items, weights.astype(np.float32)
+# %% ../nbs/04_replay.ipynb #68221843
+@patch
+def probs(self:PrioritizedReplay) -> np.ndarray:
+    "Sampling probability P(i) of every stored item [len]."
+    return self.tree[np.arange(self._size)] / self.tree.total
 
-    @property
-    def nbytes(self) -> int:
-        "Bytes held by stored items (their `nbytes`, 0 if none) and the trees; Python object overhead not counted."
-        return self.tree.nbytes + sum(getattr(x, 'nbytes', 0) for x in self.items[:self._size])
+@patch
+def sample(self:PrioritizedReplay, batch_size:int, # B, at most len(self)
+           beta:float, # importance-sampling exponent in [0, 1]
+           rng:np.random.Generator|None=None, # defaults to the buffer's own seeded generator
+          ) -> tuple:
+    "Stratified proportional draw: (indices [B], items (`SegmentBatch` or list), weights float32 [B], max 1)."
+    if not 1 <= batch_size <= self._size:
+        raise ValueError(f"batch_size must be in [1, {self._size}] (items in the buffer), got {batch_size}")
+    if not 0 <= beta <= 1: raise ValueError(f"beta must be in [0, 1], got {beta}")
+    rng = self.rng if rng is None else rng
+    v = (np.arange(batch_size) + rng.random(batch_size)) * (self.tree.total / batch_size)  # [B] one a stratum
+    idx = np.minimum(self.tree.find(v), self._size - 1)  # [B] the walk never reaches an empty leaf: a guard
+    weights = (self.tree[idx] / self.tree.min) ** -beta  # (N P(i))^-beta / max_j (N P(j))^-beta
+    items = [self.items[i] for i in idx]
+    if all(isinstance(x, PackedSegment) for x in items):
+        items = collate_segments([x.unpack() for x in items], self.state_batch_dim)
+    return idx, items, weights.astype(np.float32)
+
+@patch(as_prop=True)
+def nbytes(self:PrioritizedReplay) -> int:
+    "Bytes held by stored items (their `nbytes`, 0 if none) and the trees (no Python object overhead)."
+    return self.tree.nbytes + sum(getattr(x, 'nbytes', 0) for x in self.items[:self._size])
 
 # %% ../nbs/04_replay.ipynb #6f9cb309
 def _map(f, v): return tuple(map(f, v)) if isinstance(v, tuple) else f(v)
@@ -160,14 +169,16 @@ def _load_item(x):
     if not (isinstance(x, dict) and 'packed_segment' in x): return x
     return PackedSegment(**{k: _map(torch.Tensor.numpy, v) for k, v in x['packed_segment'].items()})
 
-def _state_dict(self:PrioritizedReplay, items:bool=False) -> dict:
+@patch
+def state_dict(self:PrioritizedReplay, items:bool=False) -> dict:
     "Plain-type state: settings, priorities, ring position, generator state, and the items if `items`."
     return dict(capacity=self.capacity, alpha=self.alpha, eps=self.eps, state_batch_dim=self.state_batch_dim,
                 next=self._next, size=self._size, max_seen=self._max_seen, rng=self.rng.bit_generator.state,
                 priorities=self.tree[np.arange(self._size)].tolist(),
                 items=[_item_state(x) for x in self.items[:self._size]] if items else None)
 
-def _load_state_dict(self:PrioritizedReplay, sd:dict):
+@patch
+def load_state_dict(self:PrioritizedReplay, sd:dict):
     "Restore from `state_dict`; without saved items the slots hold None."
     self.__init__(sd['capacity'], sd['alpha'], sd['eps'], state_batch_dim=sd['state_batch_dim'])
     self._next, self._size, self._max_seen = sd['next'], sd['size'], sd['max_seen']
@@ -175,5 +186,3 @@ def _load_state_dict(self:PrioritizedReplay, sd:dict):
     self.tree.update(np.arange(self._size), sd['priorities'])
     if sd['items'] is not None: self.items[:self._size] = [_load_item(x) for x in sd['items']]
     return self
-
-PrioritizedReplay.state_dict, PrioritizedReplay.load_state_dict = _state_dict, _load_state_dict

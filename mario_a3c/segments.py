@@ -10,10 +10,11 @@ from typing import Any, NamedTuple, Sequence
 import gymnasium as gym
 import numpy as np
 import torch
+from torch import Tensor
 
 # %% auto #0
 __all__ = ['Segment', 'NoiseEnv', 'noise_segments', 'pack_frames', 'PackedSegment', 'packed_nbytes', 'SegmentBatch',
-           'collate_segments']
+           'collate_segments', 'Rollout', 'check_batch']
 
 # %% ../nbs/03b_segments.ipynb #a7a0a0ff
 def _np(x, dtype=None, copy=True) -> np.ndarray:
@@ -21,7 +22,8 @@ def _np(x, dtype=None, copy=True) -> np.ndarray:
     if isinstance(x, torch.Tensor): x = x.detach().cpu().numpy()
     return np.array(x, dtype=dtype, copy=True) if copy else np.asarray(x, dtype)
 
-def _nbytes(x) -> int: return x.element_size() * x.nelement() if isinstance(x, torch.Tensor) else np.asarray(x).nbytes
+def _nbytes(x) -> int:
+    return x.element_size() * x.nelement() if isinstance(x, torch.Tensor) else np.asarray(x).nbytes
 
 @dataclass
 class Segment:
@@ -39,7 +41,8 @@ class Segment:
     @property
     def nbytes(self) -> int:
         "Bytes of the arrays held, as given (no compaction)."
-        return sum(_nbytes(getattr(self, f.name)) for f in fields(self)[:-1]) + sum(_nbytes(s) for s in self.init_state)
+        arrays = sum(_nbytes(getattr(self, f.name)) for f in fields(self)[:-1])
+        return arrays + sum(_nbytes(s) for s in self.init_state)
 
 # %% ../nbs/03b_segments.ipynb #b6888d0d
 class NoiseEnv(gym.Env):
@@ -47,7 +50,9 @@ class NoiseEnv(gym.Env):
     observation_space, action_space = gym.spaces.Box(0, 255, (84, 84), np.uint8), gym.spaces.Discrete(7)
     def __init__(self, p_end=0.1): self.p_end = p_end
     def _frame(self): return self.np_random.integers(0, 256, (84, 84), dtype=np.uint8)
-    def reset(self, seed=None, options=None): super().reset(seed=seed); return self._frame(), {}
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        return self._frame(), {}
     def step(self, a): return self._frame(), 1.0, bool(self.np_random.random() < self.p_end), False, {}
 
 def noise_segments(n_segments:int, # how many consecutive segments
@@ -59,14 +64,20 @@ def noise_segments(n_segments:int, # how many consecutive segments
                   ) -> list[Segment]:
     "Consecutive `Segment`s of 4-stacked `NoiseEnv` frames; the last obs of one is the first obs of the next."
     env = gym.wrappers.FrameStackObservation(NoiseEnv(p_end), 4, padding_type=padding_type)
-    g = np.random.default_rng(seed); o, _ = env.reset(seed=seed); start, segs = True, []
+    g = np.random.default_rng(seed)
+    o, _ = env.reset(seed=seed)
+    start, segs = True, []
     for _ in range(n_segments):
         obs, starts, acts, dones = [o], [start], [], []
         for t in range(T):
-            a = int(g.integers(7)); o, r, term, trunc, _ = env.step(a)
+            a = int(g.integers(7))
+            o, r, term, trunc, _ = env.step(a)
             done = term or trunc
             if done: o, _ = env.reset()
-            obs.append(o); starts.append(done); acts.append(a); dones.append(done)
+            obs.append(o)
+            starts.append(done)
+            acts.append(a)
+            dones.append(done)
         start = done
         segs.append(Segment(np.stack(obs), np.array(acts), g.normal(size=T).astype(np.float32),
                             g.normal(size=T).astype(np.float32), np.array(dones), np.array(starts),
@@ -75,7 +86,7 @@ def noise_segments(n_segments:int, # how many consecutive segments
 
 # %% ../nbs/03b_segments.ipynb #6a563591
 def pack_frames(obs) -> tuple[np.ndarray, np.ndarray]:
-    "Split frame stacks `obs` [N, C, ...] into distinct `frames` [F, ...] and `index` [N, C] with frames[index] == obs."
+    "Frame stacks `obs` [N, C, ...] as distinct `frames` [F, ...] and `index` [N, C]: frames[index] == obs."
     obs = _np(obs)
     N, C = obs.shape[:2]
     shifted = np.zeros(N, bool)  # shifted[t]: obs[t] is obs[t-1] moved by one frame plus one new frame
@@ -87,7 +98,9 @@ def pack_frames(obs) -> tuple[np.ndarray, np.ndarray]:
         if shifted[t]: index[t, :-1] = index[t - 1, 1:]
         for c in range(start, C):
             if c > 0 and repeat[t, c - 1]: index[t, c] = index[t, c - 1]
-            else: index[t, c] = len(keep); keep.append((t, c))
+            else:
+                index[t, c] = len(keep)
+                keep.append((t, c))
     ts, cs = np.array(keep).T
     frames = obs[ts, cs]  # [F, ...] a copy
     return frames, index.astype(np.uint16 if len(keep) < 2 ** 16 else np.int64)
@@ -118,25 +131,29 @@ class PackedSegment:
                     episode_start=(T + 1,))
         for k, shape in want.items():
             if tuple(getattr(seg, k).shape) != shape:
-                raise ValueError(f"Segment.{k} has shape {tuple(getattr(seg, k).shape)}, expected {shape} for T={T}")
+                got = tuple(getattr(seg, k).shape)
+                raise ValueError(f"Segment.{k} has shape {got}, expected {shape} for T={T}")
         arrays = {k: _np(getattr(seg, k), dt) for k, dt in _ARRAYS}
         return cls(*pack_frames(obs), **arrays, init_state=tuple(_np(s, np.float32) for s in seg.init_state))
 
     def unpack(self) -> Segment:
         "The original `Segment` (numpy arrays), observations rebuilt as frames[index]."
-        return Segment(self.frames[self.index], *(getattr(self, k) for k, _ in _ARRAYS), init_state=self.init_state)
+        arrays = (getattr(self, k) for k, _ in _ARRAYS)
+        return Segment(self.frames[self.index], *arrays, init_state=self.init_state)
 
     @property
     def T(self) -> int: return len(self.actions)
     @property
-    def nbytes(self) -> int: return sum(_nbytes(getattr(self, f.name)) for f in fields(self)[:-1]) + sum(s.nbytes for s in self.init_state)
+    def nbytes(self) -> int:
+        arrays = sum(_nbytes(getattr(self, f.name)) for f in fields(self)[:-1])
+        return arrays + sum(s.nbytes for s in self.init_state)
 
 # %% ../nbs/03b_segments.ipynb #a08b89cd
 def packed_nbytes(T:int, # agent steps per segment
                   frame_shape=(4, 84, 84), # one observation [C, H, W]
                   state_nbytes:int=0, # bytes of the recurrent state at segment start
                  ) -> int:
-    "Exact bytes of a `PackedSegment` of stacked frames: C + T frames, the uint16 index and the per-step arrays."
+    "Exact bytes of a `PackedSegment` of stacked frames: C + T frames, the uint16 index, the per-step arrays."
     C, frame = frame_shape[0], math.prod(frame_shape[1:])
     return (C + T) * frame + (T + 1) * C * 2 + T * (8 + 4 + 4 + 1) + (T + 1) + state_nbytes
 
@@ -153,23 +170,73 @@ class SegmentBatch(NamedTuple):
 
     def to(self, device, **kw) -> SegmentBatch:
         "The batch on `device` (`non_blocking=True` etc. pass through)."
-        return SegmentBatch(*(x.to(device, **kw) for x in self[:-1]), tuple(s.to(device, **kw) for s in self.init_state))
+        return SegmentBatch(*(x.to(device, **kw) for x in self[:-1]),
+                            tuple(s.to(device, **kw) for s in self.init_state))
 
 def collate_segments(segments:Sequence[Segment], # B segments with equal T and frame shape
                      state_batch_dim:int=1, # batch dim of the recurrent state tensors (1 for GRU/LSTM)
                     ) -> SegmentBatch:
-    "Stack `segments` time-major (batch at dim 1) and concatenate their recurrent states along `state_batch_dim`."
+    "Stack `segments` time-major (batch at dim 1); join their recurrent states along `state_batch_dim`."
     if not segments: raise ValueError("collate_segments needs at least one segment, got 0")
     shapes = {(s.T, tuple(s.obs.shape[1:]), len(s.init_state)) for s in segments}
-    if len(shapes) > 1: raise ValueError(f"segments differ in (T, obs shape, number of states): {sorted(shapes)}")
-    arrays = [torch.from_numpy(np.stack([_np(getattr(s, f.name), copy=False) for s in segments], 1)) for f in fields(Segment)[:-1]]
+    if len(shapes) > 1:
+        raise ValueError(f"segments differ in (T, obs shape, number of states): {sorted(shapes)}")
+    # [T(+1), B, ...] per field
+    stack = lambda name: np.stack([_np(getattr(s, name), copy=False) for s in segments], 1)
+    arrays = [torch.from_numpy(stack(f.name)) for f in fields(Segment)[:-1]]
     states = []
     for k in range(len(segments[0].init_state)):
         parts = [_np(s.init_state[k], copy=False) for s in segments]
         if any(p.shape[state_batch_dim] != 1 for p in parts):
-            raise ValueError(f"init_state[{k}] must have batch size 1 at dim {state_batch_dim}, got shape {parts[0].shape}")
+            raise ValueError(f"init_state[{k}] must have batch size 1 at dim {state_batch_dim}, "
+                             f"got shape {parts[0].shape}")
         states.append(torch.from_numpy(np.concatenate(parts, state_batch_dim)))
     b = SegmentBatch(*arrays, tuple(states))
     T, B = segments[0].T, len(segments)
     assert b.obs.shape[:2] == (T + 1, B) and b.actions.shape == (T, B) and b.episode_start.shape == (T + 1, B)
     return b
+
+# %% ../nbs/03b_segments.ipynb #70b4bc41
+class Rollout(NamedTuple):
+    "T steps of B envs, time-major; the first seven fields match `SegmentBatch`."
+    obs: Tensor             # uint8 [T+1, B, C, H, W]; obs[T] is the bootstrap observation
+    actions: Tensor         # int64 [T, B]
+    behaviour_logp: Tensor  # float32 [T, B] log mu(a_t|x_t) under the acting policy
+    rewards: Tensor         # float32 [T, B]
+    dones: Tensor           # bool [T, B] the episode ended after action t
+    episode_start: Tensor   # bool [T+1, B] observation t is the first of an episode
+    init_state: tuple       # core state at obs[0], batch on dim 1
+    values: Tensor          # float32 [T, B] V(x_t) under the acting policy (for logging)
+
+    @property
+    def T(self) -> int: return self.actions.shape[0]
+    @property
+    def B(self) -> int: return self.actions.shape[1]
+
+    def to(self, device, **kw) -> Rollout:
+        "The rollout on `device` (`non_blocking=True` passes through)."
+        state = tuple(s.to(device, **kw) for s in self.init_state)
+        return Rollout(*(x.to(device, **kw) for x in self[:6]), state, self.values.to(device, **kw))
+
+    def segments(self) -> list[Segment]:
+        "One `Segment` per env (numpy views of this rollout; `PrioritizedReplay.add` packs a copy)."
+        r = self.to('cpu')
+        cols = [x.numpy() for x in r[:6]]
+        state = lambda b: tuple(s[:, b:b + 1].numpy() for s in r.init_state)   # batch 1 on dim 1
+        return [Segment(*(x[:, b] for x in cols), init_state=state(b)) for b in range(self.B)]
+
+def check_batch(batch) -> tuple[int, int]:
+    "A one-line ValueError unless `batch` (Rollout or SegmentBatch) is consistently time-major; else (T, B)."
+    T, B = batch.actions.shape if batch.actions.ndim == 2 else (None, None)
+    if T is None: raise ValueError(f"actions must be [T, B], got shape {tuple(batch.actions.shape)}")
+    want = dict(obs=(T + 1, B), behaviour_logp=(T, B), rewards=(T, B), dones=(T, B), episode_start=(T + 1, B))
+    for k, shape in want.items():
+        if tuple(getattr(batch, k).shape[:2]) != shape or getattr(batch, k).ndim != (5 if k == 'obs' else 2):
+            extra = ' + (C, H, W)' if k == 'obs' else ''
+            got = tuple(getattr(batch, k).shape)
+            raise ValueError(f"{k} has shape {got}, expected {shape}{extra} for T={T}, B={B}")
+    if batch.obs.dtype != torch.uint8: raise ValueError(f"obs must be uint8, got {batch.obs.dtype}")
+    if any(s.shape[1] != B for s in batch.init_state):
+        shapes = [tuple(s.shape) for s in batch.init_state]
+        raise ValueError(f"init_state must have batch {B} on dim 1, got shapes {shapes}")
+    return T, B

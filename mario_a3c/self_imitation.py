@@ -10,6 +10,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from fastcore.basics import patch
 from torch import Tensor
 
 from .replay import SumTree
@@ -24,12 +25,13 @@ def discounted_returns(rewards, # [L] rewards of one finished episode
     "Monte Carlo returns `R_t = r_t + gamma R_{t+1}` of a finished episode, float32 `[L]`."
     r, out, acc = np.asarray(rewards, np.float64), np.empty(len(rewards)), 0.0
     for t in range(len(r) - 1, -1, -1):
-        acc = r[t] + gamma * acc; out[t] = acc
+        acc = r[t] + gamma * acc
+        out[t] = acc
     return out.astype(np.float32)
 
 # %% ../nbs/04a_self_imitation.ipynb #7a9f5aac
 class EpisodeMemory:
-    "The highest-return finished episodes as transitions (frame, action, Monte Carlo return), sampled by (R - V)+."
+    "The best finished episodes as transitions (frame, action, Monte Carlo return), drawn by (R - V)+."
     def __init__(self, capacity:int, # transitions kept; an episode is kept whole or not at all
                  gamma:float, # discount of the stored returns
                  alpha:float=0.6, # priority exponent on (R - V)+ (0: uniform)
@@ -41,7 +43,8 @@ class EpisodeMemory:
         if not alpha >= 0: raise ValueError(f"alpha={alpha} is out of range: allowed >= 0")
         if not eps > 0: raise ValueError(f"eps={eps} is out of range: allowed > 0")
         self.capacity, self.gamma, self.alpha, self.eps = capacity, gamma, alpha, eps
-        self.obs = None                                  # uint8 [capacity, C, H, W], allocated with the first episode
+        # uint8 [capacity, C, H, W], allocated with the first episode
+        self.obs = None
         self.actions = np.zeros(capacity, np.int64)      # [capacity]
         self.returns = np.zeros(capacity, np.float32)    # [capacity]
         self.tree, self.free = SumTree(capacity), list(range(capacity - 1, -1, -1))
@@ -59,38 +62,49 @@ class EpisodeMemory:
     def min_return(self) -> float: return self.kept[0][0] if self.kept else float('nan')
     @property
     def nbytes(self) -> int:
-        return (0 if self.obs is None else self.obs.nbytes) + self.actions.nbytes + self.returns.nbytes + self.tree.nbytes
+        frames = 0 if self.obs is None else self.obs.nbytes
+        return frames + self.actions.nbytes + self.returns.nbytes + self.tree.nbytes
 
 # %% ../nbs/04a_self_imitation.ipynb #fba44c81
+@patch
 def _priority(self:EpisodeMemory, adv) -> np.ndarray:
     return (np.maximum(np.asarray(adv, np.float64), 0) + self.eps) ** self.alpha
 
-def _store(self:EpisodeMemory, obs:np.ndarray, actions:np.ndarray, rewards:np.ndarray, values:np.ndarray) -> bool:
+@patch
+def _store(self:EpisodeMemory, obs:np.ndarray, actions:np.ndarray, rewards:np.ndarray,
+           values:np.ndarray) -> bool:
     "Keep one finished episode if it fits or outscores the episodes that must make room; True when kept."
     L, score = len(actions), float(np.sum(rewards, dtype=np.float64))
     room, evict = len(self.free), []
     for k in heapq.nsmallest(len(self.kept), self.kept) if room < L else []:
-        if room >= L or k[0] >= score: break   # enough room, or room only at the cost of an episode at least as good
-        evict.append(k); room += len(k[2])
-    if room < L: self.dropped += 1; return False
+        # enough room, or room only at the cost of an episode at least as good
+        if room >= L or k[0] >= score: break
+        evict.append(k)
+        room += len(k[2])
+    if room < L:
+        self.dropped += 1
+        return False
     for k in evict:
-        self.kept.remove(k); self.tree.update(k[2], np.zeros(len(k[2]))); self.free.extend(k[2].tolist())
+        self.kept.remove(k)
+        self.tree.update(k[2], np.zeros(len(k[2])))
+        self.free.extend(k[2].tolist())
     heapq.heapify(self.kept)
     if self.obs is None: self.obs = np.zeros((self.capacity, *obs.shape[1:]), np.uint8)
     slots = np.array([self.free.pop() for _ in range(L)], np.int64)
     R = discounted_returns(rewards, self.gamma)
     self.obs[slots], self.actions[slots], self.returns[slots] = obs, actions, R
     self.tree.update(slots, self._priority(R - values))
-    heapq.heappush(self.kept, (score, self.serial, slots)); self.serial += 1; self.added += 1
+    heapq.heappush(self.kept, (score, self.serial, slots))
+    self.serial += 1
+    self.added += 1
     return True
 
-EpisodeMemory._priority, EpisodeMemory._store = _priority, _store
-
 # %% ../nbs/04a_self_imitation.ipynb #df41d52e
-def _add_rollout(self:EpisodeMemory, rollout, # a `Rollout` [T(+1), B, ...] (CPU or device)
+@patch
+def add_rollout(self:EpisodeMemory, rollout, # a `Rollout` [T(+1), B, ...] (CPU or device)
                  env_ids=None, # [B] env of each column (async batches come in any actor order); None: 0..B-1
                 ) -> int:
-    "Append a rollout's steps to each env's running episode; store the episodes that finished; return how many were kept."
+    "Append a rollout's steps to each env's running episode; store the finished ones; how many were kept."
     T, B = rollout.actions.shape
     ids = list(range(B)) if env_ids is None else [int(e) for e in env_ids]
     if len(ids) != B: raise ValueError(f"env_ids has {len(ids)} entries for a rollout of {B} envs")
@@ -104,17 +118,17 @@ def _add_rollout(self:EpisodeMemory, rollout, # a `Rollout` [T(+1), B, ...] (CPU
         for t in [*np.flatnonzero(dones[:, b]).tolist(), None]:   # None: the unfinished tail
             end = T if t is None else t + 1
             if end > t0:
-                for lst, x in zip(run, (obs[t0:end, b], acts[t0:end, b], rews[t0:end, b], vals[t0:end, b])): lst.append(x.copy())
+                for lst, x in zip(run, (obs[t0:end, b], acts[t0:end, b], rews[t0:end, b], vals[t0:end, b])):
+                    lst.append(x.copy())
             if t is not None:   # the episode ended after step t
                 kept += self._store(*(np.concatenate(x) for x in run))
                 run = self.partial[e] = ([], [], [], [])
             t0 = end
     return kept
 
-EpisodeMemory.add_rollout = _add_rollout
-
 # %% ../nbs/04a_self_imitation.ipynb #931a45da
-def _sample(self:EpisodeMemory, k:int, # transitions to draw
+@patch
+def sample(self:EpisodeMemory, k:int, # transitions to draw
             beta:float=0.1, # importance-sampling exponent, 0-1
             rng:np.random.Generator|None=None, # defaults to the memory's seeded generator
            ) -> tuple:
@@ -128,55 +142,62 @@ def _sample(self:EpisodeMemory, k:int, # transitions to draw
     p = self.tree[idx] / self.tree.total
     assert (p > 0).all(), "sampled an empty slot"
     w = (n * p) ** -beta
-    return (idx, torch.from_numpy(self.obs[idx]), torch.from_numpy(self.actions[idx]), torch.from_numpy(self.returns[idx]),
-            torch.from_numpy((w / w.max()).astype(np.float32)))
+    t = torch.from_numpy
+    w = (w / w.max()).astype(np.float32)   # [k] importance weights, max 1
+    return idx, t(self.obs[idx]), t(self.actions[idx]), t(self.returns[idx]), t(w)
 
-def _update_priorities(self:EpisodeMemory, idx, # slots from `sample`
+@patch
+def update_priorities(self:EpisodeMemory, idx, # slots from `sample`
                        adv, # their new (R - V)+ (negative values count as 0)
                       ):
     "Set the priorities of sampled slots from their new clipped advantages."
     self.tree.update(idx, self._priority(adv))
 
-def _probs(self:EpisodeMemory) -> np.ndarray:
+@patch
+def probs(self:EpisodeMemory) -> np.ndarray:
     "Sampling probability of every slot [capacity] (0 for empty ones)."
     return self.tree[np.arange(self.capacity)] / self.tree.total
 
-EpisodeMemory.sample, EpisodeMemory.update_priorities, EpisodeMemory.probs = _sample, _update_priorities, _probs
-
 # %% ../nbs/04a_self_imitation.ipynb #c92c6874
-def _save(self:EpisodeMemory, path) -> Path:
+@patch
+def save(self:EpisodeMemory, path) -> Path:
     "Write the kept episodes to `path` (.npz, atomic: a temp file renamed over it); return the path."
     path = Path(path)
     order = sorted(self.kept, key=lambda k: k[1])                  # oldest first
     slots = np.concatenate([k[2] for k in order]) if order else np.zeros(0, np.int64)
     shape = (0, 0, 0, 0) if self.obs is None else self.obs.shape
-    arrays = dict(obs=self.obs[slots] if self.obs is not None else np.zeros(shape, np.uint8), actions=self.actions[slots],
-                  returns=self.returns[slots], priorities=self.tree[slots], lengths=np.array([len(k[2]) for k in order], np.int64),
+    obs = self.obs[slots] if self.obs is not None else np.zeros(shape, np.uint8)
+    arrays = dict(obs=obs, actions=self.actions[slots], returns=self.returns[slots],
+                  priorities=self.tree[slots], lengths=np.array([len(k[2]) for k in order], np.int64),
                   scores=np.array([k[0] for k in order]), gamma=np.float64(self.gamma))
     tmp = path.with_name(path.name + '.tmp')
     with open(tmp, 'wb') as f: np.savez(f, **arrays)
     os.replace(tmp, path)
     return path
 
-def _load(self:EpisodeMemory, path) -> EpisodeMemory:
+@patch
+def load(self:EpisodeMemory, path) -> EpisodeMemory:
     "Fill an empty memory with the episodes `save` wrote (the best that fit, if this memory is smaller)."
-    if len(self) or self.partial: raise ValueError(f"load needs an empty memory; this one holds {len(self)} transitions")
+    if len(self) or self.partial:
+        raise ValueError(f"load needs an empty memory; this one holds {len(self)} transitions")
     with np.load(path) as z:
         if abs(float(z['gamma']) - self.gamma) > 1e-12:
-            raise ValueError(f"{path}: its returns use gamma={float(z['gamma'])}, this memory gamma={self.gamma}")
-        obs, acts, rets, pri, lengths, scores = (z[k] for k in ('obs', 'actions', 'returns', 'priorities', 'lengths', 'scores'))
+            raise ValueError(f"{path}: its returns use gamma={float(z['gamma'])}, "
+                             f"this memory gamma={self.gamma}")
+        keys = ('obs', 'actions', 'returns', 'priorities', 'lengths', 'scores')
+        obs, acts, rets, pri, lengths, scores = (z[k] for k in keys)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     for i in np.argsort(-scores, kind='stable'):                   # best first, so the best fit
-        L = int(lengths[i]); sl = slice(starts[i], starts[i] + L)
+        L = int(lengths[i])
+        sl = slice(starts[i], starts[i] + L)
         if L > len(self.free): continue
         if self.obs is None: self.obs = np.zeros((self.capacity, *obs.shape[1:]), np.uint8)
         slots = np.array([self.free.pop() for _ in range(L)], np.int64)
         self.obs[slots], self.actions[slots], self.returns[slots] = obs[sl], acts[sl], rets[sl]
         self.tree.update(slots, pri[sl])
-        heapq.heappush(self.kept, (float(scores[i]), self.serial, slots)); self.serial += 1
+        heapq.heappush(self.kept, (float(scores[i]), self.serial, slots))
+        self.serial += 1
     return self
-
-EpisodeMemory.save, EpisodeMemory.load = _save, _load
 
 # %% ../nbs/04a_self_imitation.ipynb #bc109b14
 def self_imitation_loss(model:Callable, # (obs, state, episode_start) -> (logits, value, state)

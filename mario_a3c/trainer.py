@@ -14,33 +14,39 @@ import numpy as np
 import torch
 from .config import TrainingConfig
 from .core import writable_dir
-from .vector import make_vec_env
+from fastcore.basics import patch
 from .preview import FramePreview
 from .models import ImpalaActorCritic
 from .replay import PrioritizedReplay
 from .self_imitation import EpisodeMemory
-from .rollout import collect, EnvFailure
-from .learner import Learner
-from .checkpoint import (save_checkpoint, load_checkpoint, make_meta, capture_rng_state, restore_rng_state,
-                                  resolve_resume_config, load_model_state, init_weights, CheckpointError,
+from .rollout import Actor, Collected, EnvFailure
+from .actors import ActorPool, Pool
+from .ray_backend import RayActorPool
+from .learner import Learner, ReplayMix
+from .checkpoint import (save_checkpoint, load_checkpoint, make_meta, capture_rng_state,
+                                  restore_rng_state, resolve_resume_config, load_model_state, init_weights,
+                                  CheckpointError,
                                   checkpoint_path)
-from .callbacks import Callback, CallbackList, JsonlLogger, TensorBoardLogger, ConsoleLogger, WandbLogger
+from .callbacks import (Callback, CallbackList, JsonlLogger, TensorBoardLogger, ConsoleLogger,
+                                 WandbLogger)
 
 # %% auto #0
-__all__ = ['ENV_GROUPS', 'MIN_BEST_EPISODES', 'standard_callbacks', 'Trainer', 'memory_path', 'train']
+__all__ = ['ENV_GROUPS', 'MIN_BEST_EPISODES', 'standard_callbacks', 'Trainer', 'make_pool', 'memory_path', 'train']
 
 # %% ../nbs/08b_trainer.ipynb #d60df6ef
 def standard_callbacks(config:TrainingConfig) -> list[Callback]:
     "The run folder's sinks: JSON lines, TensorBoard, console lines, and W&B when `wandb_project` is set."
-    cbs = [JsonlLogger(config.metrics_path), TensorBoardLogger(config.tensorboard_logdir), ConsoleLogger(config.log_every_s)]
+    cbs = [JsonlLogger(config.metrics_path), TensorBoardLogger(config.tensorboard_logdir),
+           ConsoleLogger(config.log_every_s)]
     if config.wandb_project:
-        cbs.append(WandbLogger(config.wandb_project, config.wandb_mode, config=config.to_dict(), name=config.run_name,
-                               dir=config.run_dir))
+        cbs.append(WandbLogger(config.wandb_project, config.wandb_mode, config=config.to_dict(),
+                               name=config.run_name, dir=config.run_dir))
     return cbs
 
-# %% ../nbs/08b_trainer.ipynb #5dbe5d3e
-_TORCH_THREADS = torch.get_num_threads()  # torch's own choice (one per core), read before any trainer changes it
-ENV_GROUPS = 2  # with env threads or worker processes, rollouts act on one half of the envs while the others are stepped
+# %% ../nbs/08b_trainer.ipynb #8fb3736b
+# torch's own choice (one per core), read before any trainer changes it
+_TORCH_THREADS = torch.get_num_threads()
+ENV_GROUPS = 2  # with env threads or worker processes, rollouts act on half the envs while the others step
 
 @contextmanager
 def _threads(n:int):
@@ -53,169 +59,190 @@ def _threads(n:int):
 
 MIN_BEST_EPISODES = 20  # finished episodes in the rolling window before a 'best' checkpoint is considered
 
+# %% ../nbs/08b_trainer.ipynb #5dbe5d3e
 class Trainer:
     "Actor-critic training from one `TrainingConfig`: rollouts, learner, replay, checkpoints and callbacks."
     def __init__(self, config:TrainingConfig, # the run (run_name '' becomes a timestamp)
                  callbacks:Iterable=(), # extra `Callback`s, after the standard ones
-                 env_fn:Callable|None=None, # env factory taking the config's env kwargs (default: Mario `make_env`)
+                 env_fn:Callable|None=None, # env factory of the config's env kwargs (default: `make_env`)
                  log:Callable=print, # one-line notices: env rebuilds, NaN stop, compile fallback
                  default_callbacks:bool=True, # attach `standard_callbacks(config)`
                 ):
-        if not isinstance(config, TrainingConfig): raise ValueError(f"config must be a TrainingConfig, got {type(config).__name__}")
+        if not isinstance(config, TrainingConfig):
+            raise ValueError(f"config must be a TrainingConfig, got {type(config).__name__}")
         self.config = config = config.with_run_name().validate()
         self.log, self.env_fn = log, env_fn
         self.device = torch.device(config.resolve_device())
-        # acting shares the cores with the emulator workers: `threads` (default 1). In sync mode learning runs while they
-        # wait, so it gets every core torch would use by default. In async mode see `_learn_threads`
+        # acting shares the cores with the emulator workers: `threads` (default 1). In sync mode learning runs
+        # while they wait, so it gets every core torch would use by default. Async mode: see `_learn_threads`
         self.learn_threads = _TORCH_THREADS
         self.act_threads = config.threads or _TORCH_THREADS
         torch.set_num_threads(self.act_threads)
-        random.seed(config.seed); np.random.seed(config.seed); torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        np.random.seed(config.seed)
+        torch.manual_seed(config.seed)
         self.model = ImpalaActorCritic(**config.model_kwargs()).to(self.device)
         self.learner = Learner(self.model, config, self.device, log=log)
-        self.replay = PrioritizedReplay(config.per_capacity, config.per_alpha, seed=config.seed) if config.per else None
-        self.sil = EpisodeMemory(config.sil_capacity, config.gamma, config.sil_alpha, seed=config.seed) if config.sil else None
+        self.replay = (PrioritizedReplay(config.per_capacity, config.per_alpha, seed=config.seed)
+                       if config.per else None)
+        self.sil = (EpisodeMemory(config.sil_capacity, config.gamma, config.sil_alpha, seed=config.seed)
+                    if config.sil else None)
+        self.mix = ReplayMix(config, self.replay, self.sil)   # owns inserts, sampling and priority updates
         self.updates = self.frames = self.episodes = self.env_builds = self.env_restarts = 0
         self.resumed = False   # set by `load_state_dict`
         self.window = deque(maxlen=config.avg_window)  # (return, flag, x) of the last episodes
         self.best_avg_return, self._best_at = None, 0
         self.best_min_episodes = min(config.avg_window, MIN_BEST_EPISODES)
-        self.envs, self._stop = None, threading.Event()
+        # who acts: an `Actor` (sync) or an actor pool (async), built by the first rollout
+        self.actors = None
+        self._stop = threading.Event()
         self.preview = FramePreview()  # colour frames of one env on request: `preview_frame`
         self._t0, self._frames0, self._updates0, self._latest = time.perf_counter(), 0, 0, (-1, None)
-        self.callbacks = CallbackList((standard_callbacks(config) if default_callbacks else []) + list(callbacks))
+        standard = standard_callbacks(config) if default_callbacks else []
+        self.callbacks = CallbackList(standard + list(callbacks))
 
     def stop(self):
         "Ask `train()` to stop after the current update (safe to call from another thread, e.g. a UI button)."
         self._stop.set()
 
     def preview_frame(self, env_index:int) -> np.ndarray|None:
-        "Latest RGB frame `[H, W, 3]` uint8 of env `env_index` (None before the first); never blocks, any thread."
-        pool = self.envs
-        if hasattr(pool, 'preview_frame'): return pool.preview_frame(env_index)   # Ray actors: frames by remote call
+        "Latest RGB frame `[H, W, 3]` uint8 of env `env_index` (None before the first); no wait, any thread."
+        # Ray: remote calls
+        if hasattr(self.actors, 'preview_frame'): return self.actors.preview_frame(env_index)
         return self.preview.frame(env_index)
 
     @property
-    def avg_return(self) -> float|None: return float(np.mean([w[0] for w in self.window])) if self.window else None
+    def avg_return(self) -> float|None:
+        return float(np.mean([w[0] for w in self.window])) if self.window else None
     @property
-    def flag_rate(self) -> float|None: return float(np.mean([w[1] for w in self.window])) if self.window else None
+    def flag_rate(self) -> float|None:
+        return float(np.mean([w[1] for w in self.window])) if self.window else None
 
 # %% ../nbs/08b_trainer.ipynb #737e0fd7
-def _start_envs(self:Trainer):
-    "Build and reset the vector env with the next seed; zero the recurrent state."
-    c = self.config
-    seed, self.env_builds = c.seed + c.num_envs * self.env_builds, self.env_builds + 1
-    try:  # bad env arguments (TypeError/ValueError) raise as themselves
-        env_fn = self.preview.env_fn(self.env_fn, **c.env_kwargs())   # envs answer preview requests after a step
-        # double-buffered rollouts (`collect`) when acting leaves cores to the workers: with every core acting they are slower
-        groups = ENV_GROUPS if c.vectorization in ('threads', 'async') and self.act_threads < (os.cpu_count() or 1) else 1
-        self.envs = make_vec_env(c.num_envs, vectorization=c.vectorization, env_fn=env_fn, groups=min(groups, c.num_envs),
-                                 **c.env_kwargs())
-        obs, _ = self.envs.reset(seed=seed)
-        self.preview.bind(self.envs)
-    except (TypeError, ValueError): raise
-    except Exception as e: raise EnvFailure(f"vector env start failed: {type(e).__name__}: {e}") from e
-    self.obs = torch.from_numpy(np.array(obs, dtype=np.uint8))                # [B, C, H, W] a copy
-    self.start = torch.ones(c.num_envs, dtype=torch.bool)                    # every env begins an episode
-    self.state = self.model.initial_state(c.num_envs, self.device)
+def make_pool(config:TrainingConfig, # a mode='async' run
+              model:torch.nn.Module, # the learner's network: its weights are the first publication
+              env_fn:Callable|None=None, # env factory (default Mario `make_env`)
+              version:int=0, # the learner's update count
+              builds:int=0, # env builds so far (they advance the seeds)
+              log:Callable=print, # one-line notices (restarts)
+              preview:FramePreview|None=None, # its envs answer `preview_frame` (actor processes only)
+             ) -> Pool:
+    "The actor pool of `config.backend`: processes on this machine ('mp') or Ray actors ('ray')."
+    kw = dict(version=version, builds=builds, log=log)
+    if config.backend == 'ray':   # remote nodes share no memory with this one: frames come back as Ray calls
+        return RayActorPool(config, model, env_fn=env_fn, **kw)
+    if preview is None: return ActorPool(config, model, env_fn=env_fn, **kw)
+    env_fn = preview.env_fn(env_fn, **config.env_kwargs())
+    return ActorPool(config, model, env_fn=env_fn, bind_preview=preview.bind, **kw)
 
-def _close_envs(self:Trainer, terminate:bool=False):
-    "Close the vector env (killing workers if `terminate`); never raises."
-    if self.envs is None: return
-    if terminate:  # SIGKILL first: a worker stopped or stuck in native code ignores the SIGTERM that close() sends
-        for p in getattr(self.envs, 'processes', ()):
-            if p.is_alive(): p.kill()
-    try: self.envs.close(terminate=terminate)
-    except Exception: pass
-    self.envs = None
-
-def _collect(self:Trainer):
-    "One rollout; a failed vector env is rebuilt and the rollout collected again (None when restarts run out)."
+@patch
+def _make_actors(self:Trainer) -> Actor|Pool:
+    "Who acts: one `Actor` of all envs with the learner's network (sync), or a pool of hosted actors (async)."
     c = self.config
-    if c.mode == 'async':  # actor processes fill the rollouts and restart themselves (06a_actors)
-        from mario_a3c.actors import async_collect
-        return async_collect(self)
+    if c.mode == 'async':
+        return make_pool(c, self.model, self.env_fn, self.updates, self.env_builds, self.log, self.preview)
+    # double-buffered rollouts when acting leaves cores to the workers: with every core acting they are slower
+    split = c.vectorization in ('threads', 'async') and self.act_threads < (os.cpu_count() or 1)
     acting = self.learner.autocast if self.learner.amp_dtype is not None else None
-    while True:
-        try:
-            if self.envs is None: self._start_envs()
-            out = collect(self.envs, self.model, self.state, self.obs, self.start, c.rollout_steps, self.device,
-                          step_timeout=c.step_timeout, autocast=acting)
-            self.state, self.obs, self.start = out.state, out.obs, out.episode_start
-            return out
-        except EnvFailure as e:
-            self._close_envs(terminate=True)
-            if self.env_restarts >= c.max_env_restarts:
-                self.log(f"{e}; max_env_restarts={c.max_env_restarts} used up: stopping")
-                return None
-            self.env_restarts += 1
-            self.log(f"{e}; rebuilding the envs (restart {self.env_restarts}/{c.max_env_restarts})")
+    env_fn = self.preview.env_fn(self.env_fn, **c.env_kwargs())   # envs answer preview requests after a step
+    return Actor(c, env_fn, self.model, vectorization=c.vectorization, groups=ENV_GROUPS if split else 1,
+                 device=self.device, autocast=acting,
+                 own_rng=False,   # actions sample torch's global RNG, which checkpoints capture
+                 builds=self.env_builds, max_restarts=c.max_env_restarts, on_start=self.preview.bind,
+                 log=self.log)
 
-Trainer._start_envs, Trainer._close_envs, Trainer._collect = _start_envs, _close_envs, _collect
+@patch
+def _collect(self:Trainer) -> Collected|None:
+    "One rollout (sync) or one batch of actor rollouts (async); None when the envs or actors failed for good."
+    a = self.actors
+    try:
+        if a is None: a = self.actors = self._make_actors()
+        return a.take(self.model, self.updates) if self.config.mode == 'async' else a.rollout()
+    except EnvFailure as e:   # restarts used up (an `ActorFailure` is one too)
+        self.log(f"{e}: stopping")
+        self._close_actors(terminate=True)   # a pool past its restarts is not used again
+        return None
+    finally:   # the trainer reads back the counters it checkpoints and reports
+        if a is not None: self.env_restarts, self.env_builds = a.restarts, a.builds
+
+@patch
+def _close_actors(self:Trainer, terminate:bool=False):
+    "Close the actor's envs or the pool (killing processes if `terminate`); never raises."
+    if self.actors is None: return
+    try: self.actors.close(terminate=terminate)
+    except Exception: pass
+    self.actors = None
+
 
 # %% ../nbs/08b_trainer.ipynb #4aed3458
+@patch
 def _episode(self:Trainer, ep:dict, frames:int):
     "Count a finished episode, add it to the rolling window and report it."
     self.episodes += 1
-    self.window.append((float(ep.get('r', math.nan)), float(ep.get('flag', 0.0)), float(ep.get('x', math.nan))))
-    self.callbacks.on_episode_end(self, {**ep, 'episode': self.episodes, 'update': self.updates + 1, 'frames': frames})
+    r, flag, x = float(ep.get('r', math.nan)), float(ep.get('flag', 0.0)), float(ep.get('x', math.nan))
+    self.window.append((r, flag, x))
+    info = {**ep, 'episode': self.episodes, 'update': self.updates + 1, 'frames': frames}
+    self.callbacks.on_episode_end(self, info)
 
+@patch
 def _learn_threads(self:Trainer) -> int:
-    "Torch threads for this update's learning: all of torch's in sync mode; in async mode they depend on who waits."
+    "Torch threads for this update's learning: all of torch's in sync mode; in async mode, who waits decides."
     c = self.config
-    if c.mode == 'sync' or c.backend == 'ray': return self.learn_threads   # Ray actors may live on other machines
-    # Busy actors hold their cores: threads beyond the cores they leave only spin against them. But when another batch is
-    # already queued the learner is the bottleneck, the actors are blocked on the full queue, and every core is free.
-    backlog = len(getattr(self.envs, 'pending', ())) >= c.actors
-    return self.learn_threads if backlog else max(1, min(self.learn_threads, (os.cpu_count() or 1) - c.actors))
+    # Ray actors may live on other machines
+    if c.mode == 'sync' or c.backend == 'ray': return self.learn_threads
+    # Busy actors hold their cores: threads beyond the cores they leave only spin against them. But when
+    # another batch is already queued the learner is the bottleneck, the actors are blocked on the full queue,
+    # and every core is free.
+    backlog = len(getattr(self.actors, 'pending', ())) >= c.actors
+    left = (os.cpu_count() or 1) - c.actors   # the cores the actors leave
+    return self.learn_threads if backlog else max(1, min(self.learn_threads, left))
 
+# %% ../nbs/08b_trainer.ipynb #01fa9ec3
+@patch
 def _update(self:Trainer) -> dict|None:
-    "grad_accum rollouts + one optimizer step; the update's metrics (None when the envs could not be restored)."
+    "Collect `grad_accum` rollouts, then one learner update: the update's metrics (None: the envs failed)."
     c, t_start = self.config, time.perf_counter()
-    act_s = env_s = learn_s = 0.0
-    reuse = c.epochs > 1 or c.minibatches > 1
+    outs = []
     for i in range(c.grad_accum):
         out = self._collect()
-        if out is None: self.learner.discard(); return None
+        if out is None: return None
         frames = self.frames + (i + 1) * c.rollout_steps * c.num_envs * c.frame_skip
         for ep in out.episodes: self._episode(ep, frames)
-        t, n_threads = time.perf_counter(), self._learn_threads()
-        if self.sil is not None: self.sil.add_rollout(out.rollout, out.env_ids)
-        with _threads(n_threads):
-            if reuse: m = self.learner.fit(out.rollout, self.replay, self.sil)       # epochs x minibatches steps (grad_accum is 1)
-            else: self.learner.accumulate(out.rollout, self.replay, self.sil)
-        learn_s += time.perf_counter() - t; act_s += out.act_s; env_s += out.env_s
-    t = time.perf_counter()
-    if not reuse:
-        with _threads(n_threads): m = self.learner.step()
+        self.mix.add(out.rollout, out.env_ids)   # self-imitation keeps the best finished episodes
+        outs.append(out)
+    t, n_threads = time.perf_counter(), self._learn_threads()
+    with _threads(n_threads): m = self.learner.update([o.rollout for o in outs], self.mix)
     now = time.perf_counter()
-    learn_s += now - t
-    self.updates += 1; self.frames += c.frames_per_update
+    self.updates += 1
+    self.frames += c.frames_per_update
     elapsed = max(now - self._t0, 1e-9)
-    m.update({'update': self.updates, 'frames': self.frames, 'perf/fps': (self.frames - self._frames0) / elapsed,
+    m.update({'update': self.updates, 'frames': self.frames,
+              'perf/fps': (self.frames - self._frames0) / elapsed,
               'perf/updates_per_s': (self.updates - self._updates0) / elapsed, 'perf/update_s': now - t_start,
-              'perf/act_s': act_s, 'perf/env_s': env_s, 'perf/learn_s': learn_s, 'perf/learn_threads': n_threads})
-    if c.mode == 'async':  # policy lag, queue waits, actor restarts (06a_actors)
-        from mario_a3c.actors import pop_async_metrics
-        m.update(pop_async_metrics(self))
+              'perf/act_s': sum(o.act_s for o in outs), 'perf/env_s': sum(o.env_s for o in outs),
+              'perf/learn_s': now - t, 'perf/learn_threads': n_threads})
+    # policy lag, queue waits, actor restarts (06a_actors)
+    if c.mode == 'async': m.update(self.actors.metrics())
     if self.window: m.update({'charts/avg_return': self.avg_return, 'charts/flag_rate': self.flag_rate})
     if self.replay is not None: m['replay/size'] = len(self.replay)
     if self.sil is not None:
-        m.update({'sil/size': len(self.sil), 'sil/episodes': self.sil.episodes, 'sil/best_return': self.sil.best_return,
-                  'sil/min_return': self.sil.min_return})
+        m.update({'sil/size': len(self.sil), 'sil/episodes': self.sil.episodes,
+                  'sil/best_return': self.sil.best_return, 'sil/min_return': self.sil.min_return})
     return m
 
-Trainer._episode, Trainer._learn_threads, Trainer._update = _episode, _learn_threads, _update
 
 # %% ../nbs/08b_trainer.ipynb #9d75eefc
-def _state_dict(self:Trainer) -> dict:
+@patch
+def state_dict(self:Trainer) -> dict:
     "Everything to continue the run, as tensors and plain types."
     return dict(model=self.model.state_dict(), learner=self.learner.state_dict(),
                 rng=capture_rng_state(self.replay.rng if self.replay is not None else None),
-                counters=dict(updates=self.updates, frames=self.frames, episodes=self.episodes, env_builds=self.env_builds),
+                counters=dict(updates=self.updates, frames=self.frames, episodes=self.episodes,
+                              env_builds=self.env_builds),
                 window=[list(w) for w in self.window], best_avg_return=self.best_avg_return)
 
-def _load_state_dict(self:Trainer, state:dict, path='checkpoint'):
+@patch
+def load_state_dict(self:Trainer, state:dict, path='checkpoint'):
     "Restore what `state_dict` saved (model, learner, counters, window, RNG states)."
     missing = [k for k in ('model', 'learner', 'counters', 'rng') if k not in state]
     if missing:
@@ -230,7 +257,9 @@ def _load_state_dict(self:Trainer, state:dict, path='checkpoint'):
     self.resumed = True
     return self
 
-def _save(self:Trainer, tag:str='latest') -> Path:
+# %% ../nbs/08b_trainer.ipynb #67671409
+@patch
+def save(self:Trainer, tag:str='latest') -> Path:
     "Write checkpoint `tag` (atomic .pt + .json metadata) and tell the callbacks."
     c = self.config
     meta = make_meta(c, self.updates, self.frames, self.best_avg_return, episodes=self.episodes,
@@ -240,6 +269,7 @@ def _save(self:Trainer, tag:str='latest') -> Path:
     self.callbacks.on_checkpoint(self, path, tag)
     return path
 
+@patch
 def _after_update(self:Trainer):
     "Periodic checkpoints and the best one."
     c = self.config
@@ -254,10 +284,11 @@ def _after_update(self:Trainer):
         self.save('best')
 
 def memory_path(checkpoint) -> Path:
-    "Where the self-imitation memory of a run that stopped at `checkpoint` (.pt or .json) is kept: `<stem>.sil.npz`."
+    "Where the self-imitation memory of a run stopped at `checkpoint` (.pt or .json) lives: `<stem>.sil.npz`."
     return Path(checkpoint).with_suffix('.sil.npz')
 
-def _from_checkpoint(cls, path, # a `.pt` checkpoint (or its `.json`)
+@patch(cls_method=True)
+def from_checkpoint(cls:Trainer, path, # a `.pt` checkpoint (or its `.json`)
                     overrides:dict|None=None, # mutable fields to change, e.g. {'total_updates': 20000}
                     callbacks:Iterable=(), **kwargs, # as for `Trainer`
                    ) -> Trainer:
@@ -268,16 +299,15 @@ def _from_checkpoint(cls, path, # a `.pt` checkpoint (or its `.json`)
     if t.sil is not None and memory_path(path).exists():
         try:
             t.sil.load(memory_path(path))
-            t.log(f"self-imitation memory: {t.sil.episodes} episodes ({len(t.sil)} transitions) from {memory_path(path).name}")
+            t.log(f"self-imitation memory: {t.sil.episodes} episodes ({len(t.sil)} transitions) "
+                  f"from {memory_path(path).name}")
         except (ValueError, OSError, KeyError) as e: t.log(f"self-imitation memory not loaded: {e}")
     return t
 
-Trainer.state_dict, Trainer.load_state_dict, Trainer.save, Trainer._after_update = _state_dict, _load_state_dict, _save, _after_update
-Trainer.from_checkpoint = classmethod(_from_checkpoint)
-
 # %% ../nbs/08b_trainer.ipynb #2e0c1a02
-def _check_outputs(self:Trainer):
-    "Before the first update: every output folder is writable, and a new run replaces no earlier run's files unless asked."
+@patch
+def check_outputs(self:Trainer):
+    "Before the first update: output folders are writable; a new run replaces no earlier run's files unasked."
     c = self.config
     for name in ('runs_dir', 'checkpoint_dir', 'tensorboard_dir'): writable_dir(name, getattr(c, name))
     if self.resumed or c.overwrite: return
@@ -285,62 +315,71 @@ def _check_outputs(self:Trainer):
     for p in (c.metrics_path, latest, checkpoint_path(c.checkpoint_dir, c.world, c.stage, 'best')):
         if p.exists():
             hint = f"continue it with --resume {latest}, " if latest.exists() else ''
-            raise ValueError(f"{p} belongs to an earlier run: {hint}choose another run_name or checkpoint_dir, "
-                             "or pass --overwrite to replace its files")
-
-
-Trainer.check_outputs = _check_outputs
+            raise ValueError(f"{p} belongs to an earlier run: {hint}choose another run_name or "
+                             "checkpoint_dir, or pass --overwrite to replace its files")
 
 # %% ../nbs/08b_trainer.ipynb #ebd28e63
-def _summary(self:Trainer, stopped:str, checkpoint=None) -> dict:
-    "Where the run stands: counters, averages, speed of this `train()` call, why it stopped, the last checkpoint."
+@patch
+def summary(self:Trainer, stopped:str, checkpoint=None) -> dict:
+    "Where the run stands: counters, averages, this `train()` call's speed, why it stopped, last checkpoint."
     wall = time.perf_counter() - self._t0
     return dict(stopped=stopped, updates=self.updates, frames=self.frames, episodes=self.episodes,
                 avg_return=self.avg_return, flag_rate=self.flag_rate, best_avg_return=self.best_avg_return,
-                fps=(self.frames - self._frames0) / max(wall, 1e-9), wall_s=wall, env_restarts=self.env_restarts,
+                fps=(self.frames - self._frames0) / max(wall, 1e-9), wall_s=wall,
+                env_restarts=self.env_restarts,
                 nan_skips=self.learner.nan_skips, checkpoint=None if checkpoint is None else str(checkpoint),
                 run_dir=str(self.config.run_dir))
 
-def _train(self:Trainer) -> dict:
-    "Train until `total_updates` or `max_minutes` (or a stop, Ctrl-C, a NaN streak, failing envs); save `latest`; return the summary."
+# %% ../nbs/08b_trainer.ipynb #c50229a3
+@patch
+def train(self:Trainer) -> dict:
+    "Train to `total_updates` or `max_minutes` (or stop, Ctrl-C, NaN streak, failing envs); save; summary."
     c = self.config
     self.check_outputs()
-    if c.init_from and not self.resumed and self.updates == 0:   # fine-tuning starts here; a resume has its own weights
+    # fine-tuning starts here; a resume has its own weights
+    if c.init_from and not self.resumed and self.updates == 0:
         init_weights(self.model, c, c.init_from)
-    self._stop.clear(); self.env_restarts = 0
+    self._stop.clear()
+    self.env_restarts = 0
     self._t0, self._frames0, self._updates0 = time.perf_counter(), self.frames, self.updates
     c.to_json(c.config_path)
     stopped = 'done'
     try:
         self.callbacks.on_train_begin(self)
         while self.updates < c.total_updates:
-            if self._stop.is_set(): stopped = 'stop'; break
+            if self._stop.is_set():
+                stopped = 'stop'
+                break
             m = self._update()
-            if m is None: stopped = 'env_failures'; break
+            if m is None:
+                stopped = 'env_failures'
+                break
             self.callbacks.on_update(self, m)
             if self.learner.nan_streak >= c.max_nan_steps:
-                self.log(f"{self.learner.nan_streak} updates in a row with a non-finite loss: saving and stopping")
-                stopped = 'nan'; break
+                streak = self.learner.nan_streak
+                self.log(f"{streak} updates in a row with a non-finite loss: saving and stopping")
+                stopped = 'nan'
+                break
             self._after_update()
-            if c.max_minutes and time.perf_counter() - self._t0 >= 60 * c.max_minutes: stopped = 'time'; break
+            if c.max_minutes and time.perf_counter() - self._t0 >= 60 * c.max_minutes:
+                stopped = 'time'
+                break
     except KeyboardInterrupt:
         stopped = 'interrupted'
         self.log(f"interrupted at update {self.updates}: saving a checkpoint")
     except BaseException as e:
-        self._close_envs(terminate=True)
+        self._close_actors(terminate=True)
         try: self.callbacks.on_train_end(self, self.summary(f'error: {type(e).__name__}'))
         except Exception: pass
         raise
-    self._close_envs(terminate=stopped not in ('done', 'time'))
-    self.learner.discard()
+    self._close_actors(terminate=stopped not in ('done', 'time'))
     saved_at, path = self._latest
-    if saved_at != self.updates or path is None: path = self.save('latest')  # unless this update's is already saved
+    # unless this update's is already saved
+    if saved_at != self.updates or path is None: path = self.save('latest')
     if self.sil is not None and path is not None: self.sil.save(memory_path(path))
     out = self.summary(stopped, path)
     self.callbacks.on_train_end(self, out)
     return out
-
-Trainer.summary, Trainer.train = _summary, _train
 
 # %% ../nbs/08b_trainer.ipynb #367fe770
 def train(config:TrainingConfig|dict|None=None, # the run; None: defaults

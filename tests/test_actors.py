@@ -19,7 +19,8 @@ from mario_a3c.trainer import Trainer
 
 def tiny(tmp_path, **kw):
     "A few-second asynchronous run: 2 actors with 2 envs each, 6 steps, a tiny network, all output under tmp_path."
-    base = dict(mode='async', actors=2, num_envs=4, queue_size=4, size=42, channels='4,8', blocks=1, hidden=32,
+    base = dict(mode='async', gray=True, held_buttons=False, epochs=1, minibatches=1, ppo_clip=0.0, adv_norm=False, recurrent_type='lstm',
+                actors=2, num_envs=4, queue_size=4, size=42, channels='4,8', blocks=1, hidden=32,
                 core_size=32, rollout_steps=6, total_updates=4, warmup_updates=1, amp=False, compile=False,
                 checkpoint_every=2, log_every_s=60.0, run_name='t', runs_dir=str(tmp_path / 'runs'),
                 checkpoint_dir=str(tmp_path / 'models'), tensorboard_dir=str(tmp_path / 'tb'))
@@ -30,7 +31,7 @@ class Watch(Callback):
     "Record metrics and actor pids; optionally act at an update: fn(trainer, update)."
     def __init__(self, fn=None): self.fn, self.metrics, self.pids = fn, [], set()
     def on_update(self, trainer, metrics):
-        self.metrics.append(dict(metrics)); self.pids |= {p.pid for p in trainer.envs.processes}
+        self.metrics.append(dict(metrics)); self.pids |= {p.pid for p in trainer.actors.processes}
         if self.fn: self.fn(trainer, metrics['update'])
 
 
@@ -59,10 +60,10 @@ def test_async_learner_threads_follow_who_waits(tmp_path, monkeypatch, cpus, act
     monkeypatch.setattr(os, 'cpu_count', lambda: cpus)
     t = Trainer(tiny(tmp_path, actors=actors, num_envs=4 * actors, queue_size=2 * actors), env_fn=CountingEnv)
     t.learn_threads = cpus                                        # torch's default: one per core
-    t.envs = types.SimpleNamespace(pending=[object()] * backlog)  # rollouts queued after this update's batch
+    t.actors = types.SimpleNamespace(pending=[object()] * backlog)  # rollouts queued after this update's batch
     assert t._learn_threads() == want
     sync = Trainer(tiny(tmp_path, mode='sync'), env_fn=CountingEnv)
-    sync.learn_threads = cpus; sync.envs = t.envs
+    sync.learn_threads = cpus; sync.actors = t.actors
     assert sync._learn_threads() == cpus
 
 
@@ -92,7 +93,7 @@ def test_killed_actor_is_restarted(tmp_path):
     killed, notes = [], []
     def kill(trainer, update):
         if update == 2:
-            pid = trainer.envs.processes[0].pid
+            pid = trainer.actors.processes[0].pid
             os.kill(pid, signal.SIGKILL); killed.append(pid)
     w = Watch(kill)
     s = Trainer(tiny(tmp_path, total_updates=6), [w], env_fn=CountingEnv, log=notes.append).train()
@@ -121,7 +122,7 @@ def test_hung_actor_is_restarted(tmp_path):
 def test_back_pressure_bounds_the_queue(tmp_path):
     pools = []
     def slow(trainer, update):
-        pools.append(trainer.envs); time.sleep(0.6)   # a learner much slower than the actors
+        pools.append(trainer.actors); time.sleep(0.6)   # a learner much slower than the actors
     w = Watch(slow)
     s = Trainer(tiny(tmp_path, total_updates=6, queue_size=4), [w], env_fn=CountingEnv).train()
     assert s['updates'] == 6

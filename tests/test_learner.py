@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from mario_a3c.learner import Learner, amp_dtype, cat_batches, compute_loss, loss_and_grads, relative_error
+from mario_a3c.learner import (Learner, ReplayMix, amp_dtype, cat_batches, compute_loss, loss_and_grads,
+                               relative_error)
 from mario_a3c.models import ImpalaActorCritic
 from mario_a3c.replay import PrioritizedReplay
 from mario_a3c.rollout import Rollout
@@ -44,7 +45,8 @@ def random_batch(model, T=6, B=4, seed=0, p_done=0.25):
 
 def config(**kw):
     base = dict(vars(CFG), lr=1e-3, weight_decay=0.0, adam_eps=1e-5, warmup_updates=2, total_updates=10, lr_floor=0.1,
-                grad_accum=1, clip_grad=40.0, amp=False, compile=False, per_batch=2, per_warmup=2, per_beta=0.4)
+                grad_accum=1, clip_grad=40.0, amp=False, compile=False, per_batch=2, per_warmup=2, per_beta=0.4,
+                epochs=1, minibatches=1)
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -139,12 +141,10 @@ def test_grad_accumulation_equals_full_batch(returns):
     big = random_batch(tiny_model(), T=5, B=4, seed=3)
     full = Learner(tiny_model(), config(returns=returns))
     acc = Learner(tiny_model(), config(returns=returns, grad_accum=2))
-    full.accumulate(big)
-    o_full = full.step()
-    for b0 in (0, 2):
-        acc.accumulate(Rollout(*(x[:, b0:b0 + 2] for x in big[:6]), tuple(s[:, b0:b0 + 2] for s in big.init_state),
-                               big.values[:, b0:b0 + 2]))
-    o_acc = acc.step()
+    o_full = full.update([big])
+    halves = [Rollout(*(x[:, b0:b0 + 2] for x in big[:6]), tuple(s[:, b0:b0 + 2] for s in big.init_state),
+                      big.values[:, b0:b0 + 2]) for b0 in (0, 2)]
+    o_acc = acc.update(halves)
     assert o_acc['opt/grad_norm'] == pytest.approx(o_full['opt/grad_norm'], rel=1e-5)
     for p, q in zip(full.model.parameters(), acc.model.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
@@ -156,8 +156,7 @@ def test_first_adam_step_by_hand():
     _, g = loss_and_grads(model, batch, CFG)
     L = Learner(model, config(clip_grad=0.0))
     p0 = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
-    L.accumulate(batch)
-    out = L.step()
+    out = L.update([batch])
     step = torch.cat([p.detach().flatten() for p in model.parameters()]) - p0
     assert out['opt/lr'] == 1e-3 / 2
     assert out['opt/grad_norm'] == pytest.approx(g.norm().item(), rel=1e-5)
@@ -170,8 +169,7 @@ def test_clipping_limits_the_step():
     _, g = loss_and_grads(model, batch, CFG)
     L = Learner(model, config(clip_grad=0.01))
     p0 = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
-    L.accumulate(batch)
-    out = L.step()
+    out = L.update([batch])
     assert out['opt/grad_norm'] == pytest.approx(g.norm().item(), rel=1e-5)   # reported before clipping
     assert g.norm() > 1                                                      # so clipping to 0.01 matters
     gc = g * (0.01 / g.norm())
@@ -182,17 +180,16 @@ def test_clipping_limits_the_step():
 def test_nan_loss_is_skipped_and_counted():
     L = Learner(tiny_model(), config())
     batch = random_batch(L.model)
-    L.accumulate(batch); L.step()
+    L.update([batch])
     before = copy.deepcopy((L.model.state_dict(), L.opt.state_dict(), L.sched.state_dict()))
     bad = batch._replace(rewards=torch.full((6, 4), float('nan')))
     for k in range(3):
-        L.accumulate(bad)
-        out = L.step()
+        out = L.update([bad])
         assert out['opt/skipped'] == 1.0 and L.nan_streak == k + 1
     for k, v in before[0].items(): assert torch.equal(v, L.model.state_dict()[k])
     assert L.opt.state_dict()['state'][0]['step'] == before[1]['state'][0]['step']
     assert L.sched.last_epoch == before[2]['last_epoch']
-    L.accumulate(batch); L.step()
+    L.update([batch])
     assert (L.nan_streak, L.nan_skips, L.steps) == (0, 3, 2)
 
 
@@ -200,9 +197,7 @@ def test_nan_in_one_accumulated_rollout_skips_the_step():
     L = Learner(tiny_model(), config(grad_accum=2))
     batch = random_batch(L.model)
     before = copy.deepcopy(L.model.state_dict())
-    L.accumulate(batch)
-    L.accumulate(batch._replace(rewards=torch.full((6, 4), float('inf'))))
-    assert L.step()['opt/skipped'] == 1.0
+    assert L.update([batch, batch._replace(rewards=torch.full((6, 4), float('inf')))])['opt/skipped'] == 1.0
     for k, v in before.items(): assert torch.equal(v, L.model.state_dict()[k])
 
 
@@ -211,14 +206,15 @@ def test_hybrid_replay_priorities_and_storage():
     replay = PrioritizedReplay(16, alpha=1.0, seed=0)
     r1, r2 = random_batch(L.model, seed=5), random_batch(L.model, seed=6)
     _, m_before = compute_loss(L.model, r1, L.config)
-    L.accumulate(r1, replay); L.step()
+    mix = ReplayMix(L.config, replay)
+    L.update([r1], mix)
     assert len(replay) == 4                                  # fresh segments stored with their TD errors
     np.testing.assert_allclose(replay.tree[np.arange(4)] - replay.eps, m_before['td_abs'].numpy(), rtol=1e-5, atol=1e-6)
     _, m_ref = compute_loss(L.model, r1, L.config)           # after the step: what the replayed ones must get
     replay.rng = np.random.default_rng(1); idx, _, w = replay.sample(2, 0.4); replay.rng = np.random.default_rng(1)
-    m = L.accumulate(r2, replay)
+    m = L.update([r2], mix)
     np.testing.assert_allclose(replay.tree[idx] - replay.eps, m_ref['td_abs'][idx].numpy(), rtol=1e-4, atol=1e-6)
-    assert m['replay/mean_weight'].item() == pytest.approx(float(w.mean()), rel=1e-6)
+    assert m['replay/mean_weight'] == pytest.approx(float(w.mean()), rel=1e-6)
     assert len(replay) == 8
 
 
@@ -239,15 +235,14 @@ def test_replayed_columns_reevaluate_like_originals(core):
 def test_state_dict_roundtrip_continues_identically():
     batch = random_batch(tiny_model())
     a = Learner(tiny_model(), config())
-    for _ in range(2): a.accumulate(batch); a.step()
+    for _ in range(2): a.update([batch])
     b = Learner(tiny_model(seed=9), config())
     b.model.load_state_dict(a.model.state_dict())
     buf = io.BytesIO()
     torch.save(a.state_dict(), buf)                        # as in a checkpoint: plain types, weights_only loads it
     buf.seek(0)
     b.load_state_dict(torch.load(buf, weights_only=True))
-    a.accumulate(batch); b.accumulate(batch)
-    oa, ob = a.step(), b.step()
+    oa, ob = a.update([batch]), b.update([batch])
     assert oa['opt/lr'] == ob['opt/lr']
     for p, q in zip(a.model.parameters(), b.model.parameters()): assert torch.equal(p, q)
 
@@ -272,8 +267,7 @@ def test_learner_with_forced_bf16_steps_close_to_fp32():
     batch = random_batch(tiny_model())
     a, b = Learner(tiny_model(), config()), Learner(tiny_model(), config(amp=True), force_amp=True)
     assert b.amp_dtype == torch.bfloat16
-    a.accumulate(batch); b.accumulate(batch)
-    oa, ob = a.step(), b.step()
+    oa, ob = a.update([batch]), b.update([batch])
     assert ob['losses/total'] == pytest.approx(oa['losses/total'], rel=AMP_LOSS_RTOL)
     assert ob['opt/grad_norm'] == pytest.approx(oa['opt/grad_norm'], rel=AMP_GRAD_RTOL)
 
@@ -295,14 +289,12 @@ def test_compile_failure_falls_back_with_one_line():
     try:
         torch._dynamo.reset()
         lc = Learner(tiny_model(), config(compile=True), log=notes.append)
-        lc.accumulate(random_batch(lc.model))
-        oc = lc.step()
+        oc = lc.update([random_batch(lc.model)])
     finally:
         inductor_config.cpp.cxx, inductor_config.force_disable_caches = old
         torch._dynamo.reset()
     le = Learner(tiny_model(), config())
-    le.accumulate(random_batch(le.model))
-    oe = le.step()
+    oe = le.update([random_batch(le.model)])
     assert notes[0].startswith('torch.compile: the first update compiles the model')   # said before the wait
     assert len(notes) == 2 and notes[1].startswith('torch.compile unavailable (') and '\n' not in notes[1]
     assert lc.compile_state == 'off'
@@ -325,7 +317,28 @@ def test_cuda_learner_with_grad_scaler():
     L = Learner(tiny_model(device='cuda'), config(amp=True), device='cuda')
     assert L.scaler.is_enabled() and L.amp_dtype == torch.float16
     batch = random_batch(L.model)
-    for _ in range(3):
-        L.accumulate(batch)
-        out = L.step()
+    for _ in range(3): out = L.update([batch])
     assert 'opt/amp_scale' in out and L.steps + L.scaler_skips == 3 and L.nan_skips == 0
+
+
+def test_an_update_takes_the_rollouts_of_its_recipe():
+    "grad_accum rollouts, or one to reuse; anything else is refused before a gradient is computed."
+    L = Learner(tiny_model(), config(grad_accum=2))
+    batch = random_batch(L.model)
+    with pytest.raises(ValueError, match=r"an update takes 2 rollout\(s\), got 1"): L.update([batch])
+    assert all(p.grad is None for p in L.model.parameters()) and L.steps == 0
+    with pytest.raises(ValueError, match="grad_accum=2 with epochs/minibatches"):
+        Learner(tiny_model(), config(grad_accum=2, epochs=2)).update([batch])
+    with pytest.raises(ValueError, match="minibatches=3 does not divide the rollout's 4 envs"):
+        Learner(tiny_model(), config(minibatches=3)).update([batch])
+
+
+def test_reuse_stores_fresh_segments_once_and_replays_on_the_first_pass_only():
+    replay = PrioritizedReplay(16, alpha=1.0, seed=0)
+    cfg = config(epochs=3, minibatches=2, per_warmup=2, per_batch=2)
+    L = Learner(tiny_model(), cfg)
+    mix = ReplayMix(cfg, replay)
+    L.update([random_batch(L.model, seed=1)], mix)
+    assert len(replay) == 4                                   # 4 columns, stored once over 3 epochs
+    out = L.update([random_batch(L.model, seed=2)], mix)
+    assert len(replay) == 8 and out['opt/steps'] == 6.0 and L.steps == 2

@@ -122,11 +122,12 @@ class Where(Callback):
     "Record the node and pid of every actor at the first update."
     def __init__(self): self.where = None
     def on_update(self, trainer, metrics):
-        if self.where is None: self.where = trainer.envs.where()
+        if self.where is None: self.where = trainer.actors.where()
 
 
 def test_two_node_async_training(cluster, tmp_path):
-    cfg = TrainingConfig(mode='async', backend='ray', ray_address=cluster, actors=2, num_envs=4, queue_size=4, size=42,
+    cfg = TrainingConfig(mode='async', backend='ray', gray=True, held_buttons=False, epochs=1, minibatches=1, ppo_clip=0.0, adv_norm=False, recurrent_type='lstm',
+                         ray_address=cluster, actors=2, num_envs=4, queue_size=4, size=42,
                          channels='4,8', blocks=1, hidden=16, core_size=16, rollout_steps=5, total_updates=4,
                          warmup_updates=1, amp=False, compile=False, checkpoint_every=2, log_every_s=60.0, run_name='ray',
                          runs_dir=str(tmp_path / 'runs'), checkpoint_dir=str(tmp_path / 'models'),
@@ -141,7 +142,8 @@ def test_two_node_async_training(cluster, tmp_path):
 
 
 def ray_config(cluster, tmp_path, **kw) -> TrainingConfig:
-    base = dict(mode='async', backend='ray', ray_address=cluster, actors=2, num_envs=4, queue_size=4, size=42,
+    base = dict(mode='async', backend='ray', gray=True, held_buttons=False, epochs=1, minibatches=1, ppo_clip=0.0, adv_norm=False, recurrent_type='lstm',
+                ray_address=cluster, actors=2, num_envs=4, queue_size=4, size=42,
                 channels='4,8', blocks=1, hidden=16, core_size=16, rollout_steps=5, total_updates=4, warmup_updates=1,
                 amp=False, compile=False, checkpoint_every=2, log_every_s=60.0, run_name='ray',
                 runs_dir=str(tmp_path / 'runs'), checkpoint_dir=str(tmp_path / 'models'),
@@ -154,7 +156,7 @@ class KillActor(Callback):
     def __init__(self): self.pid, self.restarted_at = None, None
     def on_update(self, trainer, metrics):
         if metrics['update'] == 2:
-            self.pid = trainer.envs.where()[0]['pid']
+            self.pid = trainer.actors.where()[0]['pid']
             os.kill(self.pid, signal.SIGKILL)
         if self.restarted_at is None and trainer.env_restarts: self.restarted_at = metrics['update']
         if self.restarted_at is not None and metrics['update'] >= self.restarted_at + 2: trainer.stop()

@@ -11,7 +11,7 @@ from states import same
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TINY = ["--num-envs", "2", "--rollout-steps", "4", "--channels", "4,8", "--hidden", "32", "--core-size", "32",
-        "--vectorization", "sync", "--no-compile", "--warmup-updates", "1", "--log-every-s", "0"]
+        "--vectorization", "sync", "--mode", "sync", "--no-compile", "--warmup-updates", "1", "--log-every-s", "0"]
 
 
 def run_cli(*args, cwd=ROOT, check=True):
@@ -113,7 +113,7 @@ def test_resume_restores_weights_optimizer_rng_and_best_score(tmp_path):
 
 
 def test_conflicting_resume_override_is_refused(tmp_path):
-    run_cli("train", *TINY, *out_dirs(tmp_path), "--total-updates", "1", "--run-name", "c")
+    run_cli("train", *TINY, *out_dirs(tmp_path), "--total-updates", "1", "--run-name", "c", "--recurrent-type", "lstm")
     ckpt = tmp_path / "ckpt" / "a3c_world1_stage1_latest.pt"
     res = run_cli("train", "--resume", str(ckpt), "--recurrent-type", "gru", check=False)
     assert res.returncode == 2

@@ -19,7 +19,9 @@ from states import same
 
 def tiny(tmp_path, **kw):
     "A few-second run: 2 envs, 6 steps, a tiny network, all output under tmp_path."
-    base = dict(num_envs=2, vectorization='sync', size=42, channels='4,8', blocks=1, hidden=32, core_size=32, window=4,
+    # the recipe these tests were written for: CountingEnv's 4 gray channels, one step per rollout, an LSTM core
+    base = dict(mode='sync', gray=True, held_buttons=False, epochs=1, minibatches=1, ppo_clip=0.0, adv_norm=False, recurrent_type='lstm',
+                num_envs=2, vectorization='sync', size=42, channels='4,8', blocks=1, hidden=32, core_size=32, window=4,
                 heads=4, rollout_steps=6, total_updates=3, warmup_updates=1, amp=False, compile=False, per_batch=2,
                 per_warmup=2, checkpoint_every=2, log_every_s=60.0, run_name='t', runs_dir=str(tmp_path / 'runs'),
                 checkpoint_dir=str(tmp_path / 'models'), tensorboard_dir=str(tmp_path / 'tb'))
@@ -154,9 +156,9 @@ def test_killed_worker_rebuilds_and_training_continues(tmp_path):
 
     class KillWorker(Callback):
         def on_update(self, trainer, metrics):
-            groups.append(trainer.envs.num_groups)   # rollouts double-buffered over two env groups
+            groups.append(trainer.actors.envs.num_groups)   # rollouts double-buffered over two env groups
             if metrics['update'] == 1:
-                pid = trainer.envs.processes[-1].pid
+                pid = trainer.actors.envs.processes[-1].pid
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
     notes = []
@@ -172,7 +174,7 @@ def test_every_core_acting_means_lock_step(tmp_path):
     groups, before = [], torch.get_num_threads()
 
     class Groups(Callback):
-        def on_update(self, trainer, metrics): groups.append(trainer.envs.num_groups)
+        def on_update(self, trainer, metrics): groups.append(trainer.actors.envs.num_groups)
     try:   # with as many acting threads as cores, double buffering would take the workers' cores: one group
         s = Trainer(tiny(tmp_path, vectorization='async', threads=os.cpu_count(), total_updates=1), callbacks=[Groups()]).train()
     finally: torch.set_num_threads(before)
