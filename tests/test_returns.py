@@ -1,4 +1,5 @@
 """V-trace, GAE and the loss terms against independent references (naive eq. 1, plain loops, closed forms)."""
+
 import math
 
 import pytest
@@ -23,8 +24,14 @@ def random_unroll(T=8, B=5, gamma=0.97, p_done=0.2, spread=2.3, seed=0, dtype=to
     blogp = -3 * u(T, B)
     tlogp = blogp + spread * (2 * u(T, B) - 1)
     discounts = gamma * (u(T, B) >= p_done).double()
-    inp = dict(behaviour_logp=blogp, target_logp=tlogp, rewards=2 * u(T, B) - 1, discounts=discounts,
-               values=3 * u(T, B), bootstrap_value=3 * u(B))
+    inp = dict(
+        behaviour_logp=blogp,
+        target_logp=tlogp,
+        rewards=2 * u(T, B) - 1,
+        discounts=discounts,
+        values=3 * u(T, B),
+        bootstrap_value=3 * u(B),
+    )
     return {k: v.to(dtype=dtype, device=device) for k, v in inp.items()}
 
 
@@ -77,6 +84,7 @@ def gae_args(inp):
 
 # ---- V-trace
 
+
 @on_grid
 @pytest.mark.parametrize("clips", [(1.0, 1.0, 1.0), (2.0, 0.5, 1.5), (math.inf, math.inf, math.inf)])
 @pytest.mark.parametrize("seed", [0, 1])
@@ -84,7 +92,7 @@ def test_vtrace_matches_naive_double_sum(dtype, device, clips, seed):
     inp = random_unroll(seed=seed, dtype=dtype, device=device)
     rho = (inp["target_logp"] - inp["behaviour_logp"]).exp()
     assert rho.min() < 0.2 and rho.max() > 5  # ratios spread over two orders of magnitude
-    assert (inp["discounts"] == 0).any()      # with episode ends
+    assert (inp["discounts"] == 0).any()  # with episode ends
     rho_bar, c_bar, pg_rho_bar = clips
     out = vtrace(**inp, rho_bar=rho_bar, c_bar=c_bar, pg_rho_bar=pg_rho_bar)
     ref_vs, ref_pg = naive_vtrace(inp, rho_bar, c_bar, pg_rho_bar)
@@ -115,7 +123,9 @@ def test_on_policy_vtrace_is_n_step_return_and_gae1(dtype, device):
 @on_grid
 def test_clipping_is_noop_when_all_rho_at_most_one(dtype, device):
     inp = random_unroll(seed=4, dtype=dtype, device=device)
-    inp["target_logp"] = inp["behaviour_logp"] - 2.3 * torch.rand(8, 5, generator=torch.Generator().manual_seed(9)).to(dtype=dtype, device=device)
+    inp["target_logp"] = inp["behaviour_logp"] - 2.3 * torch.rand(
+        8, 5, generator=torch.Generator().manual_seed(9)
+    ).to(dtype=dtype, device=device)
     a = vtrace(**inp)
     b = vtrace(**inp, rho_bar=math.inf, c_bar=math.inf, pg_rho_bar=math.inf)
     assert torch.equal(a.vs, b.vs) and torch.equal(a.pg_advantages, b.pg_advantages)
@@ -127,14 +137,14 @@ def test_episode_end_cuts_the_trace(dtype, device, k):
     inp = random_unroll(seed=5, p_done=0.0, dtype=dtype, device=device)
     inp["discounts"][k] = 0.0
     before = vtrace(**inp, rho_bar=math.inf, c_bar=math.inf)
-    inp["rewards"][k + 1:] += 100.0
-    inp["values"][k + 1:] -= 7.0
+    inp["rewards"][k + 1 :] += 100.0
+    inp["values"][k + 1 :] -= 7.0
     inp["bootstrap_value"] += 5.0
     after = vtrace(**inp, rho_bar=math.inf, c_bar=math.inf)
-    assert torch.equal(after.vs[:k + 1], before.vs[:k + 1])
-    assert torch.equal(after.pg_advantages[:k + 1], before.pg_advantages[:k + 1])
+    assert torch.equal(after.vs[: k + 1], before.vs[: k + 1])
+    assert torch.equal(after.pg_advantages[: k + 1], before.pg_advantages[: k + 1])
     if k + 1 < 8:
-        assert not torch.equal(after.vs[k + 1:], before.vs[k + 1:])
+        assert not torch.equal(after.vs[k + 1 :], before.vs[k + 1 :])
 
 
 @on_grid
@@ -148,6 +158,7 @@ def test_vtrace_and_gae_carry_no_gradient(dtype, device):
 
 # ---- GAE
 
+
 @on_grid
 @pytest.mark.parametrize("lam", [0.0, 0.95, 1.0])
 def test_gae_matches_loop(dtype, device, lam):
@@ -160,11 +171,18 @@ def test_gae_matches_loop(dtype, device, lam):
 
 # ---- errors
 
+
 def test_bad_inputs_give_one_line_value_errors():
     inp = random_unroll()
     cases = [
-        (lambda: vtrace(**{**inp, "bootstrap_value": torch.zeros(4, dtype=torch.float64)}), "bootstrap_value must have shape [B]=(5,)"),
-        (lambda: vtrace(**{**inp, "bootstrap_value": torch.zeros(1, 5, dtype=torch.float64)}), "bootstrap_value must have shape"),
+        (
+            lambda: vtrace(**{**inp, "bootstrap_value": torch.zeros(4, dtype=torch.float64)}),
+            "bootstrap_value must have shape [B]=(5,)",
+        ),
+        (
+            lambda: vtrace(**{**inp, "bootstrap_value": torch.zeros(1, 5, dtype=torch.float64)}),
+            "bootstrap_value must have shape",
+        ),
         (lambda: vtrace(**{k: (v[:0] if v.ndim == 2 else v) for k, v in inp.items()}), "T=0"),
         (lambda: vtrace(**{**inp, "values": inp["values"][:, :3]}), "values has shape (8, 3)"),
         (lambda: vtrace(**{**inp, "rewards": inp["rewards"].float()}), "rewards has dtype torch.float32"),
@@ -174,7 +192,10 @@ def test_bad_inputs_give_one_line_value_errors():
         (lambda: vtrace(**inp, rho_bar=0.0), "rho_bar must be a positive number"),
         (lambda: vtrace(**inp, c_bar=float("nan")), "c_bar must be a positive number"),
         (lambda: gae(*gae_args(inp), lam=-0.1), "lam must be a number in [0, 1]"),
-        (lambda: gae(inp["rewards"], inp["values"], torch.zeros(3, dtype=torch.float64), inp["discounts"]), "bootstrap_value"),
+        (
+            lambda: gae(inp["rewards"], inp["values"], torch.zeros(3, dtype=torch.float64), inp["discounts"]),
+            "bootstrap_value",
+        ),
         (lambda: value_loss(inp["values"], inp["rewards"], torch.ones(3)), "weights must be"),
         (lambda: policy_loss(inp["values"], inp["rewards"][:2]), "has shape (2, 5)"),
         (lambda: entropy(torch.zeros(4, 3)), "logits must have shape [T, B, A]"),
@@ -186,6 +207,7 @@ def test_bad_inputs_give_one_line_value_errors():
 
 
 # ---- loss terms
+
 
 @on_grid
 def test_policy_loss_closed_form(dtype, device):
@@ -221,13 +243,22 @@ def test_value_loss_closed_form(dtype, device):
 
 @on_grid
 def test_entropy_closed_form(dtype, device):
-    logits = torch.tensor([[[0.0, math.log(3.0)], [5.0, 5.0]], [[1.0, 1.0], [0.0, -math.inf]]], dtype=dtype, device=device)
+    logits = torch.tensor(
+        [[[0.0, math.log(3.0)], [5.0, 5.0]], [[1.0, 1.0], [0.0, -math.inf]]], dtype=dtype, device=device
+    )
     H_pq = math.log(4) - 0.75 * math.log(3)  # p = (1/4, 3/4)
     want = torch.tensor([[H_pq, math.log(2)], [math.log(2), 0.0]], dtype=torch.float64)
     close(entropy(logits), want, dtype)
-    close(entropy(torch.full((3, 4, 7), 2.5, dtype=dtype, device=device)), torch.full((3, 4), math.log(7), dtype=torch.float64), dtype)
+    close(
+        entropy(torch.full((3, 4, 7), 2.5, dtype=dtype, device=device)),
+        torch.full((3, 4), math.log(7), dtype=torch.float64),
+        dtype,
+    )
     assert math.isclose(entropy_loss(logits).item(), -(H_pq + 2 * math.log(2)) / 4, rel_tol=1e-6)
-    assert entropy_loss(logits, torch.ones(2, 2, dtype=dtype, device=device)).item() == entropy_loss(logits).item()
+    assert (
+        entropy_loss(logits, torch.ones(2, 2, dtype=dtype, device=device)).item()
+        == entropy_loss(logits).item()
+    )
     w = torch.tensor([[0.0, 1.0], [4.0, 2.0]], dtype=dtype, device=device)
     assert math.isclose(entropy_loss(logits, w).item(), -(math.log(2) + 4 * math.log(2)) / 4, rel_tol=1e-6)
     masked = torch.tensor([[[0.3, -0.2, -math.inf]]], dtype=dtype, device=device, requires_grad=True)

@@ -3,6 +3,7 @@
 Runs the same seeded random play in this interpreter and in the other stack's interpreter (the legacy venv that
 `make test` builds, or $MARIO_A3C_OTHER_PYTHON) and compares the trajectories step by step.
 """
+
 import hashlib, json, os, subprocess, sys
 from pathlib import Path
 
