@@ -4,7 +4,7 @@
 
 # %% ../nbs/06b_ray.ipynb #8a3c0722
 from __future__ import annotations
-import os, time, warnings
+import os, threading, time, warnings
 from collections import deque
 import numpy as np
 import torch
@@ -37,6 +37,9 @@ class RolloutActor:
         torch.set_num_threads(1)
         c = TrainingConfig.from_dict(config)
         self.rank, self.version, self.idle_since = rank, None, None
+        # the pool keeps several rollout calls queued per actor and Ray runs two at once (for `frame`):
+        # one rollout at a time steps the envs
+        self.lock = threading.Lock()
         self.actor = Actor(c, env_fn, rank=rank, n=c.num_envs // c.actors, builds=builds)
 
     def frame(self, i:int, # env index within this actor, 0 .. num_envs / actors - 1
@@ -55,21 +58,24 @@ class RolloutActor:
                 version:int, # the learner's update count for these weights
                ) -> tuple[dict, dict]:
         "Act one rollout (with `weights` if `version` is new): (numpy arrays of the rollout, meta)."
-        wait = 0.0 if self.idle_since is None else time.perf_counter() - self.idle_since
-        w = None
-        if version != self.version:
-            w = weights[0]
-            if not isinstance(w, dict):
-                import ray
-                w = ray.get(w)
-            w, self.version = {k: _tensor(v) for k, v in w.items()}, version
-        out = self.actor.rollout(w)
-        r = out.rollout
-        arrays = {k: getattr(r, k).numpy() for k in _FIELDS}                # [T(+1), n, ...] each
-        arrays['init_state'] = [s.numpy() for s in r.init_state]
-        self.idle_since = time.perf_counter()
-        return arrays, rollout_meta(out, self.rank, version, wait)
+        with self.lock:
+            wait = 0.0 if self.idle_since is None else time.perf_counter() - self.idle_since
+            w = None
+            if version != self.version:
+                w = weights[0]
+                if not isinstance(w, dict):
+                    import ray
+                    w = ray.get(w)
+                w, self.version = {k: _tensor(v) for k, v in w.items()}, version
+            out = self.actor.rollout(w)
+            r = out.rollout
+            arrays = {k: getattr(r, k).numpy() for k in _FIELDS}                # [T(+1), n, ...] each
+            arrays['init_state'] = [s.numpy() for s in r.init_state]
+            self.idle_since = time.perf_counter()
+            return arrays, rollout_meta(out, self.rank, version, wait)
 
+
+# %% ../nbs/06b_ray.ipynb #b7e1a2c3
 def stack_rollouts(parts:list) -> Rollout:
     "Rollout arrays of K actors stacked along B into one `Rollout` (one copy)."
     cat = lambda xs: torch.cat([_tensor(x) for x in xs], 1)   # [T(+1), K*B, ...]
