@@ -264,6 +264,7 @@ def _accumulate(self:Learner, rollout:Rollout, # fresh columns (CPU or device)
     for k, v in m.items(): self._sums[k] = self._sums.get(k, 0.0) + v.detach().float()
     self._n += 1
 
+# %% ../nbs/07_learner.ipynb #209e1c30
 @patch
 def _apply(self:Learner, schedule:bool=True, # advance the schedule (False: `_reuse` advances it once)
           ) -> dict:
