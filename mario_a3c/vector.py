@@ -5,7 +5,7 @@
 # %% ../nbs/01e_vector.ipynb #c965d9b4
 from __future__ import annotations
 import multiprocessing as mp
-import os, re, warnings
+import re, warnings
 from functools import partial
 from typing import Callable
 

@@ -5,7 +5,7 @@
 # %% ../nbs/01c_workers.ipynb #dbcb54ae
 from __future__ import annotations
 import multiprocessing as mp
-import os, queue, threading, time, traceback
+import os, queue, threading, traceback
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing import shared_memory
