@@ -70,11 +70,11 @@ setup(
     # the data folders are listed as packages of their own, so setuptools ships them without a discovery warning
     # `mario_a3c.notebooks` is nbs/train.ipynb, so that `tune --execution papermill` works from a plain install
     packages=find_packages(include=["mario_a3c", "mario_a3c.*"]) + ["mario_a3c.configs", "mario_a3c.pretrained",
-                                                                   "mario_a3c.notebooks"],
+                                                                   "mario_a3c.demos", "mario_a3c.notebooks"],
     package_dir={"mario_a3c.notebooks": "nbs"},
     include_package_data=True,
     package_data={"mario_a3c.configs": ["*.json"], "mario_a3c.pretrained": ["*.pt", "*.json"],
-                  "mario_a3c.notebooks": ["train.ipynb"]},
+                  "mario_a3c.demos": ["*.npy"], "mario_a3c.notebooks": ["train.ipynb"]},
     install_requires=requirements,
     extras_require=extras,
     entry_points={

@@ -174,6 +174,7 @@ class TensorBoardLogger(Callback):
             if k not in ('update', 'frames') and (x := _scalar(v)) is not None:
                 self.writer.add_scalar(k, x, frames)
     def on_episode_end(self, trainer, episode):
+        if episode.get('demo_frame'): return   # begun mid-stage by `demo_starts`: not a curve point
         if self.writer is None: self.on_train_begin(trainer)
         _, frames = step_of(trainer, episode)
         for k, tag in EPISODE_TAGS.items():
@@ -259,6 +260,7 @@ class WandbLogger(Callback):
     def on_update(self, trainer,
                   metrics): self._log(trainer, metrics, {'update': step_of(trainer, metrics)[0]})
     def on_episode_end(self, trainer, episode):
+        if episode.get('demo_frame'): return
         self._log(trainer, {'frames': step_of(trainer, episode)[1]},
                   {tag: float(episode[k]) for k, tag in EPISODE_TAGS.items() if k in episode})
     def on_train_end(self, trainer, summary):

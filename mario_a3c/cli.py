@@ -118,6 +118,44 @@ def _cmd_bench(args) -> int:
     print(json.dumps(res))
     return 0
 
+# %% ../nbs/15_cli.ipynb #37355995
+def _cmd_explore(args) -> int:
+    "Search a stage until a run takes the flag; write that run's button masks as the stage's demo."
+    import time
+    import numpy as np
+    from mario_a3c.envs import demo_path
+    from mario_a3c.evaluate import parse_stage
+    from mario_a3c.explore import explore
+    w, s = parse_stage(args.stage)
+    out = demo_path(w, s, args.out)
+    if out.exists() and not args.force: raise ValueError(f"{out} exists: pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0, shown = time.perf_counter(), [0]
+    def progress(frames, cells, max_x):
+        if not args.json and frames - shown[0] >= 100_000:
+            shown[0] = frames
+            print(f'{frames:,} frames  {cells} cells  max x {max_x}', flush=True)
+    found = explore(w, s, max_frames=args.max_frames, seed=args.seed, progress=progress)
+    res = dict(stage=f'{w}-{s}', flag=found.demo is not None, frames=found.frames, cells=len(found.cells),
+               max_x=found.max_x, seconds=round(time.perf_counter() - t0, 1), seed=args.seed,
+               demo=str(out) if found.demo is not None else None,
+               demo_frames=None if found.demo is None else len(found.demo))
+    if found.demo is not None: np.save(out, found.demo)
+    print(json.dumps(res))
+    return 0 if found.demo is not None else 1
+
+def _add_explore_parser(sub):
+    "The `explore` subcommand: a stage's demo for `--demo-starts`."
+    s = sub.add_parser('explore', help="search a stage to its flag and save the run as the stage's demo")
+    s.set_defaults(fn=_cmd_explore)
+    s.add_argument('--stage', required=True, help='the stage, W-S (e.g. 1-3)')
+    s.add_argument('--out', default='output/demos', help='folder of the W-S.npy demo (default output/demos)')
+    s.add_argument('--seed', type=int, default=0, help="the search's seed (default 0)")
+    s.add_argument('--max-frames', type=int, default=3_000_000, help='emulator frames at most (default 3M)')
+    s.add_argument('--force', action='store_true', help='replace an existing demo')
+    s.add_argument('--json', action='store_true', help='print only the JSON line')
+
+
 # %% ../nbs/15_cli.ipynb #fc24503c
 class _Parser(argparse.ArgumentParser):
     "An argument parser whose errors are one line (argparse prints the usage first); subcommands inherit it."
@@ -159,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_mode_args(s)   # --mode both, --actors-list
 
     _add_smoke_parser(sub)
+    _add_explore_parser(sub)
 
     s = sub.add_parser('curves', help='redraw docs/ learning curves from shipped metrics, print milestones')
     s.set_defaults(fn=_cmd_curves)

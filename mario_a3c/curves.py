@@ -25,6 +25,7 @@ def episode_columns(source, # a metrics.jsonl(.gz) path, or a list of episode re
     recs = read_metrics(source, kind='episode') if isinstance(source, (str, Path)) else [
         r for r in source if r.get('kind', 'episode') == 'episode']
     if stage is not None: recs = [r for r in recs if (r.get('world'), r.get('stage')) == tuple(stage)]
+    recs = [r for r in recs if not r.get('demo_frame')]   # episodes begun mid-stage by `demo_starts` are not play
     cols = {k: np.array([float(r[k]) for r in recs], dtype=np.float64) for k in EPISODE_COLUMNS}
     if len(recs) and np.any(np.diff(cols['frames']) < 0):
         raise ValueError(f"{source}: episode frame counters go backwards; is this two runs in one file?")

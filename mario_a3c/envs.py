@@ -7,21 +7,23 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, fields
 from functools import partial
+from pathlib import Path
 
 import cv2
 import gymnasium as gym
+import mario_a3c
 import numpy as np
 from gymnasium.wrappers import (FrameStackObservation, MaxAndSkipObservation, StickyAction, TimeLimit,
                                 TransformObservation)
 
 from .stacks import (ACTION_SETS, ALL_STAGES, HeldButtons, JoypadActions, RepressJump, action_set,
-                              check_stage,
+                              check_stage, emulator_game,
                               make_raw_env, stack_name)
 
 # %% auto #0
-__all__ = ['REWARDS', 'KEEP_INFO', 'RENDER_MODES', 'ENV_FLAGS', 'gray_resize', 'color_resize', 'bgra_screen', 'screen_gray',
-           'SkipMaxGray', 'ShapedReward', 'EpisodeStats', 'stage_list', 'StageSchedule', 'FrameSticky', 'EnvArgs',
-           'check_env_args', 'make_env']
+__all__ = ['REWARDS', 'KEEP_INFO', 'DEMO_DIR', 'RENDER_MODES', 'ENV_FLAGS', 'gray_resize', 'color_resize', 'bgra_screen',
+           'screen_gray', 'SkipMaxGray', 'ShapedReward', 'EpisodeStats', 'stage_list', 'StageSchedule', 'FrameSticky',
+           'demo_path', 'load_demo', 'DemoStarts', 'EnvArgs', 'check_env_args', 'make_env']
 
 # %% ../nbs/01a_envs.ipynb #8d671158
 def gray_resize(frame:np.ndarray, size:int) -> np.ndarray:
@@ -121,7 +123,7 @@ class ShapedReward(gym.Wrapper, gym.utils.RecordConstructorArgs):
 
 # %% ../nbs/01a_envs.ipynb #83713356
 KEEP_INFO = ('x_pos', 'y_pos', 'flag_get', 'life', 'score', 'time', 'coins', 'world', 'stage',
-             'native_reward',
+             'native_reward', 'demo_frame',
              'episode')
 
 class EpisodeStats(gym.Wrapper, gym.utils.RecordConstructorArgs):
@@ -138,7 +140,7 @@ class EpisodeStats(gym.Wrapper, gym.utils.RecordConstructorArgs):
         obs, info = self.env.reset(**kwargs)
         self._r = self._native = 0.0
         self._l = 0
-        self._x = info.get('x_pos', 0)
+        self._x, self._demo = info.get('x_pos', 0), int(info.get('demo_frame', 0))
         self._t0 = time.perf_counter()
         return obs, self._slim(info)
 
@@ -151,7 +153,7 @@ class EpisodeStats(gym.Wrapper, gym.utils.RecordConstructorArgs):
         if terminated or truncated:
             info['episode'] = dict(r=self._r, native_r=self._native, l=self._l, x=self._x,
                                    flag=bool(info['flag_get']), world=int(info['world']),
-                                   stage=int(info['stage']),
+                                   stage=int(info['stage']), demo_frame=self._demo,
                                    t=time.perf_counter() - self._t0)
         return obs, reward, terminated, truncated, self._slim(info)
 
@@ -206,6 +208,61 @@ class FrameSticky(StickyAction):
         if seed is not None: self._rng = np.random.default_rng(seed)
         return super().reset(seed=seed, options=options)
 
+# %% ../nbs/01a_envs.ipynb #b345f006
+DEMO_DIR = Path(mario_a3c.__file__).parent / 'demos'  # package data: the shipped demos, one W-S.npy per stage
+
+def demo_path(world:int, stage:int, demos='') -> Path:
+    "Where stage `world`-`stage`'s demo lives in folder `demos` ('': the shipped ones)."
+    return Path(demos or DEMO_DIR) / f'{world}-{stage}.npy'
+
+def load_demo(world:int, stage:int, demos='') -> np.ndarray:
+    "A stage's demo: uint8 `[frames]`, the NES button mask of each emulator frame from the start to the flag."
+    p = demo_path(world, stage, demos)
+    if not p.is_file():
+        raise FileNotFoundError(f"no demo for stage {world}-{stage} at {p}: "
+                                f"make one with `mario-a3c explore --stage {world}-{stage}`")
+    masks = np.load(p, allow_pickle=False)
+    if masks.dtype != np.uint8 or masks.ndim != 1 or len(masks) < 2:
+        raise ValueError(f"{p} is not a demo: expected a 1-D uint8 array of button masks, "
+                         f"got {masks.dtype} {masks.shape}")
+    return masks
+
+class DemoStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
+    "With probability `p` a reset starts at demo frame `every`, 2 `every`, ... (wrap the raw emulator)."
+    def __init__(self, env:gym.Env, demos:dict, # (world, stage) -> demo masks (`load_demo`)
+                 p:float=0.5, every:int=32): # every: emulator frames between start points
+        gym.utils.RecordConstructorArgs.__init__(self, p=p, every=every)
+        gym.Wrapper.__init__(self, env)
+        self.demos, self.p, self.every = {ws: np.asarray(m, np.uint8) for ws, m in demos.items()}, p, every
+        self._rng, self._snaps = np.random.default_rng(), {}   # (world, stage, frame) -> emulator snapshot
+
+    def reset(self, *, seed=None, options=None):
+        if seed is not None: self._rng = np.random.default_rng(seed)
+        obs, info = self.env.reset(seed=seed, options=options)
+        ws, frame = (int(info['world']), int(info['stage'])), 0
+        n = (len(self.demos[ws]) - 1) // self.every if ws in self.demos else 0   # start points in the demo
+        if n and self._rng.random() < self.p:
+            frame = self.every * int(self._rng.integers(1, n + 1))
+            obs, info = self.replay(ws, frame)
+        return obs, {**info, 'demo_frame': frame}
+
+    def replay(self, ws:tuple, frame:int) -> tuple:
+        "Put the emulator (just reset on stage `ws`) at demo frame `frame`: (screen, info) there."
+        game, masks = emulator_game(self.env), self.demos[ws]
+        keep = hasattr(game, 'dump_state')   # nes-py >= 9 snapshots; legacy replays from the start
+        start = frame - frame % self.every if keep else 0
+        while start and (*ws, start) not in self._snaps: start -= self.every   # the nearest kept snapshot
+        if start: game.load_state(self._snaps[(*ws, start)])
+        for f in range(start, frame):
+            _, _, terminated, truncated, _ = self.env.step(int(masks[f]))
+            if terminated or truncated:
+                raise ValueError(f"the demo of stage {ws[0]}-{ws[1]} ends the episode at frame {f + 1} "
+                                 f"of {len(masks)}: it does not belong to this stage or emulator")
+            if keep and (f + 1) % self.every == 0: self._snaps[(*ws, f + 1)] = game.dump_state()
+        game._did_reset()   # the game's own reward counters start here
+        return np.array(game.screen), game._get_info()
+
+
 # %% ../nbs/01a_envs.ipynb #9b786e81
 @dataclass
 class EnvArgs:
@@ -225,6 +282,8 @@ class EnvArgs:
     held_buttons: bool = True  # one input plane per button the last action held (a held A cannot jump again)
     sticky_actions: float = 0.0  # ALE sticky actions: chance an emulator frame repeats the last action, 0-<1
     repress_jump: bool = True  # an action holding A jumps again whenever Mario stands on the ground
+    demo_starts: float = 0.0  # share of resets that start at a random frame of the stage's demo, 0-1
+    demos: str = ''  # folder of W-S.npy demos ('': the shipped ones)
 
     def __post_init__(self):
         if self.max_episode_steps is None: self.max_episode_steps = 0   # older callers' "no limit"
@@ -262,6 +321,12 @@ def _check_env(a:EnvArgs):
     p = a.sticky_actions
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
         raise ValueError(f"sticky_actions={p!r} is out of range: allowed 0 <= p < 1")
+    p = a.demo_starts
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+        raise ValueError(f"demo_starts={p!r} is out of range: allowed 0 <= p <= 1")
+    if not isinstance(a.demos, str): raise ValueError(f"demos={a.demos!r} is not a folder name (a str)")
+    if p:   # every stage of the schedule needs its demo
+        for ws in stage_list(a.world, a.stage, a.stage_span, a.random_stage): load_demo(*ws, a.demos)
 
 def check_env_args(*args, full_game=False, render_mode=None, **kw) -> EnvArgs:
     "Validate `make_env` arguments in the parent process, before any worker starts; return them as `EnvArgs`."
@@ -272,9 +337,9 @@ def check_env_args(*args, full_game=False, render_mode=None, **kw) -> EnvArgs:
         raise ValueError(f"full_game={full_game!r} is not a bool: allowed True, False")
     if render_mode not in RENDER_MODES:
         raise ValueError(f"render_mode={render_mode!r}: allowed None, 'rgb_array'")
-    if full_game and (a.random_stage or a.stage_span > 1):
+    if full_game and (a.random_stage or a.stage_span > 1 or a.demo_starts):
         raise ValueError("full_game=True plays the whole game: "
-                         "it cannot be combined with random_stage or stage_span")
+                         "it cannot be combined with random_stage, stage_span or demo_starts")
     return a
 
 
@@ -286,11 +351,11 @@ def make_env(*args, # `EnvArgs` fields by position (usually world, stage)
             ) -> gym.Env:
     "A Super Mario Bros env with uint8 observations `[stack*(1 or 3) (+ buttons), size, size]`."
     a = check_env_args(*args, full_game=full_game, render_mode=render_mode, **kw)
+    stages = stage_list(a.world, a.stage, a.stage_span, a.random_stage)
     if full_game: env = make_raw_env(None, None, render_mode=render_mode)
-    elif a.random_stage or a.stage_span > 1:
-        stages = stage_list(a.world, a.stage, a.stage_span, a.random_stage)
-        env = StageSchedule(stages, a.random_stage, render_mode=render_mode)
+    elif len(stages) > 1: env = StageSchedule(stages, a.random_stage, render_mode=render_mode)
     else: env = make_raw_env(a.world, a.stage, render_mode=render_mode)
+    if a.demo_starts: env = DemoStarts(env, {ws: load_demo(*ws, a.demos) for ws in stages}, a.demo_starts)
     if a.repress_jump: env = RepressJump(env)   # per emulator frame, on button masks
     env = JoypadActions(env, a.actions)
     if a.sticky_actions: env = FrameSticky(env, a.sticky_actions)   # per frame: under the frame skip

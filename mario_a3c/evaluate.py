@@ -20,7 +20,7 @@ from .stacks import action_set, check_stage
 
 # %% auto #0
 __all__ = ['PRETRAINED_DIR', 'LOCAL_FIELDS', 'tiny_checkpoint', 'load_agent', 'CopyRender', 'eval_env_kwargs', 'summarize',
-           'evaluate', 'list_pretrained', 'pretrained_path', 'export_pretrained']
+           'evaluate', 'parse_stage', 'list_pretrained', 'pretrained_path', 'export_pretrained']
 
 # %% ../nbs/09_evaluate.ipynb #2d0c3bcc
 def tiny_checkpoint(directory, # folder for the run's files (checkpoint, config)
@@ -90,7 +90,7 @@ def eval_env_kwargs(config:TrainingConfig, # the checkpoint's training config
                                config.stage if stage is None else stage)
     return {**config.env_kwargs(), 'world': world, 'stage': stage, 'random_stage': False, 'stage_span': 1,
             'max_episode_steps': max_steps, 'render_mode': 'rgb_array' if render else None,
-            'sticky_actions': sticky}
+            'sticky_actions': sticky, 'demo_starts': 0.0}   # every episode from the stage's start
 
 # %% ../nbs/09_evaluate.ipynb #cc6295bd
 def summarize(episodes:list[dict], # per-episode rows of `evaluate`
@@ -191,7 +191,8 @@ def evaluate(checkpoint, # a `.pt` checkpoint (or its `.json`)
 # %% ../nbs/09_evaluate.ipynb #84fded92
 PRETRAINED_DIR = Path(mario_a3c.__file__).parent / 'pretrained'  # package data: shipped agents
 
-def _stage_name(name:str) -> tuple[int, int]:
+def parse_stage(name:str) -> tuple[int, int]:
+    "(world, stage) of a stage name 'W-S'; a one-line error otherwise."
     m = re.fullmatch(r'(\d+)-(\d+)', str(name))
     if not m: raise ValueError(f"pretrained={name!r} is not a stage name: use W-S, e.g. 1-1")
     return check_stage(int(m[1]), int(m[2]))
@@ -208,7 +209,7 @@ def pretrained_path(name:str, # a stage, 'W-S' (e.g. '1-1')
                     directory=None, # folder of shipped agents (default: the package's)
                    ) -> Path:
     "The shipped agent of stage `name`; a one-line error listing what is available when there is none."
-    w, s = _stage_name(name)
+    w, s = parse_stage(name)
     d = Path(directory or PRETRAINED_DIR)
     p = d / f'a3c_world{w}_stage{s}.pt'
     if not (p.is_file() and p.with_suffix('.json').is_file()):
@@ -233,7 +234,7 @@ def export_pretrained(checkpoint, # a `.pt` checkpoint from training
     src = Path(meta['path'])
     config = _agent_config(meta, src)
     if stage is not None:   # plays this stage by default: the schedule's other stages are not the agent's
-        w, s = _stage_name(stage)
+        w, s = parse_stage(stage)
         meta = {**meta,
                 'config': {**meta['config'], 'world': w, 'stage': s, 'random_stage': False, 'stage_span': 1}}
         config = _agent_config(meta, src)

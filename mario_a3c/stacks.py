@@ -14,7 +14,7 @@ import numpy as np
 # %% auto #0
 __all__ = ['WORLDS', 'STAGES', 'ALL_STAGES', 'ACTION_SETS', 'PLANE_BUTTONS', 'INFO_KEYS', 'A_MASK', 'FLOAT_STATE', 'stack_name',
            'stack_versions', 'check_stage', 'stage_env_id', 'action_set', 'button_mask', 'JoypadActions',
-           'held_button_names', 'HeldButtons', 'make_raw_env', 'emulator_ram', 'RepressJump']
+           'held_button_names', 'HeldButtons', 'make_raw_env', 'emulator_game', 'emulator_ram', 'RepressJump']
 
 # %% ../nbs/01_stacks.ipynb #157a7e0a
 def _version(pkg:str) -> str|None:
@@ -160,16 +160,20 @@ def make_raw_env(world:int|None=1, stage:int|None=1, render_mode:str|None=None) 
     return _LegacyResetInfo(GymV26CompatibilityV0(env=inner))
 
 # %% ../nbs/01_stacks.ipynb #1073bc62
-def emulator_ram(env) -> np.ndarray:
-    "The NES RAM (2 kB, writable) inside `env`, through wrappers, legacy adapters and a stage schedule."
-    inner = env.unwrapped
-    for _ in range(8):   # legacy: shimmy's adapter -> old gym's API adapter -> the emulator
-        if hasattr(inner, 'ram'): return inner.ram
-        inner = getattr(inner, 'gym_env',
-                        None) or getattr(inner, 'current', None) or getattr(inner, 'env', None)
+def emulator_game(env) -> gym.Env:
+    "The game inside `env` (RAM, `_get_info`, `screen`), through wrappers, legacy adapters and a schedule."
+    inner = env
+    for _ in range(32):   # legacy: shimmy's adapter -> old gym's API adapter -> the emulator
+        # old gym's wrappers forward `ram` but refuse private names: only the game has `_get_info`
+        if hasattr(inner, 'ram') and hasattr(inner, '_get_info'): return inner
+        inner = (getattr(inner, 'current', None) or getattr(inner, 'gym_env', None)
+                 or getattr(inner, 'env', None))
         if inner is None: break
-        inner = getattr(inner, 'unwrapped', inner)
     raise TypeError(f"{type(env.unwrapped).__name__} has no NES emulator inside")
+
+def emulator_ram(env) -> np.ndarray:
+    "The NES RAM (2 kB, writable) inside `env`."
+    return emulator_game(env).ram
 
 # the A bit of a button mask; RAM: Mario's float state (0: on the ground)
 A_MASK, FLOAT_STATE = button_mask(['A']), 0x1D

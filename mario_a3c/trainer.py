@@ -180,7 +180,8 @@ def _episode(self:Trainer, ep:dict, frames:int):
     "Count a finished episode, add it to the rolling window and report it."
     self.episodes += 1
     r, flag, x = float(ep.get('r', math.nan)), float(ep.get('flag', 0.0)), float(ep.get('x', math.nan))
-    self.window.append((r, flag, x))
+    # rolling rates: only episodes that began at the stage's start (`demo_starts` puts others mid-stage)
+    if not ep.get('demo_frame'): self.window.append((r, flag, x))
     info = {**ep, 'episode': self.episodes, 'update': self.updates + 1, 'frames': frames}
     self.callbacks.on_episode_end(self, info)
 

@@ -97,7 +97,7 @@ def objective_value(records:list, # metrics records (`read_metrics`), episodes a
                    ) -> float|None:
     "Mean `metric` over the last `last` episode records (None when there is none)."
     key = _check_metric(metric)
-    vals = [float(r[key]) for r in records if r.get('kind') == 'episode'][-last:]
+    vals = [float(r[key]) for r in records if r.get('kind') == 'episode' and not r.get('demo_frame')][-last:]
     return float(np.mean(vals)) if vals else None
 
 # %% ../nbs/13_tune.ipynb #18770330
@@ -108,7 +108,7 @@ class TrialReporter:
         self.recent, self.pruned, self.updates = deque(maxlen=last), False, 0
     def record(self, rec:dict) -> bool:
         "Take one record (`kind` 'episode' or 'update'); True when the trial should stop."
-        if rec.get('kind') == 'episode': self.recent.append(float(rec[self.key]))
+        if rec.get('kind') == 'episode' and not rec.get('demo_frame'): self.recent.append(float(rec[self.key]))
         if rec.get('kind') != 'update': return False
         self.updates = step = int(rec['update'])
         if not self.recent or step % self.every: return False

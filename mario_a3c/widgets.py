@@ -322,7 +322,7 @@ def on_update(self:TrainingPanel, trainer, metrics):
 
 @patch
 def on_episode_end(self:TrainingPanel, trainer, episode):
-    if not self.active: return
+    if not self.active or episode.get('demo_frame'): return   # curves: episodes from the stage's start
     f = episode.get('frames', trainer.frames)
     for k, key in (('r', 'charts/episodic_return'), ('x', 'charts/x_pos')):
         if (v := _num(episode.get(k))) is not None: self.hist[key].add(f, v)

@@ -46,6 +46,8 @@ def test_design_fields_and_defaults():
         held_buttons=True,
         sticky_actions=0.0,
         repress_jump=True,
+        demo_starts=0.0,
+        demos="",
         num_envs=8,
         vectorization="threads",
         channels="8,16,16",
