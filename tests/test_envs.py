@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from mario_a3c.envs import EnvArgs, gray_resize, make_env
+from mario_a3c.envs import EnvArgs, gray_resize, load_demo, make_env
 from mario_a3c.stacks import JoypadActions, action_set, button_mask, make_raw_env, stack_name
 from mario_a3c.vector import make_vec_env
 
@@ -409,3 +409,36 @@ def test_shipped_world1_1_agent_reaches_the_flag_on_this_stack():
     )
     assert flag["score"] == last["score"] and flag["reward"] > 5
     assert ep["return"] == pytest.approx(sum(i["reward"] for i in infos))
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3, 4])
+def test_shipped_demo_takes_the_flag_on_this_stack(stage):
+    "A demo is one button mask per emulator frame: from the stage's start it takes the flag on its last frame."
+    masks = load_demo(1, stage)
+    env = make_raw_env(1, stage)
+    env.reset(seed=0)
+    for i, m in enumerate(masks):
+        _, _, terminated, _, info = env.step(int(m))
+        assert not terminated or i == len(masks) - 1, f"the episode ended at frame {i + 1} of {len(masks)}"
+    assert terminated and info["flag_get"] and (info["world"], info["stage"]) == (1, stage)
+
+
+def test_demo_starts_put_mario_where_a_plain_replay_does():
+    "Modern: snapshots, legacy: a replay from the start; either way the episode starts at the demo's state."
+    masks = load_demo(1, 4)
+    env = make_env(1, 4, demo_starts=1.0)
+    for seed in range(3):
+        _, info = env.reset(seed=seed)
+        frame = info["demo_frame"]
+        raw = make_raw_env(1, 4)
+        raw.reset(seed=0)
+        for m in masks[:frame]:
+            _, _, _, _, ref = raw.step(int(m))
+        raw.close()
+        assert frame > 0 and (info["x_pos"], info["y_pos"], info["time"]) == (
+            ref["x_pos"],
+            ref["y_pos"],
+            ref["time"],
+        )
+        _, _, terminated, _, info = env.step(0)
+        assert not terminated
