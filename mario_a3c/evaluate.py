@@ -129,7 +129,8 @@ def _play_episode(env, obs, model, dev, ep:int, n_noop:int, noop:int, determinis
         if callback is not None:
             step = dict(info, episode_index=ep, step=t, action=action, reward=float(reward), noop=t <= n_noop,
                         **{'return': ret})
-            stopped = callback(env.unwrapped.render(), step) is True
+            # a copy: the emulator's screen is a view that the next step overwrites
+            stopped = callback(np.array(env.unwrapped.render()), step) is True
     return stats, xs, stopped, bool(truncated and not terminated)
 
 # %% ../nbs/09_evaluate.ipynb #717f9284

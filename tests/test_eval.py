@@ -214,6 +214,14 @@ def test_callback_can_stop(ckpt):
     assert res["stopped"] and res["episodes"] == [] and res["clear_rate"] is None
 
 
+def test_callback_frames_can_be_kept(ckpt):
+    "Each step's frame is the screen of that step, still so after later steps (not a view the emulator reuses)."
+    kept, fresh = [], []
+    evaluate(ckpt, episodes=1, max_steps=40, callback=lambda f, i: kept.append(f) or fresh.append(f.copy()))
+    assert len(kept) == 40 and all(np.array_equal(a, b) for a, b in zip(kept, fresh))
+    assert len({f.tobytes() for f in kept}) > 10   # the screen scrolls and Mario moves
+
+
 def copy_ckpt(ckpt, d):
     d.mkdir(parents=True, exist_ok=True)
     shutil.copy(ckpt, d / ckpt.name)
