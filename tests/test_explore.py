@@ -45,19 +45,8 @@ def test_explore_refuses_to_overwrite(tmp_path):
 
 
 def test_demo_starts_are_recorded_and_kept_out_of_rates_and_curves(tmp_path):
-    cfg = TrainingConfig(
-        mode='sync',
-        num_envs=2,
-        vectorization='sync',
-        rollout_steps=32,
-        total_updates=12,
-        stage=4,
-        demo_starts=0.5,
-        **BEFORE_RECIPE,
-        **TINY_NET,
-        **QUICK,
-        **outputs(tmp_path),
-    )
+    run = dict(mode='sync', num_envs=2, vectorization='sync', rollout_steps=32, total_updates=12, stage=4)
+    cfg = TrainingConfig(**run, demo_starts=0.5, **BEFORE_RECIPE, **TINY_NET, **QUICK, **outputs(tmp_path))
     t = Trainer(cfg)
     t.train()
     eps = read_metrics(cfg.metrics_path, 'episode')
