@@ -5,11 +5,13 @@
 # %% ../nbs/01a_envs.ipynb #6c8816dd
 from __future__ import annotations
 import time
+from collections import deque
 from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
 
 import cv2
+from fastcore.basics import patch
 import gymnasium as gym
 import mario_a3c
 import numpy as np
@@ -227,14 +229,20 @@ def load_demo(world:int, stage:int, demos='') -> np.ndarray:
                          f"got {masks.dtype} {masks.shape}")
     return masks
 
+# %% ../nbs/01a_envs.ipynb #6b925013
 class DemoStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
     "With probability `p` a reset starts at demo frame `every`, 2 `every`, ... (wrap the raw emulator)."
     def __init__(self, env:gym.Env, demos:dict, # (world, stage) -> demo masks (`load_demo`)
-                 p:float=0.5, every:int=32): # every: emulator frames between start points
-        gym.utils.RecordConstructorArgs.__init__(self, p=p, every=every)
+                 p:float=0.5, every:int=32, # every: emulator frames between start points
+                 frontier:float=0.5, # share of starts within `span` px before where episodes end
+                 span:int=200):
+        gym.utils.RecordConstructorArgs.__init__(self, p=p, every=every, frontier=frontier, span=span)
         gym.Wrapper.__init__(self, env)
         self.demos, self.p, self.every = {ws: np.asarray(m, np.uint8) for ws, m in demos.items()}, p, every
+        self.frontier, self.span = frontier, span
         self._rng, self._snaps = np.random.default_rng(), {}   # (world, stage, frame) -> emulator snapshot
+        # demo frame -> x; stage -> x where episodes from the start ended
+        self._x, self._ends, self._from_start = {}, {}, None
 
     def reset(self, *, seed=None, options=None):
         if seed is not None: self._rng = np.random.default_rng(seed)
@@ -242,26 +250,45 @@ class DemoStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
         ws, frame = (int(info['world']), int(info['stage'])), 0
         n = (len(self.demos[ws]) - 1) // self.every if ws in self.demos else 0   # start points in the demo
         if n and self._rng.random() < self.p:
-            frame = self.every * int(self._rng.integers(1, n + 1))
+            frame = self.draw(ws, n)
             obs, info = self.replay(ws, frame)
+        self._from_start = ws if frame == 0 else None
         return obs, {**info, 'demo_frame': frame}
 
-    def replay(self, ws:tuple, frame:int) -> tuple:
-        "Put the emulator (just reset on stage `ws`) at demo frame `frame`: (screen, info) there."
-        game, masks = emulator_game(self.env), self.demos[ws]
-        keep = hasattr(game, 'dump_state')   # nes-py >= 9 snapshots; legacy replays from the start
-        start = frame - frame % self.every if keep else 0
-        while start and (*ws, start) not in self._snaps: start -= self.every   # the nearest kept snapshot
-        if start: game.load_state(self._snaps[(*ws, start)])
-        for f in range(start, frame):
-            _, _, terminated, truncated, _ = self.env.step(int(masks[f]))
-            if terminated or truncated:
-                raise ValueError(f"the demo of stage {ws[0]}-{ws[1]} ends the episode at frame {f + 1} "
-                                 f"of {len(masks)}: it does not belong to this stage or emulator")
-            if keep and (f + 1) % self.every == 0: self._snaps[(*ws, f + 1)] = game.dump_state()
-        game._did_reset()   # the game's own reward counters start here
-        return np.array(game.screen), game._get_info()
+    def step(self, action):
+        out = self.env.step(action)
+        if (out[2] or out[3]) and self._from_start is not None:   # where play from the stage's start ends
+            self._ends.setdefault(self._from_start, deque(maxlen=10)).append(int(out[4]['x_pos']))
+        return out
 
+    def draw(self, ws:tuple, n:int) -> int:
+        "A start frame: a share `frontier` just before where episodes from the start end, else uniform."
+        if self._ends.get(ws) and self._rng.random() < self.frontier:
+            end = float(np.median(self._ends[ws]))
+            frames = range(self.every, (n + 1) * self.every, self.every)
+            near = [f for f in frames if end - self.span <= self._x.get((*ws, f), -np.inf) < end]
+            if near: return near[int(self._rng.integers(len(near)))]
+        return self.every * int(self._rng.integers(1, n + 1))
+
+# %% ../nbs/01a_envs.ipynb #3bba9cb0
+@patch
+def replay(self:DemoStarts, ws:tuple, frame:int) -> tuple:
+    "Put the emulator (just reset on stage `ws`) at demo frame `frame`: (screen, info) there."
+    game, masks = emulator_game(self.env), self.demos[ws]
+    keep = hasattr(game, 'dump_state')   # nes-py >= 9 snapshots; legacy replays from the start
+    start = frame - frame % self.every if keep else 0
+    while start and (*ws, start) not in self._snaps: start -= self.every   # the nearest kept snapshot
+    if start: game.load_state(self._snaps[(*ws, start)])
+    for f in range(start, frame):
+        _, _, terminated, truncated, info = self.env.step(int(masks[f]))
+        if terminated or truncated:
+            raise ValueError(f"the demo of stage {ws[0]}-{ws[1]} ends the episode at frame {f + 1} "
+                             f"of {len(masks)}: it does not belong to this stage or emulator")
+        if (f + 1) % self.every == 0:
+            self._x[(*ws, f + 1)] = int(info['x_pos'])
+            if keep: self._snaps[(*ws, f + 1)] = game.dump_state()
+    game._did_reset()   # the game's own reward counters start here
+    return np.array(game.screen), game._get_info()
 
 # %% ../nbs/01a_envs.ipynb #9b786e81
 @dataclass
