@@ -91,7 +91,12 @@ def _cmd_train(args) -> int:
     from mario_a3c.trainer import Trainer
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     if getattr(args, 'dry_run', False):   # check the flags (and write --config-out), train nothing
-        print(json.dumps(config_from_args(args).to_dict()))
+        if args.resume:   # the config the resumed run would train with
+            from mario_a3c.checkpoint import load_meta, resolve_resume_config
+            cfg = resolve_resume_config(load_meta(args.resume), explicit_overrides(args))
+            if getattr(args, 'config_out', None): cfg.to_json(args.config_out)
+        else: cfg = config_from_args(args)
+        print(json.dumps(cfg.to_dict()))
         return 0
     if args.resume: trainer = Trainer.from_checkpoint(args.resume, overrides=explicit_overrides(args))
     else: trainer = Trainer(config_from_args(args))
