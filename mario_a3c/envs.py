@@ -234,20 +234,23 @@ class DemoStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
     "With probability `p` a reset starts at demo frame `every`, 2 `every`, ... (wrap the raw emulator)."
     def __init__(self, env:gym.Env, demos:dict, # (world, stage) -> demo masks (`load_demo`)
                  p:float=0.5, every:int=32, # every: emulator frames between start points
-                 frontier:float=0.5, # share of starts within `span` px before where episodes end
-                 span:int=200):
-        gym.utils.RecordConstructorArgs.__init__(self, p=p, every=every, frontier=frontier, span=span)
+                 frontier:float=0.5, # share of starts within `span` px before the frontier's edge
+                 span:int=200,
+                 tries:int=10, back:float=0.5): # the edge moves back span/2 once `back` of `tries` starts get past
+        gym.utils.RecordConstructorArgs.__init__(self, p=p, every=every, frontier=frontier, span=span,
+                                                 tries=tries, back=back)
         gym.Wrapper.__init__(self, env)
         self.demos, self.p, self.every = {ws: np.asarray(m, np.uint8) for ws, m in demos.items()}, p, every
-        self.frontier, self.span = frontier, span
+        self.frontier, self.span, self.tries, self.back = frontier, span, tries, back
         self._rng, self._snaps = np.random.default_rng(), {}   # (world, stage, frame) -> emulator snapshot
-        # demo frame -> x; stage -> x where episodes from the start ended
-        self._x, self._ends, self._from_start = {}, {}, None
+        # demo frame -> x; stage -> x where episodes from the start ended; stage -> [edge, end it began at, outcomes]
+        self._x, self._ends, self._edges = {}, {}, {}
+        self._from_start = self._trial = None   # the stage of a true start; (stage, x to reach) of a frontier start
 
     def reset(self, *, seed=None, options=None):
         if seed is not None: self._rng = np.random.default_rng(seed)
         obs, info = self.env.reset(seed=seed, options=options)
-        ws, frame = (int(info['world']), int(info['stage'])), 0
+        ws, frame, self._trial = (int(info['world']), int(info['stage'])), 0, None
         n = (len(self.demos[ws]) - 1) // self.every if ws in self.demos else 0   # start points in the demo
         if n and self._rng.random() < self.p:
             frame = self.draw(ws, n)
@@ -257,18 +260,36 @@ class DemoStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
 
     def step(self, action):
         out = self.env.step(action)
-        if (out[2] or out[3]) and self._from_start is not None:   # where play from the stage's start ends
-            self._ends.setdefault(self._from_start, deque(maxlen=10)).append(int(out[4]['x_pos']))
+        done, x = out[2] or out[3], int(out[4]['x_pos'])
+        if done and self._from_start is not None:   # where play from the stage's start ends
+            self._ends.setdefault(self._from_start, deque(maxlen=10)).append(x)
+        if self._trial is not None and (done or x >= self._trial[1]):   # a frontier start got past, or not
+            self._edges[self._trial[0]][2].append(x >= self._trial[1])
+            self._trial = None
         return out
 
     def draw(self, ws:tuple, n:int) -> int:
-        "A start frame: a share `frontier` just before where episodes from the start end, else uniform."
+        "A start frame: a share `frontier` just before the frontier's edge, else uniform."
         if self._ends.get(ws) and self._rng.random() < self.frontier:
             end = float(np.median(self._ends[ws]))
+            edge = self.edge(ws, end)
             frames = range(self.every, (n + 1) * self.every, self.every)
-            near = [f for f in frames if end - self.span <= self._x.get((*ws, f), -np.inf) < end]
-            if near: return near[int(self._rng.integers(len(near)))]
+            near = [f for f in frames if edge - self.span <= self._x.get((*ws, f), -np.inf) < edge]
+            if near:
+                self._trial = ws, end + self.span   # a success gets `span` past where true starts end
+                return near[int(self._rng.integers(len(near)))]
         return self.every * int(self._rng.integers(1, n + 1))
+
+    def edge(self, ws:tuple, end:float) -> float:
+        "Where frontier starts stop: `end` (true starts' median end), moved back as starts before it succeed."
+        e = self._edges.get(ws)
+        if e is None or end > e[1] + self.span / 2:   # true starts got further: a new frontier
+            e = self._edges[ws] = [end, end, deque(maxlen=self.tries)]
+        elif len(e[2]) == self.tries and np.mean(e[2]) >= self.back:   # mastered from here: start further back
+            e[0] = max(e[0] - self.span / 2, self.span)
+            e[2].clear()
+        return e[0]
+
 
 # %% ../nbs/01a_envs.ipynb #3bba9cb0
 @patch
