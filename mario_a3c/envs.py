@@ -233,7 +233,7 @@ def load_demo(world:int, stage:int, demos='') -> np.ndarray:
 class DemoStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
     "With probability `p` a reset starts at demo frame `every`, 2 `every`, ... (wrap the raw emulator)."
     def __init__(self, env:gym.Env, demos:dict, # (world, stage) -> demo masks (`load_demo`)
-                 p:float=0.5, every:int=32, # every: emulator frames between start points
+                 p:float=0.5, every:int=8, # every: emulator frames between start points
                  frontier:float=0.5, # share of starts within `span` px before the frontier's edge
                  span:int=200,
                  tries:int=10, back:float=0.5): # the edge moves back span/2 once `back` of `tries` starts get past

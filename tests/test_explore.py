@@ -53,6 +53,6 @@ def test_demo_starts_are_recorded_and_kept_out_of_rates_and_curves(tmp_path):
     mid = [e for e in eps if e['demo_frame'] > 0]
     true = [e for e in eps if e['demo_frame'] == 0]
     print(f'{len(eps)} episodes, {len(mid)} from demo frames {sorted(e["demo_frame"] for e in mid)}')
-    assert mid and true and all(e['demo_frame'] % 32 == 0 for e in mid)
+    assert mid and true and all(e['demo_frame'] % 8 == 0 for e in mid)
     assert len(t.window) == len(true)  # the rolling rates see only episodes from the stage's start
     assert np.array_equal(episode_columns(cfg.metrics_path)['x'], [e['x'] for e in true])
