@@ -421,6 +421,14 @@ def test_shipped_world1_1_agent_clears_the_stage():
     assert meta["weights_dtype"] == "float16" and meta["config"]["repress_jump"] is True
 
 
+def test_shipped_world1_1_agent_plays_under_sticky_actions():
+    "Under ALE's sticky actions every episode's timing differs: the agent takes a different path each time and clears."
+    res = run_cli("--pretrained", "1-1", "--episodes", 4, "--sticky", 0.25, "--noop-max", 30, "--seed", 0, "--json")
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["sticky"] == 0.25 and out["distinct_paths"] == 4, out
+    assert [(e["flag"], e["max_x"]) for e in out["episodes"]] == [(True, 3161)] * 4, out["episodes"]
+
+
 def test_a_plain_install_carries_the_shipped_agent(tmp_path):
     "Build a wheel from the sources, install it into an empty folder: `pretrained_path('1-1')` finds the agent there."
     src = tmp_path / "src"
