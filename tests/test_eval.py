@@ -219,7 +219,7 @@ def test_callback_frames_can_be_kept(ckpt):
     kept, fresh = [], []
     evaluate(ckpt, episodes=1, max_steps=40, callback=lambda f, i: kept.append(f) or fresh.append(f.copy()))
     assert len(kept) == 40 and all(np.array_equal(a, b) for a, b in zip(kept, fresh))
-    assert len({f.tobytes() for f in kept}) > 10   # the screen scrolls and Mario moves
+    assert len({f.tobytes() for f in kept}) > 10  # the screen scrolls and Mario moves
 
 
 def copy_ckpt(ckpt, d):
@@ -423,7 +423,9 @@ def test_shipped_world1_1_agent_clears_the_stage():
 
 def test_shipped_world1_1_agent_plays_under_sticky_actions():
     "Under ALE's sticky actions every episode's timing differs: the agent takes a different path each time and clears."
-    res = run_cli("--pretrained", "1-1", "--episodes", 4, "--sticky", 0.25, "--noop-max", 30, "--seed", 0, "--json")
+    res = run_cli(
+        "--pretrained", "1-1", "--episodes", 4, "--sticky", 0.25, "--noop-max", 30, "--seed", 0, "--json"
+    )
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["sticky"] == 0.25 and out["distinct_paths"] == 4, out
     assert [(e["flag"], e["max_x"]) for e in out["episodes"]] == [(True, 3161)] * 4, out["episodes"]
