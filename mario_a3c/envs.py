@@ -268,27 +268,31 @@ class DemoStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
             self._trial = None
         return out
 
-    def draw(self, ws:tuple, n:int) -> int:
-        "A start frame: a share `frontier` just before the frontier's edge, else uniform."
-        if self._ends.get(ws) and self._rng.random() < self.frontier:
-            end = float(np.median(self._ends[ws]))
-            edge = self.edge(ws, end)
-            frames = range(self.every, (n + 1) * self.every, self.every)
-            near = [f for f in frames if edge - self.span <= self._x.get((*ws, f), -np.inf) < edge]
-            if near:
-                self._trial = ws, end + self.span   # a success gets `span` past where true starts end
-                return near[int(self._rng.integers(len(near)))]
-        return self.every * int(self._rng.integers(1, n + 1))
 
-    def edge(self, ws:tuple, end:float) -> float:
-        "Where frontier starts stop: `end` (true starts' median end), moved back as starts before it succeed."
-        e = self._edges.get(ws)
-        if e is None or end > e[1] + self.span / 2:   # true starts got further: a new frontier
-            e = self._edges[ws] = [end, end, deque(maxlen=self.tries)]
-        elif len(e[2]) == self.tries and np.mean(e[2]) >= self.back:   # mastered from here: start further back
-            e[0] = max(e[0] - self.span / 2, self.span)
-            e[2].clear()
-        return e[0]
+# %% ../nbs/01a_envs.ipynb #38afa912
+@patch
+def draw(self:DemoStarts, ws:tuple, n:int) -> int:
+    "A start frame: a share `frontier` just before the frontier's edge, else uniform."
+    if self._ends.get(ws) and self._rng.random() < self.frontier:
+        end = float(np.median(self._ends[ws]))
+        edge = self.edge(ws, end)
+        frames = range(self.every, (n + 1) * self.every, self.every)
+        near = [f for f in frames if edge - self.span <= self._x.get((*ws, f), -np.inf) < edge]
+        if near:
+            self._trial = ws, end + self.span   # a success gets `span` past where true starts end
+            return near[int(self._rng.integers(len(near)))]
+    return self.every * int(self._rng.integers(1, n + 1))
+
+@patch
+def edge(self:DemoStarts, ws:tuple, end:float) -> float:
+    "Where frontier starts stop: `end` (true starts' median end), moved back as starts before it succeed."
+    e = self._edges.get(ws)
+    if e is None or end > e[1] + self.span / 2:   # true starts got further: a new frontier
+        e = self._edges[ws] = [end, end, deque(maxlen=self.tries)]
+    elif len(e[2]) == self.tries and np.mean(e[2]) >= self.back:   # mastered from here: start further back
+        e[0] = max(e[0] - self.span / 2, self.span)
+        e[2].clear()
+    return e[0]
 
 
 # %% ../nbs/01a_envs.ipynb #3bba9cb0
