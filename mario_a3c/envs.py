@@ -24,8 +24,8 @@ from .stacks import (ACTION_SETS, ALL_STAGES, HeldButtons, JoypadActions, Repres
 
 # %% auto #0
 __all__ = ['REWARDS', 'KEEP_INFO', 'DEMO_DIR', 'RENDER_MODES', 'ENV_FLAGS', 'gray_resize', 'color_resize', 'bgra_screen',
-           'screen_gray', 'SkipMaxGray', 'ShapedReward', 'EpisodeStats', 'stage_list', 'StageSchedule', 'FrameSticky',
-           'demo_path', 'load_demo', 'DemoStarts', 'EnvArgs', 'check_env_args', 'make_env']
+           'screen_gray', 'SkipMaxGray', 'ShapedReward', 'StallLimit', 'EpisodeStats', 'stage_list', 'StageSchedule',
+           'FrameSticky', 'demo_path', 'load_demo', 'DemoStarts', 'EnvArgs', 'check_env_args', 'make_env']
 
 # %% ../nbs/01a_envs.ipynb #8d671158
 def gray_resize(frame:np.ndarray, size:int) -> np.ndarray:
@@ -122,6 +122,32 @@ class ShapedReward(gym.Wrapper, gym.utils.RecordConstructorArgs):
         if self.mode == 'shaped': reward = self.shape(self._last, info, terminated)
         self._last = info
         return obs, reward, terminated, truncated, info
+
+# %% ../nbs/01a_envs.ipynb #2b546437
+class StallLimit(gym.Wrapper, gym.utils.RecordConstructorArgs):
+    "Ends an episode, as a death, after `steps` agent steps without a new furthest x."
+    def __init__(self, env:gym.Env, steps:int=150, # agent steps Mario may go without getting further right
+                 warp:int=64): # px: a larger jump in x is a pipe to another area, where the count starts afresh
+        gym.utils.RecordConstructorArgs.__init__(self, steps=steps, warp=warp)
+        gym.Wrapper.__init__(self, env)
+        self.steps, self.warp = steps, warp
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        self._x = self._best = int(info['x_pos'])
+        self._idle = 0
+        return obs, info
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        x = int(info['x_pos'])
+        warped = abs(x - self._x) > self.warp
+        if warped or x > self._best: self._best, self._idle = x, 0
+        else: self._idle += 1
+        self._x = x
+        if self._idle >= self.steps: terminated = True   # ShapedReward counts it as a death
+        return obs, reward, terminated, truncated, info
+
 
 # %% ../nbs/01a_envs.ipynb #83713356
 KEEP_INFO = ('x_pos', 'y_pos', 'flag_get', 'life', 'score', 'time', 'coins', 'world', 'stage',
@@ -331,6 +357,7 @@ class EnvArgs:
     random_stage: bool = False  # draw a stage per episode (from all 32, or from the stage_span stages)
     stage_span: int = 1  # stages from world-stage on that the envs cycle through
     max_episode_steps: int = 0  # truncate episodes after this many agent steps (0: no limit)
+    stall_steps: int = 0  # end an episode as a death after this many agent steps without getting further (0: never)
     held_buttons: bool = True  # one input plane per button the last action held (a held A cannot jump again)
     sticky_actions: float = 0.0  # ALE sticky actions: chance an emulator frame repeats the last action, 0-<1
     repress_jump: bool = True  # an action holding A jumps again whenever Mario stands on the ground
@@ -370,6 +397,7 @@ def _check_env(a:EnvArgs):
         raise ValueError(f"reward={a.reward!r} is not a reward mode: allowed {', '.join(REWARDS)}")
     stage_list(a.world, a.stage, a.stage_span, a.random_stage)
     _check_int('max_episode_steps', a.max_episode_steps, 0)
+    _check_int('stall_steps', a.stall_steps, 0)
     p = a.sticky_actions
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
         raise ValueError(f"sticky_actions={p!r} is out of range: allowed 0 <= p < 1")
@@ -417,6 +445,7 @@ def make_env(*args, # `EnvArgs` fields by position (usually world, stage)
         if a.frame_skip > 1: env = MaxAndSkipObservation(env, skip=a.frame_skip)
         box = gym.spaces.Box(0, 255, (3, size, size), np.uint8)
         env = TransformObservation(env, partial(color_resize, size=size), box)
+    if a.stall_steps: env = StallLimit(env, a.stall_steps)   # per agent step, under the reward: a death
     env = ShapedReward(env, a.reward)
     if a.max_episode_steps: env = TimeLimit(env, a.max_episode_steps)
     env = EpisodeStats(env)

@@ -198,6 +198,18 @@ def test_time_limit_truncates():
         assert not any(env.step(0)[3] for _ in range(10))
 
 
+def test_stall_limit_ends_a_standing_mario_as_a_death():
+    "Per agent step, under the reward: 20 steps of standing still end the episode with the death penalty."
+    env = make_env(1, 1, stall_steps=20)
+    env.reset(seed=0)
+    out = [env.step(0) for _ in range(20)]
+    assert [o[2] for o in out] == [False] * 19 + [True]
+    assert out[-1][4]["episode"]["l"] == 20 and out[-1][1] <= -5.0
+    env = make_env(1, 1, stall_steps=20)  # running right (to just before the first Goomba): never stalls
+    env.reset(seed=0)
+    assert not any(env.step(1)[2] for _ in range(30))
+
+
 @pytest.mark.parametrize(
     "bad,msg",
     [
