@@ -171,7 +171,7 @@ def save(self:EpisodeMemory, path) -> Path:
                   priorities=self.tree[slots], lengths=np.array([len(k[2]) for k in order], np.int64),
                   scores=np.array([k[0] for k in order]), gamma=np.float64(self.gamma))
     tmp = path.with_name(path.name + '.tmp')
-    with open(tmp, 'wb') as f: np.savez(f, **arrays)
+    with open(tmp, 'wb') as f: np.savez_compressed(f, **arrays)   # stacked frames: ~25x smaller
     os.replace(tmp, path)
     return path
 
