@@ -24,8 +24,9 @@ from .stacks import (ACTION_SETS, ALL_STAGES, HeldButtons, JoypadActions, Repres
 
 # %% auto #0
 __all__ = ['REWARDS', 'KEEP_INFO', 'DEMO_DIR', 'RENDER_MODES', 'ENV_FLAGS', 'gray_resize', 'color_resize', 'bgra_screen',
-           'screen_gray', 'SkipMaxGray', 'ShapedReward', 'StallLimit', 'EpisodeStats', 'stage_list', 'StageSchedule',
-           'FrameSticky', 'demo_path', 'load_demo', 'DemoStarts', 'EnvArgs', 'check_env_args', 'make_env']
+           'screen_gray', 'SkipMaxGray', 'ShapedReward', 'StallLimit', 'NoopStarts', 'EpisodeStats', 'stage_list',
+           'StageSchedule', 'FrameSticky', 'demo_path', 'load_demo', 'DemoStarts', 'EnvArgs', 'check_env_args',
+           'make_env']
 
 # %% ../nbs/01a_envs.ipynb #8d671158
 def gray_resize(frame:np.ndarray, size:int) -> np.ndarray:
@@ -148,6 +149,26 @@ class StallLimit(gym.Wrapper, gym.utils.RecordConstructorArgs):
         if self._idle >= self.steps: terminated = True   # ShapedReward counts it as a death
         return obs, reward, terminated, truncated, info
 
+
+# %% ../nbs/01a_envs.ipynb #7d3e1b02
+class NoopStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
+    "Each episode from the stage's start begins with 0..`noop_max` agent steps of the `noop` action."
+    def __init__(self, env:gym.Env, noop_max:int=30, # most no-op agent steps at a reset
+                 noop:int=0): # the no-op's action index
+        gym.utils.RecordConstructorArgs.__init__(self, noop_max=noop_max, noop=noop)
+        gym.Wrapper.__init__(self, env)
+        self.noop_max, self.noop, self._rng = noop_max, noop, np.random.default_rng()
+
+    def reset(self, *, seed=None, options=None):
+        if seed is not None: self._rng = np.random.default_rng(seed)
+        obs, info = self.env.reset(seed=seed, options=options)
+        if info.get('demo_frame'): return obs, info   # a demo start begins mid-stage already
+        n = int(self._rng.integers(0, self.noop_max + 1))
+        for _ in range(n):
+            obs, _, terminated, truncated, step_info = self.env.step(self.noop)
+            if terminated or truncated: return self.env.reset(options=options)   # (no stage ends standing still)
+            info = {**info, **step_info}
+        return obs, info
 
 # %% ../nbs/01a_envs.ipynb #83713356
 KEEP_INFO = ('x_pos', 'y_pos', 'flag_get', 'life', 'score', 'time', 'coins', 'world', 'stage',
@@ -358,6 +379,7 @@ class EnvArgs:
     stage_span: int = 1  # stages from world-stage on that the envs cycle through
     max_episode_steps: int = 0  # truncate episodes after this many agent steps (0: no limit)
     stall_steps: int = 0  # end an episode as a death after this many agent steps without getting further (0: never)
+    noop_max: int = 0  # episodes from the stage's start begin with 0 to this many no-op agent steps (ALE's no-op starts)
     held_buttons: bool = True  # one input plane per button the last action held (a held A cannot jump again)
     sticky_actions: float = 0.0  # ALE sticky actions: chance an emulator frame repeats the last action, 0-<1
     repress_jump: bool = True  # an action holding A jumps again whenever Mario stands on the ground
@@ -398,6 +420,7 @@ def _check_env(a:EnvArgs):
     stage_list(a.world, a.stage, a.stage_span, a.random_stage)
     _check_int('max_episode_steps', a.max_episode_steps, 0)
     _check_int('stall_steps', a.stall_steps, 0)
+    _check_int('noop_max', a.noop_max, 0, 10_000)
     p = a.sticky_actions
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
         raise ValueError(f"sticky_actions={p!r} is out of range: allowed 0 <= p < 1")
@@ -445,6 +468,7 @@ def make_env(*args, # `EnvArgs` fields by position (usually world, stage)
         if a.frame_skip > 1: env = MaxAndSkipObservation(env, skip=a.frame_skip)
         box = gym.spaces.Box(0, 255, (3, size, size), np.uint8)
         env = TransformObservation(env, partial(color_resize, size=size), box)
+    if a.noop_max: env = NoopStarts(env, a.noop_max, action_set(a.actions).index(['NOOP']))   # per agent step
     if a.stall_steps: env = StallLimit(env, a.stall_steps)   # per agent step, under the reward: a death
     env = ShapedReward(env, a.reward)
     if a.max_episode_steps: env = TimeLimit(env, a.max_episode_steps)

@@ -44,6 +44,7 @@ def test_design_fields_and_defaults():
         stage_span=1,
         max_episode_steps=0,
         stall_steps=0,
+        noop_max=0,
         held_buttons=True,
         sticky_actions=0.0,
         repress_jump=True,

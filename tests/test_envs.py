@@ -210,6 +210,19 @@ def test_stall_limit_ends_a_standing_mario_as_a_death():
     assert not any(env.step(1)[2] for _ in range(30))
 
 
+def test_noop_starts_run_the_clock_before_the_agent_acts():
+    "0-30 no-op agent steps at each reset from the stage's start: 0-120 joypad frames, drawn from the reset's seed."
+    env = make_env(1, 1, noop_max=30)
+    ran = []
+    for seed in [0, 1, 2, 3, 4, 5, 1]:
+        before = env.get_wrapper_attr("frames")
+        _, info = env.reset(seed=seed)
+        ran.append(env.get_wrapper_attr("frames") - before)
+        assert info["x_pos"] == 40, info["x_pos"]  # Mario stands at the start
+    assert all(f % 4 == 0 and 0 <= f <= 120 for f in ran) and len(set(ran)) > 2, ran
+    assert ran[-1] == ran[1], ran  # the same seed, the same no-ops
+
+
 @pytest.mark.parametrize(
     "bad,msg",
     [
