@@ -12,18 +12,23 @@ import numpy as np
 from .callbacks import read_metrics
 
 # %% auto #0
-__all__ = ['EPISODE_COLUMNS', 'episode_columns', 'rolling_mean', 'training_seconds', 'milestones', 'plot_curves', 'compare_runs',
-           'format_rows', 'frame_slices', 'stage_milestones', 'milestone_table', 'docs_curves']
+__all__ = ['EPISODE_COLUMNS', 'episode_records', 'episode_columns', 'rolling_mean', 'training_seconds', 'milestones',
+           'plot_curves', 'compare_runs', 'format_rows', 'frame_slices', 'stage_milestones', 'milestone_table',
+           'docs_curves']
 
 # %% ../nbs/14_curves.ipynb #7e857d28
 EPISODE_COLUMNS = ('frames', 'r', 'x', 'flag', 'time')
+
+def episode_records(source) -> list[dict]:
+    "The episode records of a metrics.jsonl(.gz) path, or of a list of records."
+    return read_metrics(source, kind='episode') if isinstance(source, (str, Path)) else [
+        r for r in source if r.get('kind', 'episode') == 'episode']
 
 def episode_columns(source, # a metrics.jsonl(.gz) path, or a list of episode records
                     stage:tuple|None=None, # only the episodes of this (world, stage) of a multi-stage run
                    ) -> dict[str, np.ndarray]:
     "The run's episodes as columns `frames, r, x, flag, time` (float arrays, in file order)."
-    recs = read_metrics(source, kind='episode') if isinstance(source, (str, Path)) else [
-        r for r in source if r.get('kind', 'episode') == 'episode']
+    recs = episode_records(source)
     if stage is not None: recs = [r for r in recs if (r.get('world'), r.get('stage')) == tuple(stage)]
     recs = [r for r in recs if not r.get('demo_frame')]   # episodes begun mid-stage by `demo_starts` are not play
     cols = {k: np.array([float(r[k]) for r in recs], dtype=np.float64) for k in EPISODE_COLUMNS}
@@ -138,8 +143,7 @@ def frame_slices(source, # a metrics.jsonl(.gz) path, or a list of episode recor
                 ) -> list[dict]:
     "Per `every` frames: episodes from the stage's start, their flags and mean furthest x; demo starts and their flags."
     if every < 1: raise ValueError(f"every={every!r}: allowed >= 1")
-    recs = read_metrics(source, kind='episode') if isinstance(source, (str, Path)) else [
-        r for r in source if r.get('kind', 'episode') == 'episode']
+    recs = episode_records(source)
     last, acc = max((float(r['frames']) for r in recs), default=0.0), {}
     for r in recs:
         a = acc.setdefault(int(r['frames'] // every), {'n': 0, 'flags': 0, 'x': 0.0, 'demo': 0, 'demo_flags': 0})
