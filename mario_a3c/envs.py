@@ -92,13 +92,14 @@ REWARDS = ('shaped', 'native')
 class ShapedReward(gym.Wrapper, gym.utils.RecordConstructorArgs):
     "Stack-independent reward from `info`; the stack's own reward stays in `info['native_reward']`."
     def __init__(self, env:gym.Env, reward:str='shaped', flag_bonus:float=50., death_penalty:float=50.,
-                 score_scale:float=1/40, clip:float=15., scale:float=0.1):
+                 score_scale:float=1/40, clip:float=15., scale:float=0.1,
+                 warp:float=64.): # px: a larger jump in x is a pipe, paid in full outside the clip
         if reward not in REWARDS:
             raise ValueError(f"reward={reward!r} is not a reward mode: allowed {', '.join(REWARDS)}")
         gym.utils.RecordConstructorArgs.__init__(self, reward=reward)
         gym.Wrapper.__init__(self, env)
         self.mode, self.flag_bonus, self.death_penalty = reward, flag_bonus, death_penalty
-        self.score_scale, self.clip, self.scale = score_scale, clip, scale
+        self.score_scale, self.clip, self.scale, self.warp = score_scale, clip, scale, warp
 
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
@@ -110,8 +111,9 @@ class ShapedReward(gym.Wrapper, gym.utils.RecordConstructorArgs):
         where = lambda d: (d['world'], d['stage'], d['life'])
         same_place = where(info) == where(last)
         dx = info['x_pos'] - last['x_pos'] if same_place else 0
-        r = dx + (info['time'] - last['time']) + (info['score'] - last['score']) * self.score_scale
-        r = float(np.clip(r, -self.clip, self.clip))
+        pipe = dx if abs(dx) > self.warp else 0   # a pipe to another part of the stage
+        r = dx - pipe + (info['time'] - last['time']) + (info['score'] - last['score']) * self.score_scale
+        r = float(np.clip(r, -self.clip, self.clip)) + pipe
         if info['flag_get'] and not last['flag_get']: r += self.flag_bonus
         died = info['life'] < last['life'] or (terminated and not info['flag_get'])
         if died: r -= self.death_penalty

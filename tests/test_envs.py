@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from mario_a3c.envs import EnvArgs, gray_resize, load_demo, make_env
+from mario_a3c.envs import EnvArgs, ShapedReward, gray_resize, load_demo, make_env
 from mario_a3c.stacks import JoypadActions, action_set, button_mask, make_raw_env, stack_name
 from mario_a3c.vector import make_vec_env
 
@@ -118,14 +118,13 @@ def test_native_reward_passthrough():
 
 def hand_shaped(last, info, terminated):
     """The designed reward of one step, worked out from the `info` before and after it: 0.1 * (clip(dx + dtime +
-    dscore / 40, -15, 15) + 50 on the flag - 50 on a death); no x progress across a lost life or a new stage."""
+    dscore / 40, -15, 15) + 50 on the flag - 50 on a death); no x progress across a lost life or a new stage, and an
+    x jump of more than 64 px (a pipe) paid in full outside the clip."""
     same = (info["world"], info["stage"], info["life"]) == (last["world"], last["stage"], last["life"])
-    raw = (
-        (info["x_pos"] - last["x_pos"] if same else 0)
-        + (info["time"] - last["time"])
-        + (info["score"] - last["score"]) / 40
-    )
-    r = min(max(raw, -15), 15)
+    dx = info["x_pos"] - last["x_pos"] if same else 0
+    pipe = dx if abs(dx) > 64 else 0
+    raw = dx + (info["time"] - last["time"]) + (info["score"] - last["score"]) / 40
+    r = min(max(raw - pipe, -15), 15) + pipe
     if info["flag_get"] and not last["flag_get"]:
         r += 50
     if info["life"] < last["life"] or (terminated and not info["flag_get"]):
@@ -184,6 +183,27 @@ def test_shaped_reward_of_real_steps_progress_time_and_death():
         term and not info["flag_get"] and info["life"] == last["life"]
     )  # ended by dying, the life not yet taken
     assert r == pytest.approx((info["x_pos"] - last["x_pos"] + info["time"] - last["time"] - 50) / 10)
+
+
+def test_shaped_reward_pays_the_1_2_exit_pipe_in_full():
+    """Along the 1-2 demo, per emulator frame: every step is the designed reward, and the exit pipe, which jumps x by more
+    than 200 px, is paid in full (clipped, the route over the ceiling to the warp zone paid more than the pipe and the flag)."""
+    env = ShapedReward(make_raw_env(1, 2))
+    _, last = env.reset(seed=0)
+    pipes = []
+    for m in load_demo(1, 2):
+        _, r, term, trunc, info = env.step(int(m))
+        assert r == pytest.approx(hand_shaped(last, info, term)[0], abs=1e-9), (last, info)
+        if abs(info["x_pos"] - last["x_pos"]) > 64:
+            pipes.append((last["x_pos"], info["x_pos"], r))
+        last = info
+        if term or trunc:
+            break
+    env.close()
+    assert info["flag_get"] and len(pipes) == 1, pipes
+    before, after, r = pipes[0]
+    assert before > 2600 and after - before > 200
+    assert r >= (after - before - 15) / 10  # the jump, less at most a clipped clock tick
 
 
 def test_time_limit_truncates():
