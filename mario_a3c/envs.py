@@ -23,10 +23,10 @@ from .stacks import (ACTION_SETS, ALL_STAGES, HeldButtons, JoypadActions, Repres
                               make_raw_env, stack_name)
 
 # %% auto #0
-__all__ = ['REWARDS', 'KEEP_INFO', 'DEMO_DIR', 'RENDER_MODES', 'ENV_FLAGS', 'gray_resize', 'color_resize', 'bgra_screen',
-           'screen_gray', 'SkipMaxGray', 'ShapedReward', 'StallLimit', 'NoopStarts', 'EpisodeStats', 'stage_list',
-           'StageSchedule', 'FrameSticky', 'demo_path', 'load_demo', 'DemoStarts', 'EnvArgs', 'check_env_args',
-           'make_env']
+__all__ = ['REWARDS', 'PIPE_PX', 'KEEP_INFO', 'DEMO_DIR', 'RENDER_MODES', 'ENV_FLAGS', 'gray_resize', 'color_resize',
+           'bgra_screen', 'screen_gray', 'SkipMaxGray', 'ShapedReward', 'StallLimit', 'NoopStarts', 'EpisodeStats',
+           'stage_list', 'StageSchedule', 'FrameSticky', 'demo_path', 'load_demo', 'DemoStarts', 'EnvArgs',
+           'check_env_args', 'make_env']
 
 # %% ../nbs/01a_envs.ipynb #8d671158
 def gray_resize(frame:np.ndarray, size:int) -> np.ndarray:
@@ -88,12 +88,13 @@ class SkipMaxGray(gym.Wrapper, gym.utils.RecordConstructorArgs):
 
 # %% ../nbs/01a_envs.ipynb #90d42664
 REWARDS = ('shaped', 'native')
+PIPE_PX = 64   # an x jump larger than this within one agent step is a pipe to another part of the stage
 
 class ShapedReward(gym.Wrapper, gym.utils.RecordConstructorArgs):
     "Stack-independent reward from `info`; the stack's own reward stays in `info['native_reward']`."
     def __init__(self, env:gym.Env, reward:str='shaped', flag_bonus:float=50., death_penalty:float=50.,
                  score_scale:float=1/40, clip:float=15., scale:float=0.1,
-                 warp:float=64.): # px: a larger jump in x is a pipe, paid in full outside the clip
+                 warp:float=PIPE_PX): # px: a larger jump in x is a pipe, paid in full outside the clip
         if reward not in REWARDS:
             raise ValueError(f"reward={reward!r} is not a reward mode: allowed {', '.join(REWARDS)}")
         gym.utils.RecordConstructorArgs.__init__(self, reward=reward)
@@ -130,7 +131,7 @@ class ShapedReward(gym.Wrapper, gym.utils.RecordConstructorArgs):
 class StallLimit(gym.Wrapper, gym.utils.RecordConstructorArgs):
     "Ends an episode, as a death, after `steps` agent steps without a new furthest x."
     def __init__(self, env:gym.Env, steps:int=150, # agent steps Mario may go without getting further right
-                 warp:int=64): # px: a larger jump in x is a pipe to another area, where the count starts afresh
+                 warp:int=PIPE_PX): # px: a larger jump in x is a pipe to another area, where the count starts afresh
         gym.utils.RecordConstructorArgs.__init__(self, steps=steps, warp=warp)
         gym.Wrapper.__init__(self, env)
         self.steps, self.warp = steps, warp
