@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from fastcore.basics import patch
-from .envs import REWARDS, EnvArgs, check_env_args
+from .envs import DEMO_FOCUS, REWARDS, EnvArgs, check_env_args
 from .stacks import ACTION_SETS, action_set, held_button_names
 from .vector import VECTORIZATIONS
 
@@ -52,7 +52,7 @@ RECURRENT_TYPES = ('gru', 'lstm', 'transformer', 'none')
 RETURNS = ('vtrace', 'gae')
 WANDB_MODES = ('online', 'offline', 'disabled')
 MODES, BACKENDS = ('sync', 'async'), ('mp', 'ray')
-CHOICES = dict(actions=ACTION_SETS, reward=REWARDS, vectorization=VECTORIZATIONS,
+CHOICES = dict(actions=ACTION_SETS, reward=REWARDS, demo_focus=DEMO_FOCUS, vectorization=VECTORIZATIONS,
                recurrent_type=RECURRENT_TYPES, returns=RETURNS, wandb_mode=WANDB_MODES, mode=MODES,
                backend=BACKENDS)
 

@@ -23,10 +23,10 @@ from .stacks import (ACTION_SETS, ALL_STAGES, HeldButtons, JoypadActions, Repres
                               make_raw_env, stack_name)
 
 # %% auto #0
-__all__ = ['REWARDS', 'PIPE_PX', 'KEEP_INFO', 'DEMO_DIR', 'RENDER_MODES', 'ENV_FLAGS', 'gray_resize', 'color_resize',
-           'bgra_screen', 'screen_gray', 'SkipMaxGray', 'ShapedReward', 'StallLimit', 'NoopStarts', 'EpisodeStats',
-           'stage_list', 'StageSchedule', 'FrameSticky', 'demo_path', 'load_demo', 'DemoStarts', 'EnvArgs',
-           'check_env_args', 'make_env']
+__all__ = ['REWARDS', 'PIPE_PX', 'KEEP_INFO', 'DEMO_DIR', 'DEMO_FOCUS', 'RENDER_MODES', 'ENV_FLAGS', 'gray_resize',
+           'color_resize', 'bgra_screen', 'screen_gray', 'SkipMaxGray', 'ShapedReward', 'StallLimit', 'NoopStarts',
+           'EpisodeStats', 'stage_list', 'StageSchedule', 'FrameSticky', 'demo_path', 'load_demo', 'DemoStarts',
+           'EnvArgs', 'check_env_args', 'make_env']
 
 # %% ../nbs/01a_envs.ipynb #8d671158
 def gray_resize(frame:np.ndarray, size:int) -> np.ndarray:
@@ -280,21 +280,25 @@ def load_demo(world:int, stage:int, demos='') -> np.ndarray:
     return masks
 
 # %% ../nbs/01a_envs.ipynb #6b925013
+DEMO_FOCUS = ('edge', 'deaths')   # where the frontier share of demo starts goes
+
 class DemoStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
     "With probability `p` a reset starts at demo frame `every`, 2 `every`, ... (wrap the raw emulator)."
     def __init__(self, env:gym.Env, demos:dict, # (world, stage) -> demo masks (`load_demo`)
                  p:float=0.5, every:int=8, # every: emulator frames between start points
                  frontier:float=0.5, # share of starts within `span` px before the frontier's edge
                  span:int=200,
-                 tries:int=10, back:float=0.5): # the edge moves back span/2 once `back` of `tries` starts get past
+                 tries:int=10, back:float=0.5, # the edge moves back span/2 once `back` of `tries` starts get past
+                 focus:str='edge'): # edge, or deaths: before where one of the recent true starts died
+        if focus not in DEMO_FOCUS: raise ValueError(f"focus={focus!r}: allowed {', '.join(DEMO_FOCUS)}")
         gym.utils.RecordConstructorArgs.__init__(self, p=p, every=every, frontier=frontier, span=span,
-                                                 tries=tries, back=back)
+                                                 tries=tries, back=back, focus=focus)
         gym.Wrapper.__init__(self, env)
         self.demos, self.p, self.every = {ws: np.asarray(m, np.uint8) for ws, m in demos.items()}, p, every
-        self.frontier, self.span, self.tries, self.back = frontier, span, tries, back
+        self.frontier, self.span, self.tries, self.back, self.focus = frontier, span, tries, back, focus
         self._rng, self._snaps = np.random.default_rng(), {}   # (world, stage, frame) -> emulator snapshot
-        # demo frame -> x; stage -> x where episodes from the start ended; stage -> [edge, end it began at, outcomes]
-        self._x, self._ends, self._edges = {}, {}, {}
+        # demo frame -> x; stage -> x where episodes from the start ended (died); stage -> [edge, end it began at, outcomes]
+        self._x, self._ends, self._deaths, self._edges = {}, {}, {}, {}
         self._from_start = self._trial = None   # the stage of a true start; (stage, x to reach) of a frontier start
 
     def reset(self, *, seed=None, options=None):
@@ -313,6 +317,7 @@ class DemoStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
         done, x = out[2] or out[3], int(out[4]['x_pos'])
         if done and self._from_start is not None:   # where play from the stage's start ends
             self._ends.setdefault(self._from_start, deque(maxlen=10)).append(x)
+            if not out[4]['flag_get']: self._deaths.setdefault(self._from_start, deque(maxlen=50)).append(x)
         if self._trial is not None and (done or x >= self._trial[1]):   # a frontier start got past, or not
             self._edges[self._trial[0]][2].append(x >= self._trial[1])
             self._trial = None
@@ -322,14 +327,18 @@ class DemoStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
 # %% ../nbs/01a_envs.ipynb #38afa912
 @patch
 def draw(self:DemoStarts, ws:tuple, n:int) -> int:
-    "A start frame: a share `frontier` just before the frontier's edge, else uniform."
-    if self._ends.get(ws) and self._rng.random() < self.frontier:
+    "A start frame: a share `frontier` just before the frontier's edge (or a recent death), else uniform."
+    edge = end = None
+    if self.focus == 'deaths' and self._deaths.get(ws) and self._rng.random() < self.frontier:
+        edge = self._deaths[ws][int(self._rng.integers(len(self._deaths[ws])))]   # failures drawn as often as they happen
+    elif self.focus == 'edge' and self._ends.get(ws) and self._rng.random() < self.frontier:
         end = float(np.median(self._ends[ws]))
         edge = self.edge(ws, end)
+    if edge is not None:
         frames = range(self.every, (n + 1) * self.every, self.every)
         near = [f for f in frames if edge - self.span <= self._x.get((*ws, f), -np.inf) < edge]
         if near:
-            self._trial = ws, end + self.span   # a success gets `span` past where true starts end
+            if end is not None: self._trial = ws, end + self.span   # a success gets `span` past where true starts end
             return near[int(self._rng.integers(len(near)))]
     return self.every * int(self._rng.integers(1, n + 1))
 
@@ -388,6 +397,7 @@ class EnvArgs:
     sticky_actions: float = 0.0  # ALE sticky actions: chance an emulator frame repeats the last action, 0-<1
     repress_jump: bool = True  # an action holding A jumps again whenever Mario stands on the ground
     demo_starts: float = 0.0  # share of resets that start at a random frame of the stage's demo, 0-1
+    demo_focus: str = 'edge'  # where half the demo starts go: edge (a backward curriculum) or deaths (where true starts die)
     demos: str = ''  # folder of W-S.npy demos ('': the shipped ones)
 
     def __post_init__(self):
@@ -434,6 +444,8 @@ def _check_env(a:EnvArgs):
     p = a.demo_starts
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
         raise ValueError(f"demo_starts={p!r} is out of range: allowed 0 <= p <= 1")
+    if a.demo_focus not in DEMO_FOCUS:
+        raise ValueError(f"demo_focus={a.demo_focus!r}: allowed {', '.join(DEMO_FOCUS)}")
     if not isinstance(a.demos, str): raise ValueError(f"demos={a.demos!r} is not a folder name (a str)")
     if p:   # every stage of the schedule needs its demo
         for ws in stage_list(a.world, a.stage, a.stage_span, a.random_stage): load_demo(*ws, a.demos)
@@ -465,7 +477,8 @@ def make_env(*args, # `EnvArgs` fields by position (usually world, stage)
     if full_game: env = make_raw_env(None, None, render_mode=render_mode)
     elif len(stages) > 1: env = StageSchedule(stages, a.random_stage, render_mode=render_mode)
     else: env = make_raw_env(a.world, a.stage, render_mode=render_mode)
-    if a.demo_starts: env = DemoStarts(env, {ws: load_demo(*ws, a.demos) for ws in stages}, a.demo_starts)
+    if a.demo_starts: env = DemoStarts(env, {ws: load_demo(*ws, a.demos) for ws in stages}, a.demo_starts,
+                                      focus=a.demo_focus)
     if a.repress_jump: env = RepressJump(env)   # per emulator frame, on button masks
     env = JoypadActions(env, a.actions)
     if a.sticky_actions: env = FrameSticky(env, a.sticky_actions)   # per frame: under the frame skip

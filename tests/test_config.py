@@ -50,6 +50,7 @@ def test_design_fields_and_defaults():
         sticky_actions=0.0,
         repress_jump=True,
         demo_starts=0.0,
+        demo_focus="edge",
         demos="",
         num_envs=8,
         vectorization="threads",
