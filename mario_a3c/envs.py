@@ -297,7 +297,8 @@ class DemoStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
         self.demos, self.p, self.every = {ws: np.asarray(m, np.uint8) for ws, m in demos.items()}, p, every
         self.frontier, self.span, self.tries, self.back, self.focus = frontier, span, tries, back, focus
         self._rng, self._snaps = np.random.default_rng(), {}   # (world, stage, frame) -> emulator snapshot
-        # demo frame -> x; stage -> x where episodes from the start ended (died); stage -> [edge, end it began at, outcomes]
+        # demo frame -> x; stage -> x where episodes from the start ended, and where they died (no flag);
+        # stage -> [edge, end it began at, outcomes]
         self._x, self._ends, self._deaths, self._edges = {}, {}, {}, {}
         self._from_start = self._trial = None   # the stage of a true start; (stage, x to reach) of a frontier start
 
