@@ -19,7 +19,7 @@ from gymnasium.wrappers import (FrameStackObservation, MaxAndSkipObservation, St
                                 TransformObservation)
 
 from .stacks import (ACTION_SETS, ALL_STAGES, HeldButtons, JoypadActions, RepressJump, action_set,
-                              check_stage, emulator_game,
+                              check_stage, emulator_game, emulator_ram, FLOAT_STATE,
                               make_raw_env, stack_name)
 
 # %% auto #0
@@ -155,17 +155,19 @@ class StallLimit(gym.Wrapper, gym.utils.RecordConstructorArgs):
 
 # %% ../nbs/01a_envs.ipynb #7d3e1b02
 class NoopStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
-    "Each episode from the stage's start begins with 0..`noop_max` agent steps of the `noop` action."
+    "Each episode from the stage's start (or, with `demos`, on the ground) begins with 0..`noop_max` no-op steps."
     def __init__(self, env:gym.Env, noop_max:int=30, # most no-op agent steps at a reset
-                 noop:int=0): # the no-op's action index
-        gym.utils.RecordConstructorArgs.__init__(self, noop_max=noop_max, noop=noop)
+                 noop:int=0, # the no-op's action index
+                 demos:bool=False): # also a demo start where Mario stands on the ground
+        gym.utils.RecordConstructorArgs.__init__(self, noop_max=noop_max, noop=noop, demos=demos)
         gym.Wrapper.__init__(self, env)
-        self.noop_max, self.noop, self._rng = noop_max, noop, np.random.default_rng()
+        self.noop_max, self.noop, self.demos, self._rng = noop_max, noop, demos, np.random.default_rng()
 
     def reset(self, *, seed=None, options=None):
         if seed is not None: self._rng = np.random.default_rng(seed)
         obs, info = self.env.reset(seed=seed, options=options)
-        if info.get('demo_frame'): return obs, info   # a demo start begins mid-stage already
+        if info.get('demo_frame') and not (self.demos and emulator_ram(self.env)[FLOAT_STATE] == 0):
+            return obs, info   # a demo start begins mid-stage already; in the air it cannot wait
         n = int(self._rng.integers(0, self.noop_max + 1))
         for _ in range(n):
             obs, _, terminated, truncated, step_info = self.env.step(self.noop)
@@ -399,6 +401,7 @@ class EnvArgs:
     repress_jump: bool = True  # an action holding A jumps again whenever Mario stands on the ground
     demo_starts: float = 0.0  # share of resets that start at a random frame of the stage's demo, 0-1
     demo_focus: str = 'edge'  # where half the demo starts go: edge (a backward curriculum) or deaths (where true starts die)
+    demo_noops: bool = False  # demo starts with Mario on the ground also begin with the 0-noop_max no-ops
     demos: str = ''  # folder of W-S.npy demos ('': the shipped ones)
 
     def __post_init__(self):
@@ -417,7 +420,7 @@ def _check_int(name, v, lo, hi=None):
         raise ValueError(f"{name}={v!r} is out of range: allowed {allowed}")
 
 RENDER_MODES = (None, 'rgb_array')
-ENV_FLAGS = ('gray', 'random_stage', 'held_buttons', 'repress_jump')
+ENV_FLAGS = ('gray', 'random_stage', 'held_buttons', 'repress_jump', 'demo_noops')
 
 def _check_env(a:EnvArgs):
     "One-line ValueError naming the first bad field of `a` and what is allowed."
@@ -439,6 +442,10 @@ def _check_env(a:EnvArgs):
     _check_int('max_episode_steps', a.max_episode_steps, 0)
     _check_int('stall_steps', a.stall_steps, 0)
     _check_int('noop_max', a.noop_max, 0, 10_000)
+    if a.demo_noops and not (a.noop_max and a.demo_starts):
+        raise ValueError(f"demo_noops=True waits at demo starts for 0-noop_max no-ops: "
+                         f"allowed only with noop_max > 0 and demo_starts > 0 "
+                         f"(got {a.noop_max} and {a.demo_starts})")
     p = a.sticky_actions
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
         raise ValueError(f"sticky_actions={p!r} is out of range: allowed 0 <= p < 1")
@@ -489,7 +496,7 @@ def make_env(*args, # `EnvArgs` fields by position (usually world, stage)
         if a.frame_skip > 1: env = MaxAndSkipObservation(env, skip=a.frame_skip)
         box = gym.spaces.Box(0, 255, (3, size, size), np.uint8)
         env = TransformObservation(env, partial(color_resize, size=size), box)
-    if a.noop_max: env = NoopStarts(env, a.noop_max, action_set(a.actions).index(['NOOP']))   # per agent step
+    if a.noop_max: env = NoopStarts(env, a.noop_max, action_set(a.actions).index(['NOOP']), a.demo_noops)   # per agent step
     if a.stall_steps: env = StallLimit(env, a.stall_steps)   # per agent step, under the reward: a death
     env = ShapedReward(env, a.reward, flag_bonus=a.flag_bonus)
     if a.max_episode_steps: env = TimeLimit(env, a.max_episode_steps)
