@@ -401,7 +401,7 @@ class EnvArgs:
     repress_jump: bool = True  # an action holding A jumps again whenever Mario stands on the ground
     demo_starts: float = 0.0  # share of resets that start at a random frame of the stage's demo, 0-1
     demo_focus: str = 'edge'  # where half the demo starts go: edge (a backward curriculum) or deaths (where true starts die)
-    demo_noops: bool = False  # demo starts with Mario on the ground also begin with the 0-noop_max no-ops
+    demo_noops: bool = False  # demo starts with Mario on the ground also begin with the 0-noop_max no-ops (none without both)
     demos: str = ''  # folder of W-S.npy demos ('': the shipped ones)
 
     def __post_init__(self):
@@ -442,10 +442,6 @@ def _check_env(a:EnvArgs):
     _check_int('max_episode_steps', a.max_episode_steps, 0)
     _check_int('stall_steps', a.stall_steps, 0)
     _check_int('noop_max', a.noop_max, 0, 10_000)
-    if a.demo_noops and not (a.noop_max and a.demo_starts):
-        raise ValueError(f"demo_noops=True waits at demo starts for 0-noop_max no-ops: "
-                         f"allowed only with noop_max > 0 and demo_starts > 0 "
-                         f"(got {a.noop_max} and {a.demo_starts})")
     p = a.sticky_actions
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
         raise ValueError(f"sticky_actions={p!r} is out of range: allowed 0 <= p < 1")
