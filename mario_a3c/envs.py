@@ -155,18 +155,18 @@ class StallLimit(gym.Wrapper, gym.utils.RecordConstructorArgs):
 
 # %% ../nbs/01a_envs.ipynb #7d3e1b02
 class NoopStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
-    "Each episode from the stage's start (or, with `demos`, on the ground) begins with 0..`noop_max` no-op steps."
+    "Episodes from the stage's start (with `on_demos`, demo starts on the ground too) begin with 0..`noop_max` no-ops."
     def __init__(self, env:gym.Env, noop_max:int=30, # most no-op agent steps at a reset
                  noop:int=0, # the no-op's action index
-                 demos:bool=False): # also a demo start where Mario stands on the ground
-        gym.utils.RecordConstructorArgs.__init__(self, noop_max=noop_max, noop=noop, demos=demos)
+                 on_demos:bool=False): # also a demo start where Mario stands on the ground
+        gym.utils.RecordConstructorArgs.__init__(self, noop_max=noop_max, noop=noop, on_demos=on_demos)
         gym.Wrapper.__init__(self, env)
-        self.noop_max, self.noop, self.demos, self._rng = noop_max, noop, demos, np.random.default_rng()
+        self.noop_max, self.noop, self.on_demos, self._rng = noop_max, noop, on_demos, np.random.default_rng()
 
     def reset(self, *, seed=None, options=None):
         if seed is not None: self._rng = np.random.default_rng(seed)
         obs, info = self.env.reset(seed=seed, options=options)
-        if info.get('demo_frame') and not (self.demos and emulator_ram(self.env)[FLOAT_STATE] == 0):
+        if info.get('demo_frame') and not (self.on_demos and emulator_ram(self.env)[FLOAT_STATE] == 0):
             return obs, info   # a demo start begins mid-stage already; in the air it cannot wait
         n = int(self._rng.integers(0, self.noop_max + 1))
         for _ in range(n):
