@@ -26,7 +26,7 @@ from .stacks import (ACTION_SETS, ALL_STAGES, HeldButtons, JoypadActions, Repres
 __all__ = ['REWARDS', 'PIPE_PX', 'KEEP_INFO', 'DEMO_DIR', 'DEMO_FOCUS', 'RENDER_MODES', 'ENV_FLAGS', 'gray_resize',
            'color_resize', 'bgra_screen', 'screen_gray', 'SkipMaxGray', 'ShapedReward', 'StallLimit', 'NoopStarts',
            'EpisodeStats', 'stage_list', 'StageSchedule', 'FrameSticky', 'demo_path', 'load_demo', 'DemoStarts',
-           'EnvArgs', 'check_env_args', 'make_env']
+           'RetryStarts', 'EnvArgs', 'check_env_args', 'make_env']
 
 # %% ../nbs/01a_envs.ipynb #8d671158
 def gray_resize(frame:np.ndarray, size:int) -> np.ndarray:
@@ -155,7 +155,7 @@ class StallLimit(gym.Wrapper, gym.utils.RecordConstructorArgs):
 
 # %% ../nbs/01a_envs.ipynb #7d3e1b02
 class NoopStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
-    "Episodes from the stage's start (with `on_demos`, demo starts on the ground too) begin with 0..`noop_max` no-ops."
+    "Episodes from the stage's start (with `on_demos`, demo and retry starts on the ground too) begin with 0..`noop_max` no-ops."
     def __init__(self, env:gym.Env, noop_max:int=30, # most no-op agent steps at a reset
                  noop:int=0, # the no-op's action index
                  on_demos:bool=False): # also a demo start where Mario stands on the ground
@@ -167,7 +167,7 @@ class NoopStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
         if seed is not None: self._rng = np.random.default_rng(seed)
         obs, info = self.env.reset(seed=seed, options=options)
         if info.get('demo_frame') and not (self.on_demos and emulator_ram(self.env)[FLOAT_STATE] == 0):
-            return obs, info   # a demo start begins mid-stage already; in the air it cannot wait
+            return obs, info   # a demo or retry start begins mid-stage already; in the air it cannot wait
         n = int(self._rng.integers(0, self.noop_max + 1))
         for _ in range(n):
             obs, _, terminated, truncated, step_info = self.env.step(self.noop)
@@ -177,7 +177,7 @@ class NoopStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
 
 # %% ../nbs/01a_envs.ipynb #83713356
 KEEP_INFO = ('x_pos', 'y_pos', 'flag_get', 'life', 'score', 'time', 'coins', 'world', 'stage',
-             'native_reward', 'demo_frame',
+             'native_reward', 'demo_frame', 'retry',
              'episode')
 
 class EpisodeStats(gym.Wrapper, gym.utils.RecordConstructorArgs):
@@ -194,7 +194,7 @@ class EpisodeStats(gym.Wrapper, gym.utils.RecordConstructorArgs):
         obs, info = self.env.reset(**kwargs)
         self._r = self._native = 0.0
         self._l = 0
-        self._x, self._demo = info.get('x_pos', 0), int(info.get('demo_frame', 0))
+        self._x, self._demo, self._retry = info.get('x_pos', 0), int(info.get('demo_frame', 0)), bool(info.get('retry'))
         self._t0 = time.perf_counter()
         return obs, self._slim(info)
 
@@ -207,7 +207,7 @@ class EpisodeStats(gym.Wrapper, gym.utils.RecordConstructorArgs):
         if terminated or truncated:
             info['episode'] = dict(r=self._r, native_r=self._native, l=self._l, x=self._x,
                                    flag=bool(info['flag_get']), world=int(info['world']),
-                                   stage=int(info['stage']), demo_frame=self._demo,
+                                   stage=int(info['stage']), demo_frame=self._demo, retry=self._retry,
                                    t=time.perf_counter() - self._t0)
         return obs, reward, terminated, truncated, self._slim(info)
 
@@ -377,6 +377,57 @@ def replay(self:DemoStarts, ws:tuple, frame:int) -> tuple:
     game._did_reset()   # the game's own reward counters start here
     return np.array(game.screen), game._get_info()
 
+# %% ../nbs/01a_envs.ipynb #a1e0b002
+class RetryStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
+    "With probability `p` a reset from the stage's start begins at this env's own snapshot from before a recent death."
+    def __init__(self, env:gym.Env, p:float=0.5,
+                 span:int=200, # the snapshot is from at most this many px before where the episode ended
+                 every:int=16, # emulator frames between snapshots (taken only with Mario on the ground)
+                 ring:int=32, # the current episode's last snapshots
+                 keep:int=50): # deaths remembered per stage, one snapshot each
+        gym.utils.RecordConstructorArgs.__init__(self, p=p, span=span, every=every, ring=ring, keep=keep)
+        gym.Wrapper.__init__(self, env)
+        if not hasattr(emulator_game(env), 'dump_state'):
+            raise ValueError("retry_starts needs emulator snapshots (nes-py >= 9): this stack's emulator has none")
+        self.p, self.span, self.every, self.keep = p, span, every, keep
+        self._rng, self._ring, self._starts = np.random.default_rng(), deque(maxlen=ring), {}   # stage -> (frame, x, snapshot)
+        self._ws, self._frame, self._x, self._flag = None, 0, 0, False   # _ws: the stage of an episode from its start
+
+    def reset(self, *, seed=None, options=None):
+        if seed is not None: self._rng = np.random.default_rng(seed)
+        self.remember()   # the episode that just ended (also when a wrapper above ended it)
+        obs, info = self.env.reset(seed=seed, options=options)
+        ws, self._frame, self._ws, self._x, self._flag = (int(info['world']), int(info['stage'])), 0, None, 0, False
+        self._ring.clear()
+        if info.get('demo_frame'): return obs, info   # a demo start: not play from the start
+        if self._starts.get(ws) and self._rng.random() < self.p:
+            self._frame, _, snap = self._starts[ws][int(self._rng.integers(len(self._starts[ws])))]
+            game = emulator_game(self.env)
+            game.load_state(snap)
+            game._did_reset()   # the game's own reward counters start here
+            if isinstance(self.env, DemoStarts): self.env._from_start = None   # not a true start for its counts
+            return np.array(game.screen), {**game._get_info(), 'demo_frame': self._frame, 'retry': True}
+        self._ws = ws
+        return obs, info
+
+    def step(self, action):
+        out = self.env.step(action)
+        self._frame += 1
+        if self._ws is not None:   # play from the stage's start: keep snapshots on the ground
+            self._x, self._flag = int(out[4]['x_pos']), bool(out[4]['flag_get'])
+            if self._frame % self.every == 0 and not (out[2] or out[3]) and emulator_ram(self.env)[FLOAT_STATE] == 0:
+                self._ring.append((self._frame, self._x, emulator_game(self.env).dump_state()))
+        return out
+
+@patch
+def remember(self:RetryStarts):
+    "If the episode from the stage's start that just ended missed the flag: keep a snapshot from before its end."
+    if self._ws is None or self._flag: return
+    near = [s for s in self._ring if self._x - self.span <= s[1] < self._x]
+    if near: self._starts.setdefault(self._ws, deque(maxlen=self.keep)).append(near[int(self._rng.integers(len(near)))])
+    self._ws = None
+
+
 # %% ../nbs/01a_envs.ipynb #9b786e81
 @dataclass
 class EnvArgs:
@@ -401,7 +452,8 @@ class EnvArgs:
     repress_jump: bool = True  # an action holding A jumps again whenever Mario stands on the ground
     demo_starts: float = 0.0  # share of resets that start at a random frame of the stage's demo, 0-1
     demo_focus: str = 'edge'  # where half the demo starts go: edge (a backward curriculum) or deaths (where true starts die)
-    demo_noops: bool = False  # demo starts with Mario on the ground also begin with the 0-noop_max no-ops (none without both)
+    retry_starts: float = 0.0  # share of resets from the stage's start that begin at the env's own snapshot before a recent death, 0-1
+    demo_noops: bool = False  # demo and retry starts with Mario on the ground also begin with the 0-noop_max no-ops
     demos: str = ''  # folder of W-S.npy demos ('': the shipped ones)
 
     def __post_init__(self):
@@ -448,6 +500,9 @@ def _check_env(a:EnvArgs):
     p = a.demo_starts
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
         raise ValueError(f"demo_starts={p!r} is out of range: allowed 0 <= p <= 1")
+    r = a.retry_starts
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r <= 1:
+        raise ValueError(f"retry_starts={r!r} is out of range: allowed 0 <= p <= 1")
     if a.demo_focus not in DEMO_FOCUS:
         raise ValueError(f"demo_focus={a.demo_focus!r}: allowed {', '.join(DEMO_FOCUS)}")
     if not isinstance(a.demos, str): raise ValueError(f"demos={a.demos!r} is not a folder name (a str)")
@@ -463,9 +518,9 @@ def check_env_args(*args, full_game=False, render_mode=None, **kw) -> EnvArgs:
         raise ValueError(f"full_game={full_game!r} is not a bool: allowed True, False")
     if render_mode not in RENDER_MODES:
         raise ValueError(f"render_mode={render_mode!r}: allowed None, 'rgb_array'")
-    if full_game and (a.random_stage or a.stage_span > 1 or a.demo_starts):
+    if full_game and (a.random_stage or a.stage_span > 1 or a.demo_starts or a.retry_starts):
         raise ValueError("full_game=True plays the whole game: "
-                         "it cannot be combined with random_stage, stage_span or demo_starts")
+                         "it cannot be combined with random_stage, stage_span, demo_starts or retry_starts")
     return a
 
 
@@ -483,6 +538,7 @@ def make_env(*args, # `EnvArgs` fields by position (usually world, stage)
     else: env = make_raw_env(a.world, a.stage, render_mode=render_mode)
     if a.demo_starts: env = DemoStarts(env, {ws: load_demo(*ws, a.demos) for ws in stages}, a.demo_starts,
                                       focus=a.demo_focus)
+    if a.retry_starts: env = RetryStarts(env, a.retry_starts)
     if a.repress_jump: env = RepressJump(env)   # per emulator frame, on button masks
     env = JoypadActions(env, a.actions)
     if a.sticky_actions: env = FrameSticky(env, a.sticky_actions)   # per frame: under the frame skip

@@ -90,7 +90,7 @@ def eval_env_kwargs(config:TrainingConfig, # the checkpoint's training config
                                config.stage if stage is None else stage)
     return {**config.env_kwargs(), 'world': world, 'stage': stage, 'random_stage': False, 'stage_span': 1,
             'max_episode_steps': max_steps, 'render_mode': 'rgb_array' if render else None,
-            'sticky_actions': sticky, 'demo_starts': 0.0,   # every episode from the stage's start
+            'sticky_actions': sticky, 'demo_starts': 0.0, 'retry_starts': 0.0,   # every episode from the stage's start
             'stall_steps': 0,   # to the game's own end
             'noop_max': 0}      # its no-ops are `evaluate`'s `noop_max`, drawn from the evaluation's seed
 

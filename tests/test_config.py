@@ -51,6 +51,7 @@ def test_design_fields_and_defaults():
         repress_jump=True,
         demo_starts=0.0,
         demo_focus="edge",
+        retry_starts=0.0,
         demo_noops=False,
         demos="",
         num_envs=8,

@@ -487,3 +487,14 @@ def test_demo_starts_put_mario_where_a_plain_replay_does():
         )
         _, _, terminated, _, info = env.step(0)
         assert not terminated
+
+
+def test_retry_starts_need_snapshots():
+    "Modern: `retry_starts` keeps emulator snapshots; legacy (nes-py 8) has none and refuses in one line."
+    if stack_name() == "modern":
+        env = make_env(1, 1, retry_starts=0.5)
+        _, info = env.reset(seed=0)
+        assert info["x_pos"] > 0 and not info.get("retry")   # nothing to retry yet: the stage's start
+    else:
+        with pytest.raises(ValueError, match=r"retry_starts needs emulator snapshots \(nes-py >= 9\)"):
+            make_env(1, 1, retry_starts=0.5)
