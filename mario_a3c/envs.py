@@ -471,6 +471,11 @@ def _check_int(name, v, lo, hi=None):
         allowed = f"{lo}-{hi}" if hi else f">= {lo}"
         raise ValueError(f"{name}={v!r} is out of range: allowed {allowed}")
 
+def _check_share(name, v, below_one=False):
+    "A probability or share: 0 <= v <= 1 (v < 1 with `below_one`)."
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1 or (below_one and v == 1):
+        raise ValueError(f"{name}={v!r} is out of range: allowed 0 <= p {'<' if below_one else '<='} 1")
+
 RENDER_MODES = (None, 'rgb_array')
 ENV_FLAGS = ('gray', 'random_stage', 'held_buttons', 'repress_jump', 'demo_noops')
 
@@ -494,19 +499,16 @@ def _check_env(a:EnvArgs):
     _check_int('max_episode_steps', a.max_episode_steps, 0)
     _check_int('stall_steps', a.stall_steps, 0)
     _check_int('noop_max', a.noop_max, 0, 10_000)
-    p = a.sticky_actions
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
-        raise ValueError(f"sticky_actions={p!r} is out of range: allowed 0 <= p < 1")
-    p = a.demo_starts
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
-        raise ValueError(f"demo_starts={p!r} is out of range: allowed 0 <= p <= 1")
-    r = a.retry_starts
-    if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r <= 1:
-        raise ValueError(f"retry_starts={r!r} is out of range: allowed 0 <= p <= 1")
+    _check_share('sticky_actions', a.sticky_actions, below_one=True)
+    _check_share('demo_starts', a.demo_starts)
+    _check_share('retry_starts', a.retry_starts)
+    if a.retry_starts and stack_name() != 'modern':   # checked here, in the parent process, before any worker starts
+        raise ValueError(f"retry_starts={a.retry_starts!r} needs emulator snapshots (nes-py >= 9): "
+                         "this stack's emulator has none; allowed 0")
     if a.demo_focus not in DEMO_FOCUS:
         raise ValueError(f"demo_focus={a.demo_focus!r}: allowed {', '.join(DEMO_FOCUS)}")
     if not isinstance(a.demos, str): raise ValueError(f"demos={a.demos!r} is not a folder name (a str)")
-    if p:   # every stage of the schedule needs its demo
+    if a.demo_starts:   # every stage of the schedule needs its demo
         for ws in stage_list(a.world, a.stage, a.stage_span, a.random_stage): load_demo(*ws, a.demos)
 
 def check_env_args(*args, full_game=False, render_mode=None, **kw) -> EnvArgs:

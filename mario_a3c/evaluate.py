@@ -15,7 +15,7 @@ import numpy as np
 import mario_a3c
 from .config import TrainingConfig, resolve_device
 from .core import writable_dir
-from .envs import make_env
+from .envs import _check_share, make_env
 from .stacks import action_set, check_stage
 
 # %% auto #0
@@ -154,8 +154,7 @@ def evaluate(checkpoint, # a `.pt` checkpoint (or its `.json`)
     import torch
     for name, v, low in (('episodes', episodes, 1), ('noop_max', noop_max, 0), ('max_steps', max_steps, 1),
                          ('seed', seed, 0), ('threads', threads, 0)): _check_count(name, v, low)
-    if isinstance(sticky, bool) or not isinstance(sticky, (int, float)) or not 0 <= sticky < 1:
-        raise ValueError(f"sticky={sticky!r} is out of range: allowed 0 <= p < 1")
+    _check_share('sticky', sticky, below_one=True)
     if video: writable_dir('video_dir', video_dir)
     model, config, meta = load_agent(checkpoint, device)
     dev = next(model.parameters()).device

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from mario_a3c.envs import EnvArgs, ShapedReward, gray_resize, load_demo, make_env
+from mario_a3c.envs import EnvArgs, ShapedReward, check_env_args, gray_resize, load_demo, make_env
 from mario_a3c.stacks import JoypadActions, action_set, button_mask, make_raw_env, stack_name
 from mario_a3c.vector import make_vec_env
 
@@ -495,6 +495,7 @@ def test_retry_starts_need_snapshots():
         env = make_env(1, 1, retry_starts=0.5)
         _, info = env.reset(seed=0)
         assert info["x_pos"] > 0 and not info.get("retry")   # nothing to retry yet: the stage's start
-    else:
-        with pytest.raises(ValueError, match=r"retry_starts needs emulator snapshots \(nes-py >= 9\)"):
-            make_env(1, 1, retry_starts=0.5)
+    else:   # refused in the parent process (config and env checks), before any env is built
+        for build in (lambda: check_env_args(1, 1, retry_starts=0.5), lambda: make_env(1, 1, retry_starts=0.5)):
+            with pytest.raises(ValueError, match=r"retry_starts=0.5 needs emulator snapshots \(nes-py >= 9\)"):
+                build()
