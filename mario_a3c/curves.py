@@ -141,19 +141,22 @@ def format_rows(rows:list[dict]) -> str:
 def frame_slices(source, # a metrics.jsonl(.gz) path, or a list of episode records
                  every:int=500_000, # frames per slice
                 ) -> list[dict]:
-    "Per `every` frames: episodes from the stage's start, their flags and mean furthest x; demo starts and their flags."
+    "Per `every` frames: episodes from the stage's start, their flags and mean furthest x; demo starts, retries and their flags."
     if every < 1: raise ValueError(f"every={every!r}: allowed >= 1")
     recs = episode_records(source)
     last, acc = max((float(r['frames']) for r in recs), default=0.0), {}
     for r in recs:
-        a = acc.setdefault(int(r['frames'] // every), {'n': 0, 'flags': 0, 'x': 0.0, 'demo': 0, 'demo_flags': 0})
-        if r.get('demo_frame'): a['demo'], a['demo_flags'] = a['demo'] + 1, a['demo_flags'] + bool(r['flag'])
+        a = acc.setdefault(int(r['frames'] // every), {'n': 0, 'flags': 0, 'x': 0.0, 'demo': 0, 'demo_flags': 0,
+                                                       'retry': 0, 'retry_flags': 0})
+        if r.get('retry'): a['retry'], a['retry_flags'] = a['retry'] + 1, a['retry_flags'] + bool(r['flag'])
+        elif r.get('demo_frame'): a['demo'], a['demo_flags'] = a['demo'] + 1, a['demo_flags'] + bool(r['flag'])
         else: a['n'], a['flags'], a['x'] = a['n'] + 1, a['flags'] + bool(r['flag']), a['x'] + float(r['x'])
     return [{'frames': f"{k * every / 1e6:.2f}-{min((k + 1) * every, last) / 1e6:.2f}M",
              'episodes': a['n'], 'flags': a['flags'],
              'flag_rate': round(a['flags'] / a['n'], 3) if a['n'] else None,
              'mean_x': round(a['x'] / a['n']) if a['n'] else None,
-             'demo_episodes': a['demo'], 'demo_flags': a['demo_flags']} for k, a in sorted(acc.items())]
+             'demo_episodes': a['demo'], 'demo_flags': a['demo_flags'],
+             'retry_episodes': a['retry'], 'retry_flags': a['retry_flags']} for k, a in sorted(acc.items())]
 
 # %% ../nbs/14_curves.ipynb #11c0a003
 def stage_milestones(source, # a metrics.jsonl(.gz) path
