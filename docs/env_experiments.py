@@ -277,6 +277,19 @@ def worker_threads():
                       "threads in this process": _Vector(8, "threads", "simple", 0, groups=2)})
 
 
+def retry_snapshots():
+    """`retry_starts` snapshots the emulator every 16 frames on the ground and loads one at some resets: its cost, on
+    1-4 with the 1-4 recipe's preprocessing and a random policy, without and with retries, in one interleaved run."""
+    from mario_a3c.bench_env import _Single
+    from mario_a3c.config import TrainingConfig
+    from mario_a3c.envs import make_env
+    kw = TrainingConfig.from_json("mario_a3c/configs/world1_stage4_sticky7.json").env_kwargs()
+    benches = {p: _Single(make_env(**{**kw, "retry_starts": p}), seed=0) for p in (0.0, 0.5)}
+    m = _measure(benches, seconds=120, rounds=12)
+    for p, v in m.items():
+        print(f"retry_starts {p}: {v:6.0f} frames/s")
+    print(f"ratio {m[0.5] / m[0.0]:.3f}")
+
 def paired(runs=8, seconds=10.0):
     """The wrapper ratio measured two ways, `runs` times: raw and wrapped stepped in turn (one agent step each, each on
     its own clock, as `bench-env` does) and in separate slices (6 rounds of raw, then wrapped)."""
