@@ -15,12 +15,13 @@ import torch
 
 from . import __version__
 from .config import IMMUTABLE_FIELDS, TrainingConfig
+from .models import ImpalaActorCritic, widen
 from .stacks import check_stage, stack_versions
 
 # %% auto #0
-__all__ = ['FORMAT_VERSION', 'REQUIRED_META', 'CLUSTER_FIELDS', 'CheckpointError', 'checkpoint_path', 'meta_path', 'atomic_write',
-           'make_meta', 'save_checkpoint', 'load_meta', 'load_checkpoint', 'capture_rng_state', 'restore_rng_state',
-           'load_model_state', 'resolve_resume_config', 'init_weights']
+__all__ = ['FORMAT_VERSION', 'REQUIRED_META', 'CLUSTER_FIELDS', 'WIDENABLE_FIELDS', 'CheckpointError', 'checkpoint_path',
+           'meta_path', 'atomic_write', 'make_meta', 'save_checkpoint', 'load_meta', 'load_checkpoint',
+           'capture_rng_state', 'restore_rng_state', 'load_model_state', 'resolve_resume_config', 'init_weights']
 
 # %% ../nbs/08_checkpoint.ipynb #ad838228
 FORMAT_VERSION = 1  # bump when the layout of the payload or the metadata changes incompatibly
@@ -277,6 +278,8 @@ def resolve_resume_config(meta:dict, # from `load_checkpoint` / `load_meta`
     return TrainingConfig.from_dict({**base.to_dict(), **overrides}, source='resume overrides')
 
 # %% ../nbs/08_checkpoint.ipynb #1f0a1c02
+WIDENABLE_FIELDS = ('channels', 'blocks')   # init_from may widen these (Net2WiderNet)
+
 def init_weights(model:torch.nn.Module, # the new run's network
                  config:TrainingConfig, # the new run's config
                  path, # checkpoint (.pt) whose weights start the run
@@ -286,13 +289,19 @@ def init_weights(model:torch.nn.Module, # the new run's network
     name = Path(meta['path']).name
     other = TrainingConfig.from_stored(meta['config'], source=f'checkpoint {name}')
     for k in IMMUTABLE_FIELDS:
-        if _norm(k, getattr(other, k)) != _norm(k, getattr(config, k)):
+        if k not in WIDENABLE_FIELDS and _norm(k, getattr(other, k)) != _norm(k, getattr(config, k)):
             raise ValueError(f"init_from={str(path)!r} was trained with {k}={getattr(other, k)!r}, "
                              f"this run has {k}={getattr(config, k)!r}: they must agree")
     weights = state.get('model') if isinstance(state, dict) else None
     if not isinstance(weights, dict):
         raise CheckpointError(f"checkpoint {name} has no model weights (state['model'])")
     dtype = next(model.parameters()).dtype
-    load_model_state(model, {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()},
-                     name)
+    weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
+    if all(_norm(k, getattr(other, k)) == _norm(k, getattr(config, k)) for k in WIDENABLE_FIELDS):
+        load_model_state(model, weights, name)
+        return meta
+    narrow = ImpalaActorCritic(**other.model_kwargs()).to(dtype)
+    load_model_state(narrow, weights, name)
+    try: widen(narrow, model, seed=config.seed)
+    except ValueError as e: raise ValueError(f"init_from={str(path)!r}: {e}") from None
     return meta

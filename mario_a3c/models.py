@@ -15,7 +15,7 @@ from .cores import CORES, make_core
 # %% auto #0
 __all__ = ['INITS', 'STATE_BATCH_DIM', 'ResidualBlock', 'impala_stage', 'impala_out_size', 'ImpalaBackbone', 'orthogonal_init',
            'ImpalaActorCritic', 'count_parameters', 'expected_parameter_count', 'index_state', 'batch_state',
-           'detach_state']
+           'detach_state', 'widen']
 
 # %% ../nbs/02b_models.ipynb #fee234b5
 def _conv(cin:int, cout:int) -> nn.Conv2d: return nn.Conv2d(cin, cout, 3, padding=1)
@@ -211,3 +211,53 @@ def batch_state(states:list) -> tuple:
 def detach_state(state:tuple) -> tuple:
     "The same state without gradient history."
     return tuple(s.detach() for s in state)
+
+# %% ../nbs/02b_models.ipynb #a7d1e202
+def _shares(groups:Tensor, # [C] the old channel each new channel copies
+            noise:float, generator:torch.Generator) -> Tensor:
+    "[C] each copy's share of its old channel's outgoing weights: in (0, 1], summing to 1 over the copies."
+    share = 1 + noise * (2 * torch.rand(len(groups), generator=generator) - 1)
+    total = torch.zeros(int(groups.max()) + 1).index_add_(0, groups, share)
+    return share / total[groups]
+
+def _copy_conv(new:nn.Conv2d, old:nn.Conv2d, g_out:Tensor, g_in:Tensor, s_in:Tensor) -> None:
+    "`new` = `old` with output channels `g_out`, input channels `g_in` each weighted by its share `s_in`."
+    new.weight.copy_(old.weight[g_out][:, g_in] * s_in[None, :, None, None])  # [C_out, C_in, 3, 3]
+    new.bias.copy_(old.bias[g_out])
+
+@torch.no_grad()
+def widen(narrow:ImpalaActorCritic, # the trained network
+          wide:ImpalaActorCritic,   # as `narrow` with at least its channels per stage and blocks; overwritten
+          noise:float=0.1,          # copies' shares of outgoing weights drawn in 1 +- noise, then normalised
+          seed:int=0,               # which old channels the added ones copy, and the shares
+         ) -> ImpalaActorCritic:
+    "Copy `narrow`'s function into the wider `wide` (Net2WiderNet); returns `wide`."
+    old_st, new_st = narrow.backbone.stages, wide.backbone.stages
+    old_ch = tuple(s[0].out_channels for s in old_st)
+    new_ch = tuple(s[0].out_channels for s in new_st)
+    old_b, new_b = len(old_st[0]) - 2, len(new_st[0]) - 2
+    if len(old_ch) != len(new_ch) or any(n < o for o, n in zip(old_ch, new_ch)) or new_b < old_b:
+        raise ValueError(f"cannot widen channels={','.join(map(str, old_ch))} blocks={old_b} to "
+                         f"channels={','.join(map(str, new_ch))} blocks={new_b}: allowed the same number of "
+                         f"stages, each with at least as many channels, and at least as many blocks")
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.arange(old_st[0][0].in_channels)  # input planes: copied as they are
+    s = torch.ones(len(g))
+    for o, n, c_old, c_new in zip(old_st, new_st, old_ch, new_ch):
+        g_out = torch.cat([torch.arange(c_old), torch.randint(c_old, (c_new - c_old,), generator=gen)])
+        s_out = _shares(g_out, noise, gen)
+        _copy_conv(n[0], o[0], g_out, g, s)
+        for ob, nb in zip(o[2:], n[2:]):
+            _copy_conv(nb.conv1, ob.conv1, g_out, g_out, s_out)
+            _copy_conv(nb.conv2, ob.conv2, g_out, g_out, s_out)
+        for nb in n[2 + old_b:]:                  # added blocks: the identity
+            nb.conv2.weight.zero_(); nb.conv2.bias.zero_()
+        g, s = g_out, s_out
+    w = narrow.backbone.fc.weight                # [hidden, c_last * side * side]
+    w = w.view(w.shape[0], old_ch[-1], -1)[:, g] * s[None, :, None]  # [hidden, C_last, side * side]
+    wide.backbone.fc.weight.copy_(w.flatten(1))
+    wide.backbone.fc.bias.copy_(narrow.backbone.fc.bias)
+    rest = {k: v for k, v in narrow.state_dict().items() if not k.startswith('backbone.')}
+    missing, unexpected = wide.load_state_dict(rest, strict=False)
+    assert not unexpected and all(k.startswith('backbone.') for k in missing), (missing, unexpected)
+    return wide
