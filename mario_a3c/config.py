@@ -98,7 +98,7 @@ class _ModelFields(EnvArgs):
     heads: int = 4  # transformer: attention heads (must divide core_size)
     noisy: bool = False  # NoisyLinear policy and value heads (exploration by parameter noise)
     layer_norm: bool = True  # LayerNorm on the CNN features before the core (else an LSTM core can saturate)
-    init_from: str = ''  # checkpoint (.pt) whose weights start a new run (fine-tuning; empty: fresh weights)
+    init_from: str = ''  # checkpoint (.pt) whose weights start a new run (fine-tuning; a narrower network is widened; empty: fresh weights)
 
     @property
     def channels_tuple(self) -> tuple[int, ...]: return tuple(int(c) for c in self.channels.split(','))
