@@ -105,11 +105,12 @@ def _cmd_train(args) -> int:
     return 0 if summary['stopped'] in ('done', 'time', 'stop', 'interrupted') else 1
 
 def _cmd_curves(args) -> int:
-    "Redraw the learning curves in the docs from the shipped metrics and print each run's milestones."
-    from mario_a3c.curves import docs_curves
+    "Redraw the learning curves in the docs from the shipped metrics; print each run's and each stage's chain's milestones."
+    from mario_a3c.curves import docs_chains, docs_curves
     _at_least('--window', args.window, 1)
     if not docs_curves(args.docs, args.window):
         raise FileNotFoundError(f"no {args.docs}/runs/*/metrics.jsonl.gz to draw")
+    docs_chains(args.docs, args.window)
     return 0
 
 def _cmd_bench(args) -> int:

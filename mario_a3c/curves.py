@@ -4,7 +4,7 @@
 
 # %% ../nbs/14_curves.ipynb #a3b3957a
 from __future__ import annotations
-import io, json
+import io, json, re
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +12,9 @@ import numpy as np
 from .callbacks import read_metrics
 
 # %% auto #0
-__all__ = ['EPISODE_COLUMNS', 'episode_records', 'episode_columns', 'rolling_mean', 'training_seconds', 'milestones',
-           'plot_curves', 'compare_runs', 'format_rows', 'frame_slices', 'stage_milestones', 'milestone_table',
-           'docs_curves']
+__all__ = ['EPISODE_COLUMNS', 'episode_records', 'from_start', 'episode_columns', 'rolling_mean', 'training_seconds',
+           'milestones', 'plot_curves', 'compare_runs', 'format_rows', 'frame_slices', 'stage_milestones',
+           'milestone_table', 'docs_curves', 'chain_milestones', 'docs_chains']
 
 # %% ../nbs/14_curves.ipynb #7e857d28
 EPISODE_COLUMNS = ('frames', 'r', 'x', 'flag', 'time')
@@ -24,13 +24,17 @@ def episode_records(source) -> list[dict]:
     return read_metrics(source, kind='episode') if isinstance(source, (str, Path)) else [
         r for r in source if r.get('kind', 'episode') == 'episode']
 
+def from_start(r:dict) -> bool:
+    "An episode begun at the stage's start: not a demo start (`demo_frame` > 0) nor a retry from a snapshot (`retry`)."
+    return not r.get('demo_frame') and not r.get('retry')
+
 def episode_columns(source, # a metrics.jsonl(.gz) path, or a list of episode records
                     stage:tuple|None=None, # only the episodes of this (world, stage) of a multi-stage run
                    ) -> dict[str, np.ndarray]:
     "The run's episodes as columns `frames, r, x, flag, time` (float arrays, in file order)."
     recs = episode_records(source)
     if stage is not None: recs = [r for r in recs if (r.get('world'), r.get('stage')) == tuple(stage)]
-    recs = [r for r in recs if not r.get('demo_frame')]   # episodes begun mid-stage by `demo_starts` are not play
+    recs = [r for r in recs if from_start(r)]   # episodes begun mid-stage are not play from the start
     cols = {k: np.array([float(r[k]) for r in recs], dtype=np.float64) for k in EPISODE_COLUMNS}
     if len(recs) and np.any(np.diff(cols['frames']) < 0):
         raise ValueError(f"{source}: episode frame counters go backwards; is this two runs in one file?")
@@ -63,7 +67,8 @@ def milestones(cols:dict, # from `episode_columns`
               ) -> dict:
     "Frames, episodes and training hours to the first flag and to each rolling flag rate (None if never)."
     flags, frames = cols['flag'], cols['frames']
-    hours = training_seconds(cols['time'], max_gap_s) / 3600 if len(flags) else np.zeros(0)
+    if 'hours' in cols: hours = np.asarray(cols['hours'], dtype=np.float64)   # given (a chain of runs)
+    else: hours = training_seconds(cols['time'], max_gap_s) / 3600 if len(flags) else np.zeros(0)
     def at(i): return None if i is None else {'frames': int(frames[i]), 'episodes': int(i + 1),
                                               'hours': round(float(hours[i]), 3)}
     first = np.flatnonzero(flags > 0)
@@ -206,4 +211,50 @@ def docs_curves(docs='docs', # reports' folder: runs/<run>/metrics.jsonl.gz in, 
         plot_curves(curves, window, png, title=f"{run}: training episodes (sampled actions{sticky})")
         out[run] = table
         if log: log(f"{png}\n{milestone_table(table)}")
+    return out
+
+# %% ../nbs/14_curves.ipynb #c4a1e302
+def chain_milestones(sources:list, # metrics.jsonl(.gz) paths (or episode records) of the runs, in training order
+                     stage:str, # 'W-S': the stage whose episodes from the start count
+                     window:int=100, # episodes in the rolling flag rate
+                     shipped_frames:int|None=None, # the shipped checkpoint, on the last run's frame counter
+                     start_frames:int=0, # frames before the first run (an agent whose metrics are not shipped)
+                     start_hours:float=0.0, # its training hours
+                     max_gap_s:float=600.0, # see `training_seconds`
+                    ) -> dict:
+    "`milestones` of one stage over runs that each went on from the previous one, counted from the chain's start."
+    m = re.fullmatch(r'(\d+)-(\d+)', str(stage))
+    if not m: raise ValueError(f"stage={stage!r} is not a stage name: allowed W-S, e.g. 1-4")
+    ws = (int(m[1]), int(m[2]))
+    cols, off_f, off_h = {'frames': [], 'flag': [], 'hours': []}, float(start_frames), float(start_hours)
+    for k, src in enumerate(sources):
+        recs = episode_records(src)
+        hours = training_seconds(np.array([float(r['time']) for r in recs]), max_gap_s) / 3600 if recs else []
+        for r, h in zip(recs, hours):
+            if (r.get('world'), r.get('stage')) == ws and from_start(r):
+                cols['frames'].append(float(r['frames']) + off_f)
+                cols['flag'].append(float(r['flag']))
+                cols['hours'].append(float(h) + off_h)
+        if k < len(sources) - 1 and recs:   # the next run starts where this one ended
+            off_f, off_h = off_f + max(float(r['frames']) for r in recs), off_h + float(hours[-1])
+    out = milestones({k: np.array(v) for k, v in cols.items()}, window)
+    if shipped_frames is not None:
+        done = [float(h) for r, h in zip(recs, hours) if float(r['frames']) <= shipped_frames]
+        out['shipped'] = {'frames': int(off_f + shipped_frames), 'hours': round(off_h + (done[-1] if done else 0.0), 3)}
+    return out
+
+def docs_chains(docs='docs', # reports' folder with runs/chains.json and runs/<run>/metrics.jsonl.gz
+                window:int=100, # episodes in the rolling flag rate
+                log=print, # gets each stage's milestone table
+               ) -> dict[str, dict]:
+    "`chain_milestones` of each stage named in `docs/runs/chains.json` ('W-S' -> dict)."
+    docs, out = Path(docs), {}
+    path = docs / 'runs' / 'chains.json'
+    if not path.is_file(): return out
+    for stage, c in json.loads(path.read_text()).items():
+        runs = [docs / 'runs' / r / 'metrics.jsonl.gz' for r in c['runs']]
+        shipped = runs[-1].parent / 'shipped.json'
+        frames = json.loads(shipped.read_text()).get('frames') if shipped.is_file() else None
+        out[stage] = chain_milestones(runs, stage, window, frames, c.get('start_frames', 0), c.get('start_hours', 0.0))
+    if log and out: log(milestone_table(out))
     return out
