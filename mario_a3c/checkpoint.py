@@ -287,7 +287,7 @@ def init_weights(model:torch.nn.Module, # the new run's network
     "Load another checkpoint's network weights (cast to the model's dtype) into `model`; its metadata."
     state, meta = load_checkpoint(path)
     name = Path(meta['path']).name
-    other = TrainingConfig.from_stored(meta['config'], source=f'checkpoint {name}')
+    other = TrainingConfig.agent_from_stored(meta['config'], source=f'checkpoint {name}')
     for k in IMMUTABLE_FIELDS:
         if k not in WIDENABLE_FIELDS and _norm(k, getattr(other, k)) != _norm(k, getattr(config, k)):
             raise ValueError(f"init_from={str(path)!r} was trained with {k}={getattr(other, k)!r}, "

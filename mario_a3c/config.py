@@ -18,10 +18,10 @@ from .vector import VECTORIZATIONS
 
 # %% auto #0
 __all__ = ['POSITIVE', 'AT_LEAST_0', 'AT_LEAST_1', 'UNIT', 'RANGES', 'RECURRENT_TYPES', 'RETURNS', 'WANDB_MODES', 'MODES',
-           'BACKENDS', 'CHOICES', 'IMMUTABLE_FIELDS', 'STORED_BEFORE', 'STAGE_FIELDS', 'RUN_FIELDS', 'HOST_FIELDS',
-           'PRESETS', 'TrainingConfig', 'resolve_device', 'FieldInfo', 'describe_fields', 'parameters_cell_source',
-           'recipe_fields', 'recipe_diff', 'check_preset', 'preset_config', 'add_field_args', 'add_config_args',
-           'explicit_overrides', 'config_from_args']
+           'BACKENDS', 'CHOICES', 'IMMUTABLE_FIELDS', 'STORED_BEFORE', 'START_FIELDS', 'STAGE_FIELDS', 'RUN_FIELDS',
+           'HOST_FIELDS', 'PRESETS', 'TrainingConfig', 'resolve_device', 'FieldInfo', 'describe_fields',
+           'parameters_cell_source', 'recipe_fields', 'recipe_diff', 'check_preset', 'preset_config', 'add_field_args',
+           'add_config_args', 'explicit_overrides', 'config_from_args']
 
 # %% ../nbs/05_config.ipynb #38e65ce5
 class _Range(NamedTuple):
@@ -270,6 +270,14 @@ def from_dict(cls:TrainingConfig, d:dict, source:str='config') -> TrainingConfig
 def from_stored(cls:TrainingConfig, d:dict, source:str='config') -> TrainingConfig:
     "Build from a config stored by a run (checkpoint metadata): a field it lacks means what it meant then."
     return cls.from_dict({**STORED_BEFORE, **d}, source)
+
+# where training episodes start; an agent plays every episode from the stage's start
+START_FIELDS = ('demo_starts', 'retry_starts')
+
+@patch(cls_method=True)
+def agent_from_stored(cls:TrainingConfig, d:dict, source:str='config') -> TrainingConfig:
+    "A stored config read for its agent (to play it, or to start from its weights): `START_FIELDS` at 0."
+    return cls.from_stored({**d, **{k: 0.0 for k in START_FIELDS}}, source)
 
 @patch(cls_method=True)
 def from_json(cls:TrainingConfig, path) -> TrainingConfig:

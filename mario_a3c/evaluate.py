@@ -47,7 +47,7 @@ def _agent_config(meta:dict, path) -> TrainingConfig:
     from mario_a3c.checkpoint import REQUIRED_META, CheckpointError
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing: raise CheckpointError(f"checkpoint {path} metadata misses key(s) {', '.join(missing)}")
-    try: return TrainingConfig.from_stored(meta['config'], source=f'checkpoint {path} metadata')
+    try: return TrainingConfig.agent_from_stored(meta['config'], source=f'checkpoint {path} metadata')
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} metadata has a config this mario_a3c cannot "
                               f"use: {' '.join(str(e).split())}") from None

@@ -489,6 +489,18 @@ def test_demo_starts_put_mario_where_a_plain_replay_does():
         assert not terminated
 
 
+def test_shipped_world1_4_agent_trained_with_retries_plays_on_this_stack():
+    """The 1-4 agent was trained on the modern stack with `retry_starts`, which the legacy stack cannot run; playing
+    starts every episode at the stage's start, so it plays (and clears, under the protocol's sticky actions) on both."""
+    from mario_a3c.checkpoint import load_meta
+    from mario_a3c.evaluate import evaluate, pretrained_path
+
+    assert load_meta(pretrained_path("1-4"))["config"]["retry_starts"] > 0
+    res = evaluate(pretrained_path("1-4"), episodes=1, noop_max=30, sticky=0.25, seed=0, max_steps=3000)
+    (ep,) = res["episodes"]
+    assert ep["flag"] and ep["max_x"] > 2200, ep
+
+
 def test_retry_starts_need_snapshots():
     "Modern: `retry_starts` keeps emulator snapshots; legacy (nes-py 8) has none and refuses in one line."
     if stack_name() == "modern":
