@@ -4,8 +4,8 @@ Each row is one missed episode of a checkpoint played as `mario-a3c eval --episo
 --seed N` plays it (argmax), the frames the agent saw in colour, two agent steps apart, ending where Mario died.
 
 Run from the repository root: `.venv/bin/python docs/world1_misses.py`. The checkpoints are the runs' last committed
-states when the picture was drawn (`runs/world1_stage4h` at 2.05M frames, `runs/world1_stage3g` at 1.27M frames); once a
-run's folder is removed, check out a commit that has it.
+states when the picture was drawn (`runs/world1_stage4h` at 2.05M frames, `runs/world1_stage3g` at 1.27M frames). The
+1-4 runs' folders were removed when the 1-4 agent shipped: commit 49d479a has them.
 """
 from collections import defaultdict, deque
 
