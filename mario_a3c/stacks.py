@@ -131,8 +131,12 @@ class HeldButtons(gym.Wrapper, gym.utils.RecordConstructorArgs):
 # %% ../nbs/01_stacks.ipynb #ca26976c
 INFO_KEYS = ('x_pos', 'y_pos', 'flag_get', 'life', 'score', 'time', 'coins', 'world', 'stage', 'status')
 
-class _LegacyResetInfo(gym.Wrapper):
-    "Fill the legacy stack's empty reset info from the game RAM."
+def _plain(info:dict) -> dict:
+    "`info` with numpy scalars as Python ones (nes-py 8 reads the RAM into numpy integers)."
+    return {k: v.item() if isinstance(v, np.generic) else v for k, v in info.items()}
+
+class _LegacyInfo(gym.Wrapper):
+    "Fill the legacy stack's empty reset info from the game RAM; its values as Python ints, as the modern stack's."
     def __init__(self, env):
         super().__init__(env)
         self._game = env.gym_env
@@ -141,7 +145,11 @@ class _LegacyResetInfo(gym.Wrapper):
 
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
-        return obs, {**self._game._get_info(), **info}
+        return obs, _plain({**self._game._get_info(), **info})
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        return obs, reward, terminated, truncated, _plain(info)
 
 def make_raw_env(world:int|None=1, stage:int|None=1, render_mode:str|None=None) -> gym.Env:
     "The bare emulator for one stage (`world=None`: the full game) as a Gymnasium env on either stack."
@@ -157,7 +165,7 @@ def make_raw_env(world:int|None=1, stage:int|None=1, render_mode:str|None=None) 
         warnings.simplefilter('ignore')
         inner = old_gym.make(env_id, apply_api_compatibility=True, disable_env_checker=True,
                              render_mode=render_mode)
-    return _LegacyResetInfo(GymV26CompatibilityV0(env=inner))
+    return _LegacyInfo(GymV26CompatibilityV0(env=inner))
 
 # %% ../nbs/01_stacks.ipynb #1073bc62
 def emulator_game(env) -> gym.Env:

@@ -1,5 +1,6 @@
 """Environment tests. They run on BOTH stacks (`make test` runs this file in the legacy venv too)."""
 
+import json
 import multiprocessing as mp
 import warnings
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from mario_a3c.envs import EnvArgs, ShapedReward, check_env_args, gray_resize, load_demo, make_env
-from mario_a3c.stacks import JoypadActions, action_set, button_mask, make_raw_env, stack_name
+from mario_a3c.stacks import INFO_KEYS, JoypadActions, action_set, button_mask, make_raw_env, stack_name
 from mario_a3c.vector import make_vec_env
 
 
@@ -499,6 +500,18 @@ def test_shipped_world1_4_agent_trained_with_retries_plays_on_this_stack():
     res = evaluate(pretrained_path("1-4"), episodes=1, noop_max=30, sticky=0.25, seed=0, max_steps=3000)
     (ep,) = res["episodes"]
     assert ep["flag"] and ep["max_x"] > 2200, ep
+    assert json.loads(json.dumps(res))["episodes"] == res["episodes"]   # the --json line
+
+
+def test_info_values_are_python_scalars():
+    "Both stacks give the RAM's values as Python ints and bools (nes-py 8 reads numpy integers), so results serialize."
+    env = make_raw_env(1, 1)
+    _, info = env.reset(seed=0)
+    infos = [info] + [env.step(3)[4] for _ in range(5)]
+    for info in infos:
+        assert {k: type(info[k]) for k in INFO_KEYS} == {
+            **{k: int for k in INFO_KEYS}, "flag_get": bool, "status": str}, info
+    json.dumps(infos)
 
 
 def test_retry_starts_need_snapshots():
