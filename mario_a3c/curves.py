@@ -248,13 +248,15 @@ def docs_chains(docs='docs', # reports' folder with runs/chains.json and runs/<r
                 log=print, # gets each stage's milestone table
                ) -> dict[str, dict]:
     "`chain_milestones` of each stage named in `docs/runs/chains.json` ('W-S' -> dict)."
-    docs, out = Path(docs), {}
+    docs, out, read = Path(docs), {}, {}   # read: run -> its episode records, each file read once
     path = docs / 'runs' / 'chains.json'
     if not path.is_file(): return out
     for stage, c in json.loads(path.read_text()).items():
-        runs = [docs / 'runs' / r / 'metrics.jsonl.gz' for r in c['runs']]
-        shipped = runs[-1].parent / 'shipped.json'
+        for r in c['runs']:
+            if r not in read: read[r] = episode_records(docs / 'runs' / r / 'metrics.jsonl.gz')
+        shipped = docs / 'runs' / c['runs'][-1] / 'shipped.json'
         frames = json.loads(shipped.read_text()).get('frames') if shipped.is_file() else None
-        out[stage] = chain_milestones(runs, stage, window, frames, c.get('start_frames', 0), c.get('start_hours', 0.0))
+        out[stage] = chain_milestones([read[r] for r in c['runs']], stage, window, frames,
+                                      c.get('start_frames', 0), c.get('start_hours', 0.0))
     if log and out: log(milestone_table(out))
     return out
