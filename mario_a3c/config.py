@@ -80,7 +80,7 @@ IMMUTABLE_FIELDS = ('actions', 'frame_skip', 'gray', 'size', 'stack', 'held_butt
 # the fields added later, and the defaults before they became the World 1-1 recipe
 STORED_BEFORE = dict(layer_norm=False, gray=True, held_buttons=False, repress_jump=False,
                      recurrent_type='lstm', epochs=1, minibatches=1, ppo_clip=0.0, adv_norm=False,
-                     mode='sync')
+                     mode='sync', retry_span=200, retry_every=16)
 
 @dataclass
 class _ModelFields(EnvArgs):

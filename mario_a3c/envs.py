@@ -381,8 +381,8 @@ def replay(self:DemoStarts, ws:tuple, frame:int) -> tuple:
 class RetryStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
     "With probability `p` a reset from the stage's start begins at this env's own snapshot from before a recent death."
     def __init__(self, env:gym.Env, p:float=0.5,
-                 span:int=200, # the snapshot is from at most this many px before where the episode ended
-                 every:int=16, # emulator frames between snapshots (taken only with Mario on the ground)
+                 span:int=400, # the snapshot is from at most this many px before where the episode ended
+                 every:int=4, # emulator frames between snapshots (taken only with Mario on the ground)
                  ring:int=32, # the current episode's last snapshots
                  keep:int=50): # deaths remembered per stage, one snapshot each
         gym.utils.RecordConstructorArgs.__init__(self, p=p, span=span, every=every, ring=ring, keep=keep)
@@ -453,6 +453,8 @@ class EnvArgs:
     demo_starts: float = 0.0  # share of resets that start at a random frame of the stage's demo, 0-1
     demo_focus: str = 'edge'  # where half the demo starts go: edge (a backward curriculum) or deaths (where true starts die)
     retry_starts: float = 0.0  # share of resets from the stage's start that begin at the env's own snapshot before a recent death, 0-1
+    retry_span: int = 400  # retry starts: the snapshot is from at most this many px before where the episode ended, 1 or more
+    retry_every: int = 4  # retry starts: emulator frames between snapshots with Mario on the ground, 1-10000
     demo_noops: bool = False  # demo and retry starts with Mario on the ground also begin with the 0-noop_max no-ops
     demos: str = ''  # folder of W-S.npy demos ('': the shipped ones)
 
@@ -502,6 +504,8 @@ def _check_env(a:EnvArgs):
     _check_share('sticky_actions', a.sticky_actions, below_one=True)
     _check_share('demo_starts', a.demo_starts)
     _check_share('retry_starts', a.retry_starts)
+    _check_int('retry_span', a.retry_span, 1)
+    _check_int('retry_every', a.retry_every, 1, 10_000)
     if a.retry_starts and stack_name() != 'modern':   # checked here, in the parent process, before any worker starts
         raise ValueError(f"retry_starts={a.retry_starts!r} needs emulator snapshots (nes-py >= 9): "
                          "this stack's emulator has none; allowed 0")
@@ -540,7 +544,7 @@ def make_env(*args, # `EnvArgs` fields by position (usually world, stage)
     else: env = make_raw_env(a.world, a.stage, render_mode=render_mode)
     if a.demo_starts: env = DemoStarts(env, {ws: load_demo(*ws, a.demos) for ws in stages}, a.demo_starts,
                                       focus=a.demo_focus)
-    if a.retry_starts: env = RetryStarts(env, a.retry_starts)
+    if a.retry_starts: env = RetryStarts(env, a.retry_starts, span=a.retry_span, every=a.retry_every)
     if a.repress_jump: env = RepressJump(env)   # per emulator frame, on button masks
     env = JoypadActions(env, a.actions)
     if a.sticky_actions: env = FrameSticky(env, a.sticky_actions)   # per frame: under the frame skip

@@ -52,6 +52,8 @@ def test_design_fields_and_defaults():
         demo_starts=0.0,
         demo_focus="edge",
         retry_starts=0.0,
+        retry_span=400,
+        retry_every=4,
         demo_noops=False,
         demos="",
         num_envs=8,
@@ -412,6 +414,7 @@ def test_old_stored_configs_keep_their_meaning():
         False,
         False,
     )
+    assert (old.retry_span, old.retry_every) == (200, 16)
 
 
 def test_presets():
