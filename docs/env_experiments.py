@@ -278,13 +278,15 @@ def worker_threads():
 
 
 def retry_snapshots():
-    """`retry_starts` snapshots the emulator every 16 frames on the ground and loads one at some resets: its cost, on
-    1-4 with the 1-4 recipe's preprocessing and a random policy, without and with retries, in one interleaved run."""
+    """`retry_starts` snapshots the emulator every `retry_every` frames on the ground (default 4) and loads one at some
+    resets: its cost, on 1-4 with the 1-4 recipe's preprocessing and a random policy, without and with retries at the
+    current defaults, in one interleaved run."""
     from mario_a3c.bench_env import _Single
     from mario_a3c.config import TrainingConfig
     from mario_a3c.envs import make_env
     kw = TrainingConfig.from_json("mario_a3c/configs/world1_stage4_sticky7.json").env_kwargs()
-    benches = {p: _Single(make_env(**{**kw, "retry_starts": p}), seed=0) for p in (0.0, 0.5)}
+    defaults = {"retry_span": TrainingConfig.retry_span, "retry_every": TrainingConfig.retry_every}
+    benches = {p: _Single(make_env(**{**kw, **defaults, "retry_starts": p}), seed=0) for p in (0.0, 0.5)}
     m = _measure(benches, seconds=120, rounds=12)
     for p, v in m.items():
         print(f"retry_starts {p}: {v:6.0f} frames/s")

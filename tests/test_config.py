@@ -448,3 +448,12 @@ def test_train_notebook_parameters_are_the_defaults():
     }
     assert ns["preset"] == "" and ns["resume"] == ""
     assert parameters_cell_source().strip() in "".join(cell["source"])  # the same words as the field comments
+
+
+def test_each_recipe_file_reads_the_same_as_a_recipe_and_as_stored():
+    "A recipe file names every field whose meaning changed, so `--config` trains what the file trained when written."
+    from mario_a3c.config import recipe_diff
+
+    for p in sorted((ROOT / "mario_a3c" / "configs").glob("*.json")):
+        stored = json.loads(p.read_text())
+        assert recipe_diff(stored, TrainingConfig.from_json(p)) == {}, p.name
