@@ -130,7 +130,7 @@ def _cmd_explore(args) -> int:
     import time
     import numpy as np
     from mario_a3c.envs import demo_path
-    from mario_a3c.evaluate import parse_stage
+    from mario_a3c.stacks import parse_stage
     from mario_a3c.explore import explore
     w, s = parse_stage(args.stage)
     out = demo_path(w, s, args.out)

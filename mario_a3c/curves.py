@@ -4,12 +4,13 @@
 
 # %% ../nbs/14_curves.ipynb #a3b3957a
 from __future__ import annotations
-import io, json, re
+import io, json
 from pathlib import Path
 
 import numpy as np
 
 from .callbacks import read_metrics
+from .stacks import parse_stage
 
 # %% auto #0
 __all__ = ['EPISODE_COLUMNS', 'episode_records', 'from_start', 'episode_columns', 'rolling_mean', 'training_seconds',
@@ -206,7 +207,7 @@ def docs_curves(docs='docs', # reports' folder: runs/<run>/metrics.jsonl.gz in, 
         table = stage_milestones(m, window, info.get('frames'))
         recs = read_metrics(m, kind='episode')
         png = docs / 'images' / f'curves_{run}.png'
-        curves = {s: episode_columns(recs, stage=tuple(map(int, s.split('-')))) for s in table}
+        curves = {s: episode_columns(recs, stage=parse_stage(s)) for s in table}
         sticky = ', sticky actions' if info.get('sticky') else ''
         plot_curves(curves, window, png, title=f"{run}: training episodes (sampled actions{sticky})")
         out[run] = table
@@ -223,9 +224,8 @@ def chain_milestones(sources:list, # metrics.jsonl(.gz) paths (or episode record
                      max_gap_s:float=600.0, # see `training_seconds`
                     ) -> dict:
     "`milestones` of one stage over runs that each went on from the previous one, counted from the chain's start."
-    m = re.fullmatch(r'(\d+)-(\d+)', str(stage))
-    if not m: raise ValueError(f"stage={stage!r} is not a stage name: allowed W-S, e.g. 1-4")
-    ws = (int(m[1]), int(m[2]))
+    ws = parse_stage(stage)
+    if not sources: raise ValueError("sources=[] names no run: allowed a list of one or more runs' metrics")
     cols, off_f, off_h = {'frames': [], 'flag': [], 'hours': []}, float(start_frames), float(start_hours)
     for k, src in enumerate(sources):
         recs = episode_records(src)

@@ -16,11 +16,11 @@ import mario_a3c
 from .config import TrainingConfig, resolve_device
 from .core import writable_dir
 from .envs import _check_share, make_env
-from .stacks import action_set, check_stage
+from .stacks import action_set, check_stage, parse_stage
 
 # %% auto #0
 __all__ = ['PRETRAINED_DIR', 'LOCAL_FIELDS', 'tiny_checkpoint', 'load_agent', 'CopyRender', 'eval_env_kwargs', 'summarize',
-           'evaluate', 'parse_stage', 'list_pretrained', 'pretrained_path', 'export_pretrained']
+           'evaluate', 'list_pretrained', 'pretrained_path', 'export_pretrained']
 
 # %% ../nbs/09_evaluate.ipynb #2d0c3bcc
 def tiny_checkpoint(directory, # folder for the run's files (checkpoint, config)
@@ -193,12 +193,6 @@ def evaluate(checkpoint, # a `.pt` checkpoint (or its `.json`)
 # %% ../nbs/09_evaluate.ipynb #84fded92
 PRETRAINED_DIR = Path(mario_a3c.__file__).parent / 'pretrained'  # package data: shipped agents
 
-def parse_stage(name:str) -> tuple[int, int]:
-    "(world, stage) of a stage name 'W-S'; a one-line error otherwise."
-    m = re.fullmatch(r'(\d+)-(\d+)', str(name))
-    if not m: raise ValueError(f"pretrained={name!r} is not a stage name: use W-S, e.g. 1-1")
-    return check_stage(int(m[1]), int(m[2]))
-
 def list_pretrained(directory=None, # folder of shipped agents (default: the package's)
                    ) -> list[str]:
     "Stages (`'W-S'`) with a pretrained agent: a `.pt` and its `.json`."
@@ -211,7 +205,7 @@ def pretrained_path(name:str, # a stage, 'W-S' (e.g. '1-1')
                     directory=None, # folder of shipped agents (default: the package's)
                    ) -> Path:
     "The shipped agent of stage `name`; a one-line error listing what is available when there is none."
-    w, s = parse_stage(name)
+    w, s = parse_stage(name, 'pretrained')
     d = Path(directory or PRETRAINED_DIR)
     p = d / f'a3c_world{w}_stage{s}.pt'
     if not (p.is_file() and p.with_suffix('.json').is_file()):

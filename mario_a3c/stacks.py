@@ -5,7 +5,7 @@
 # %% ../nbs/01_stacks.ipynb #15e5a5e8
 from __future__ import annotations
 import importlib.metadata as _md
-import contextlib, io, platform, warnings
+import contextlib, io, platform, re, warnings
 from functools import lru_cache
 
 import gymnasium as gym
@@ -13,7 +13,7 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['WORLDS', 'STAGES', 'ALL_STAGES', 'ACTION_SETS', 'PLANE_BUTTONS', 'INFO_KEYS', 'A_MASK', 'FLOAT_STATE', 'stack_name',
-           'stack_versions', 'check_stage', 'stage_env_id', 'action_set', 'button_mask', 'JoypadActions',
+           'stack_versions', 'check_stage', 'parse_stage', 'stage_env_id', 'action_set', 'button_mask', 'JoypadActions',
            'held_button_names', 'HeldButtons', 'make_raw_env', 'emulator_game', 'emulator_ram', 'RepressJump']
 
 # %% ../nbs/01_stacks.ipynb #157a7e0a
@@ -47,6 +47,14 @@ def check_stage(world:int, stage:int) -> tuple[int, int]:
             raise ValueError(f"{name}={v!r} is not a Super Mario Bros {name}: allowed "
                              f"{allowed.start}-{allowed.stop-1}")
     return int(world), int(stage)
+
+def parse_stage(name:str, # a stage name, 'W-S' (e.g. '1-4')
+                what:str='stage', # the argument's name in the error
+               ) -> tuple[int, int]:
+    "(world, stage) of a stage name 'W-S'; a one-line error naming `what` otherwise."
+    m = re.fullmatch(r'(\d+)-(\d+)', str(name))
+    if not m: raise ValueError(f"{what}={name!r} is not a stage name: allowed W-S, e.g. 1-1")
+    return check_stage(int(m[1]), int(m[2]))
 
 def stage_env_id(world:int|None=None, stage:int|None=None) -> str:
     "Gym id of one stage, or of the full game when `world` is None."
