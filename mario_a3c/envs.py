@@ -383,7 +383,7 @@ class RetryStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
     def __init__(self, env:gym.Env, p:float=0.5,
                  span:int=400, # the snapshot is from at most this many px before where the episode ended
                  every:int=4, # emulator frames between snapshots (taken only with Mario on the ground)
-                 ring:int=32, # the current episode's last snapshots
+                 ring:int=64, # the current episode's last snapshots, one per place (the latest visit)
                  keep:int=50): # deaths remembered per stage, one snapshot each
         gym.utils.RecordConstructorArgs.__init__(self, p=p, span=span, every=every, ring=ring, keep=keep)
         gym.Wrapper.__init__(self, env)
@@ -416,6 +416,7 @@ class RetryStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
         if self._ws is not None:   # play from the stage's start: keep snapshots on the ground
             self._x, self._flag = int(out[4]['x_pos']), bool(out[4]['flag_get'])
             if self._frame % self.every == 0 and not (out[2] or out[3]) and emulator_ram(self.env)[FLOAT_STATE] == 0:
+                while self._ring and self._ring[-1][1] >= self._x: self._ring.pop()   # standing or back: replace
                 self._ring.append((self._frame, self._x, emulator_game(self.env).dump_state()))
         return out
 
