@@ -23,7 +23,7 @@ from .stacks import (ACTION_SETS, ALL_STAGES, HeldButtons, JoypadActions, Repres
                               make_raw_env, stack_name)
 
 # %% auto #0
-__all__ = ['REWARDS', 'PIPE_PX', 'KEEP_INFO', 'DEMO_DIR', 'DEMO_FOCUS', 'RENDER_MODES', 'ENV_FLAGS', 'gray_resize',
+__all__ = ['REWARDS', 'PIPE_PX', 'KEEP_INFO', 'DEMO_DIR', 'DEMO_FOCUS', 'ENV_FLAGS', 'RENDER_MODES', 'gray_resize',
            'color_resize', 'bgra_screen', 'screen_gray', 'SkipMaxGray', 'ShapedReward', 'StallLimit', 'NoopStarts',
            'EpisodeStats', 'stage_list', 'StageSchedule', 'FrameSticky', 'demo_path', 'load_demo', 'DemoStarts',
            'RetryStarts', 'EnvArgs', 'check_env_args', 'make_env']
@@ -479,7 +479,7 @@ def _check_share(name, v, below_one=False):
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1 or (below_one and v == 1):
         raise ValueError(f"{name}={v!r} is out of range: allowed 0 <= p {'<' if below_one else '<='} 1")
 
-RENDER_MODES = (None, 'rgb_array')
+# %% ../nbs/01a_envs.ipynb #7667fc6c
 ENV_FLAGS = ('gray', 'random_stage', 'held_buttons', 'repress_jump', 'demo_noops')
 
 def _check_env(a:EnvArgs):
@@ -516,6 +516,9 @@ def _check_env(a:EnvArgs):
     if a.demo_starts:   # every stage of the schedule needs its demo
         for ws in stage_list(a.world, a.stage, a.stage_span, a.random_stage): load_demo(*ws, a.demos)
 
+# %% ../nbs/01a_envs.ipynb #7667fc6d
+RENDER_MODES = (None, 'rgb_array')
+
 def check_env_args(*args, full_game=False, render_mode=None, **kw) -> EnvArgs:
     "Validate `make_env` arguments in the parent process, before any worker starts; return them as `EnvArgs`."
     unknown = [k for k in kw if k not in {f.name for f in fields(EnvArgs)}]
@@ -529,7 +532,6 @@ def check_env_args(*args, full_game=False, render_mode=None, **kw) -> EnvArgs:
         raise ValueError("full_game=True plays the whole game: "
                          "it cannot be combined with random_stage, stage_span, demo_starts or retry_starts")
     return a
-
 
 # %% ../nbs/01a_envs.ipynb #00466d70
 def make_env(*args, # `EnvArgs` fields by position (usually world, stage)
