@@ -19,9 +19,10 @@ from .models import ImpalaActorCritic, widen
 from .stacks import check_stage, stack_versions
 
 # %% auto #0
-__all__ = ['FORMAT_VERSION', 'REQUIRED_META', 'CLUSTER_FIELDS', 'WIDENABLE_FIELDS', 'CheckpointError', 'checkpoint_path',
-           'meta_path', 'atomic_write', 'make_meta', 'save_checkpoint', 'load_meta', 'load_checkpoint',
-           'capture_rng_state', 'restore_rng_state', 'load_model_state', 'resolve_resume_config', 'init_weights']
+__all__ = ['FORMAT_VERSION', 'REQUIRED_META', 'CLUSTER_FIELDS', 'WIDENABLE_FIELDS', 'RETIMABLE_FIELDS', 'CheckpointError',
+           'checkpoint_path', 'meta_path', 'atomic_write', 'make_meta', 'save_checkpoint', 'load_meta',
+           'load_checkpoint', 'capture_rng_state', 'restore_rng_state', 'load_model_state', 'resolve_resume_config',
+           'init_weights']
 
 # %% ../nbs/08_checkpoint.ipynb #ad838228
 FORMAT_VERSION = 1  # bump when the layout of the payload or the metadata changes incompatibly
@@ -279,6 +280,7 @@ def resolve_resume_config(meta:dict, # from `load_checkpoint` / `load_meta`
 
 # %% ../nbs/08_checkpoint.ipynb #1f0a1c02
 WIDENABLE_FIELDS = ('channels', 'blocks')   # init_from may widen these (Net2WiderNet)
+RETIMABLE_FIELDS = ('frame_skip',)   # init_from may change these: the same frames, decided more or less often
 
 def init_weights(model:torch.nn.Module, # the new run's network
                  config:TrainingConfig, # the new run's config
@@ -289,7 +291,7 @@ def init_weights(model:torch.nn.Module, # the new run's network
     name = Path(meta['path']).name
     other = TrainingConfig.agent_from_stored(meta['config'], source=f'checkpoint {name}')
     for k in IMMUTABLE_FIELDS:
-        if k not in WIDENABLE_FIELDS and _norm(k, getattr(other, k)) != _norm(k, getattr(config, k)):
+        if k not in WIDENABLE_FIELDS + RETIMABLE_FIELDS and _norm(k, getattr(other, k)) != _norm(k, getattr(config, k)):
             raise ValueError(f"init_from={str(path)!r} was trained with {k}={getattr(other, k)!r}, "
                              f"this run has {k}={getattr(config, k)!r}: they must agree")
     weights = state.get('model') if isinstance(state, dict) else None
