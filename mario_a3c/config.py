@@ -32,7 +32,7 @@ class _Range(NamedTuple):
         return ((self.lo is None or (v > self.lo if self.open_lo else v >= self.lo))
                 and (self.hi is None or v <= self.hi))
     def __str__(self) -> str:
-        if self.hi is not None: return f"{self.lo}-{self.hi}"
+        if self.hi is not None: return f"> {self.lo} and <= {self.hi}" if self.open_lo else f"{self.lo}-{self.hi}"
         return f"{'>' if self.open_lo else '>='} {self.lo}"
 
 POSITIVE, AT_LEAST_0, AT_LEAST_1, UNIT = _Range(0, open_lo=True), _Range(0), _Range(1), _Range(0, 1)
@@ -47,7 +47,7 @@ RANGES = dict(   # the env fields are checked by `check_env_args` (nbs/01a_envs.
     sil_coef=AT_LEAST_0, sil_value_coef=AT_LEAST_0, sil_batch=AT_LEAST_1, sil_capacity=AT_LEAST_1,
     sil_alpha=AT_LEAST_0, sil_beta=UNIT, seed=AT_LEAST_0, step_timeout=POSITIVE, max_env_restarts=AT_LEAST_0,
     max_nan_steps=AT_LEAST_1, checkpoint_every=AT_LEAST_1, log_every_s=AT_LEAST_0, avg_window=AT_LEAST_1,
-    actors=AT_LEAST_1, queue_size=AT_LEAST_1)
+    actors=AT_LEAST_1, queue_size=AT_LEAST_1, cold_envs=UNIT, cold_temperature=_Range(0, 1, open_lo=True))
 RECURRENT_TYPES = ('gru', 'lstm', 'transformer', 'none')
 RETURNS = ('vtrace', 'gae')
 WANDB_MODES = ('online', 'offline', 'disabled')
@@ -196,6 +196,8 @@ class TrainingConfig(_ExtraFields):
     queue_size: int = 4  # async: rollouts that may wait for the learner (at least actors); then actors block
     backend: str = 'mp'  # async: mp (processes on this machine) or ray (Ray actors on any node of a cluster)
     ray_address: str = ''  # backend ray: address of the cluster to join (empty: a local ray.init())
+    cold_envs: float = 0.0  # share of the envs (the last ones) that sample at cold_temperature, 0-1: the argmax policy's states (decoupled clip)
+    cold_temperature: float = 0.5  # sampling temperature of the cold envs, above 0 and at most 1 (lower: nearer the argmax)
     # Output
     run_name: str = ''  # run folder name (empty: a timestamp chosen at start)
     runs_dir: str = 'output/runs'  # parent of the run folders (config, metrics)

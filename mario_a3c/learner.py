@@ -34,6 +34,8 @@ def compute_loss(model:Callable, # (obs, state, episode_start) -> (logits, value
                  batch, # `Rollout` or `SegmentBatch`, on the model's device
                  config, # has LOSS_FIELDS (a `TrainingConfig` or a namespace)
                  weights:Tensor|None=None, # [B] importance weight of each column; None: all 1
+                 prox_logp:Tensor|None=None, # [T, K] log pi of the first K columns' actions at the update's start:
+                                             # the clip centres on it (the rest: on the current policy); None: on mu
                 ) -> tuple[Tensor, dict]:
     "Actor-critic loss of `model` on a time-major batch with V-trace or GAE targets: (loss, metrics)."
     T, B = check_batch(batch)
@@ -55,11 +57,18 @@ def compute_loss(model:Callable, # (obs, state, episode_start) -> (logits, value
         adv, targets = gae(rewards=rewards, values=values.detach(), bootstrap_value=bootstrap,
                            discounts=discounts, lam=config.gae_lambda)
         pg_adv = rhos.clamp(max=config.rho_bar) * adv
+    ratio = rhos   # what the clip compares with its band
     if config.ppo_clip > 0:  # the ratio moves into the clipped surrogate instead of weighting the advantage
         if config.returns == 'vtrace':   # one-step advantage on the V-trace targets: [T, B]
             adv = rewards + discounts * torch.cat([targets[1:], bootstrap[None]]) - values.detach()
         adv = normalize_advantages(adv) if config.adv_norm else adv
-        pl = clipped_policy_loss(target_logp, blogp, adv, config.ppo_clip, weights)
+        if prox_logp is None: pl = clipped_policy_loss(target_logp, blogp, adv, config.ppo_clip, weights)
+        else:   # decoupled: clip around the proximal policy, reach it from mu by a clipped importance weight
+            prox = torch.cat([prox_logp.float(), target_logp.detach()[:, prox_logp.shape[1]:]], 1)   # [T, B]
+            iw = (prox - blogp).exp().clamp(max=config.rho_bar)                                     # [T, B]
+            pl = clipped_policy_loss(target_logp, prox, adv, config.ppo_clip,
+                                     iw if weights is None else iw * weights)
+            ratio = (target_logp.detach() - prox).exp()                      # [T, B] pi / proximal
     else: pl = policy_loss(target_logp, normalize_advantages(pg_adv) if config.adv_norm else pg_adv, weights)
     vl = value_loss(values, targets, weights)
     el = entropy_loss(logits, weights)
@@ -67,7 +76,8 @@ def compute_loss(model:Callable, # (obs, state, episode_start) -> (logits, value
     metrics = {'losses/policy': pl.detach(), 'losses/value': vl.detach(), 'losses/entropy': -el.detach(),
                'losses/total': loss.detach(), 'vtrace/rho_mean': rhos.mean(),
                'td_abs': (targets - values.detach()).abs().mean(0)}  # [B]
-    if config.ppo_clip > 0: metrics['ppo/clip_frac'] = ((rhos - 1).abs() > config.ppo_clip).float().mean()
+    if config.ppo_clip > 0: metrics['ppo/clip_frac'] = ((ratio - 1).abs() > config.ppo_clip).float().mean()
+    if prox_logp is not None: metrics['target_logp'] = target_logp.detach()   # [T, B]: the next passes' proximal
     return loss, metrics
 
 # %% ../nbs/07_learner.ipynb #f579b4d8
@@ -227,10 +237,15 @@ class Learner:
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                               enabled=self.amp_dtype is not None)
 
-    def _backward(self, mixed:Mixed) -> tuple[bool, dict]:
+    @property
+    def decoupled(self) -> bool:
+        "Whether the clip centres on the learner's policy at the update's start, not on mu (cold envs act apart)."
+        return self.config.ppo_clip > 0 and getattr(self.config, 'cold_envs', 0.0) > 0
+
+    def _backward(self, mixed:Mixed, prox:Tensor|None=None) -> tuple[bool, dict]:
         "Loss (plus the self-imitation term) of one batch under autocast; backpropagated when finite."
         with self.autocast():
-            loss, m = compute_loss(self.forward, mixed.batch, self.config, mixed.weights)
+            loss, m = compute_loss(self.forward, mixed.batch, self.config, mixed.weights, prox_logp=prox)
             if mixed.stored is not None:   # self-imitation on transitions of the best past episodes
                 _, obs, actions, returns, w = mixed.stored
                 sl, sm, m['sil_adv'] = self_imitation_loss(self.forward, obs, actions, returns, w,
@@ -247,22 +262,26 @@ class Learner:
 def _accumulate(self:Learner, rollout:Rollout, # fresh columns (CPU or device)
                 mix:ReplayMix, # replay and self-imitation (both may be off)
                 replay:bool=True, # sample and fill the replay on this pass
-               ):
+                prox:Tensor|None=None, # [T, K] proximal log-probs of the first K fresh columns (decoupled clip)
+               ) -> Tensor|None:
     "Forward and backward of one batch; gradients add up until `_apply`; priorities go back to `mix`."
     mixed = mix.batch(rollout, self.device, replay)
-    try: finite, m = self._backward(mixed)
+    if prox is None and self.decoupled: prox = rollout.behaviour_logp.new_zeros(rollout.actions.shape[0], 0)
+    try: finite, m = self._backward(mixed, prox)
     except Exception as e:   # a compiled forward that fails on first use: eager from now on
         if self.compile_state != 'trying': raise
         self._fallback(e)
         self.opt.zero_grad(set_to_none=True)
-        finite, m = self._backward(mixed)
+        finite, m = self._backward(mixed, prox)
     if self.compile_state == 'trying': self.compile_state = 'on'
     self._bad |= not finite
     td = m.pop('td_abs').float().cpu().numpy()                                       # [B+K]
+    logp = m.pop('target_logp', None)                                                # [T, B+K] or None
     adv = m.pop('sil_adv').float().cpu().numpy() if 'sil_adv' in m else None         # [N]
     m.update(mix.feedback(mixed, td, adv))
     for k, v in m.items(): self._sums[k] = self._sums.get(k, 0.0) + v.detach().float()
     self._n += 1
+    return None if logp is None else logp[:, :rollout.B]   # [T, B]: the fresh columns' log-probs
 
 # %% ../nbs/07_learner.ipynb #209e1c30
 @patch
@@ -331,10 +350,15 @@ def _reuse(self:Learner, rollout:Rollout, mix:ReplayMix) -> dict:
     if B % c.minibatches:
         raise ValueError(f"minibatches={c.minibatches} does not divide the rollout's {B} envs")
     rollout, outs = rollout.to(self.device, non_blocking=True), []
+    # decoupled: the log-probs each column had on the first pass, before its own step, are the later passes' centre
+    prox = torch.zeros(rollout.actions.shape, device=self.device) if self.decoupled else None   # [T, B]
     for epoch in range(c.epochs):
         order = torch.randperm(B) if c.minibatches > 1 else torch.arange(B)   # torch's seeded RNG: resumable
         for cols in order.chunk(c.minibatches):   # whole env columns: each keeps its recurrent start state
-            self._accumulate(take_columns(rollout, cols.to(self.device)), mix, replay=epoch == 0)
+            cols = cols.to(self.device)
+            logp = self._accumulate(take_columns(rollout, cols), mix, replay=epoch == 0,
+                                    prox=None if prox is None or epoch == 0 else prox[:, cols])
+            if prox is not None and epoch == 0: prox[:, cols] = logp.float()
             outs.append(self._apply(schedule=False))
     n_steps = sum(o['opt/skipped'] == 0.0 for o in outs)
     if n_steps:

@@ -155,10 +155,12 @@ def act(self:ImpalaActorCritic,
         episode_start:Tensor,     # bool [B]
         deterministic:bool=False, # argmax instead of sampling
         generator:torch.Generator|None=None, # for reproducible sampling
+        temperature:float|Tensor=1.0, # sampling temperature, one for all or `[B]` per env: logits / temperature
        ) -> tuple[Tensor, Tensor, Tensor, tuple]:
-    "One step for B envs: (action `[B]`, log-prob `[B]`, value `[B]`, new state), without gradient."
+    "One step for B envs: (action `[B]`, its log-prob under the sampled distribution `[B]`, value `[B]`, new state)."
     logits, value, state = self(obs[None], state, episode_start[None])  # [1, B, A], [1, B]
-    logp_all = logits[0].log_softmax(-1)                                # [B, A]
+    t = torch.as_tensor(temperature, dtype=logits.dtype, device=logits.device)
+    logp_all = (logits[0] / (t[:, None] if t.ndim else t)).log_softmax(-1)  # [B, A]
     if deterministic: action = logp_all.argmax(-1)
     else: action = torch.multinomial(logp_all.exp(), 1, generator=generator)[:, 0]
     return action, logp_all.gather(-1, action[:, None])[:, 0], value[0], state

@@ -19,7 +19,7 @@ from .stacks import action_set
 from .vector import make_vec_env
 
 # %% auto #0
-__all__ = ['EnvFailure', 'vec_step', 'guarded', 'finished_episodes', 'Collected', 'collect', 'Actor']
+__all__ = ['EnvFailure', 'vec_step', 'guarded', 'finished_episodes', 'Collected', 'collect', 'env_temperatures', 'Actor']
 
 # %% ../nbs/06_rollout.ipynb #120e3a7e
 class EnvFailure(RuntimeError):
@@ -113,6 +113,7 @@ def collect(envs:gym.vector.VectorEnv, # vector env in SameStep autoreset mode
             step_timeout:float|None=None, # seconds before a worker counts as hung
             autocast:Callable|None=None, # context manager factory for acting (e.g. AMP)
             generator:torch.Generator|None=None, # sampling generator
+            temperature:Tensor|None=None, # [B] sampling temperature per env (None: the policy as it is)
            ) -> Collected:
     "Step `envs` `T` times with `model.act`; the rollout and the carried observation, start flags and state."
     if T < 1: raise ValueError(f"T={T} must be >= 1")
@@ -130,7 +131,8 @@ def collect(envs:gym.vector.VectorEnv, # vector env in SameStep autoreset mode
     def act(t:int, g:slice):   # the policy acts on step t of envs g; their state is updated in place
         o, s = b.obs[t, g], b.starts[t, g]
         if not on_cpu: o, s = o.to(device, non_blocking=True), s.to(device)
-        a, lp, v, new = model.act(o, tuple(x[:, g] for x in state), s, generator=generator)
+        kw = {} if temperature is None else {'temperature': temperature[g].to(device)}
+        a, lp, v, new = model.act(o, tuple(x[:, g] for x in state), s, generator=generator, **kw)
         b.actions[t, g], b.logp[t, g], b.values[t, g] = a, lp, v   # copies to CPU (a sync point on CUDA)
         for x, y in zip(state, new): x[:, g] = y
 
@@ -153,6 +155,20 @@ def collect(envs:gym.vector.VectorEnv, # vector env in SameStep autoreset mode
                         guarded(envs.step_group_async, i, b.actions[t + 1, g].numpy())
     rollout = Rollout(b.obs, b.actions, b.logp, b.rewards, b.dones, b.starts, init_state, b.values)
     return Collected(rollout, state, b.obs[T], b.starts[T], b.episodes, b.clock['act'], b.clock['env'])
+
+
+# %% ../nbs/06_rollout.ipynb #58c41572
+def env_temperatures(config:TrainingConfig, # the run: num_envs, cold_envs, cold_temperature
+                     rank:int=0, # the actor's index: its envs are rank * n ... rank * n + n - 1 of the run
+                     n:int|None=None, # the actor's envs (default: config.num_envs)
+                    ) -> Tensor|None:
+    "Sampling temperature of each of an actor's envs `[n]`: the run's last `cold_envs` share cold; None if none is."
+    n = config.num_envs if n is None else n
+    k = round(config.cold_envs * config.num_envs)   # cold envs in the run
+    if not k: return None
+    t = torch.ones(n)                               # [n]
+    t[rank * n + torch.arange(n) >= config.num_envs - k] = config.cold_temperature
+    return t
 
 
 # %% ../nbs/06_rollout.ipynb #f36b7f9b
@@ -178,6 +194,7 @@ class Actor:
         self.vectorization, self.groups, self.device, self.autocast = vectorization, groups, device, autocast
         self.own_rng, self.builds, self.restarts, self.max_restarts = own_rng, builds, 0, max_restarts
         self.on_start, self.log, self.envs, self.gen = on_start, log, None, None
+        self.temperature = env_temperatures(config, rank, self.n)   # [n] or None: every env at temperature 1
 
     @property
     def seed(self) -> int:
@@ -223,7 +240,7 @@ def rollout(self:Actor, weights:dict|None=None, # a state dict to act with (None
             if self.envs is None: self.start()
             out = collect(self.envs, self.model, self.state, self.obs, self.episode_start, c.rollout_steps,
                           self.device, step_timeout=c.step_timeout, autocast=self.autocast,
-                          generator=self.gen)
+                          generator=self.gen, temperature=self.temperature)
             break
         except EnvFailure as e:
             self.close(terminate=True)

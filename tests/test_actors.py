@@ -280,3 +280,33 @@ def test_cli_bench_both_json_last_line(capsys):
     ):  # the frames per CPU-second of the mode against the raw emulators', recomputed
         want = last[f'train_fps_{m}'] / u[m] / (last['raw_fps'] / u['raw'])
         assert abs(last[f'ratio_at_full_cpu_{m}'] - want) < 0.02 * want + 2e-3, m
+
+
+def test_cold_envs_act_apart_in_the_actor_processes(tmp_path):
+    "The run's last half of envs (the second actor's) are the cold ones: their stored log-probs are a colder draw's."
+    import torch
+    cfg = tiny(tmp_path, total_updates=3, cold_envs=0.5, cold_temperature=1e-3, ppo_clip=0.2, epochs=2)
+    seen, flags = [], []
+
+    class Spy(Callback):
+        def on_train_begin(self, trainer):
+            collect = trainer._collect
+            flags.append(trainer.learner.decoupled)
+
+            def spy():
+                out = collect()
+                seen.append((out.rollout.behaviour_logp.clone(), list(out.env_ids)))
+                return out
+
+            trainer._collect = spy
+
+    w = Watch()
+    s = Trainer(cfg, [Spy(), w], env_fn=CountingEnv).train()
+    assert s['updates'] == 3 and len(seen) == 3 and flags == [True]
+    by_env = {i: torch.cat([lp[:, k] for lp, ids in seen for k, j in enumerate(ids) if j == i]) for i in range(4)}
+    assert all(len(v) for v in by_env.values()), {i: len(v) for i, v in by_env.items()}
+    warm = torch.cat([by_env[0], by_env[1]]).mean().item()
+    cold = torch.cat([by_env[2], by_env[3]]).mean().item()
+    assert abs(warm - np.log(1 / 7)) < 0.1, warm  # a fresh network is near uniform over the 7 actions
+    assert cold > warm + 0.5, (warm, cold)
+    assert all(np.isfinite(m['losses/policy']) and 0 <= m['ppo/clip_frac'] <= 1 for m in w.metrics)

@@ -126,6 +126,8 @@ def test_design_fields_and_defaults():
         queue_size=4,
         backend="mp",
         ray_address="",
+        cold_envs=0.0,
+        cold_temperature=0.5,
     )
     assert TrainingConfig().to_dict() == want
     assert set(IMMUTABLE_FIELDS) == {
