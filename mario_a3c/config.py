@@ -226,26 +226,30 @@ class TrainingConfig(_ExtraFields):
         _validate(self)
         return self
 
-    @property
-    def run_dir(self) -> Path: return Path(self.runs_dir) / self._name()
-    @property
-    def metrics_path(self) -> Path: return self.run_dir / 'metrics.jsonl'
-    @property
-    def config_path(self) -> Path: return self.run_dir / 'config.json'
-    @property
-    def tensorboard_logdir(self) -> Path: return Path(self.tensorboard_dir) / self._name()
-
-    def _name(self) -> str:
-        if not self.run_name:
-            raise ValueError("run_name='' has no folder yet: use config.with_run_name() to pick a timestamp")
-        return self.run_name
-
-    def with_run_name(self, now:datetime|None=None) -> TrainingConfig:
-        "This config, with `run_name` set to a timestamp `YYYYmmdd-HHMMSS` if it is empty."
-        if self.run_name: return self
-        return replace(self, run_name=(now or datetime.now()).strftime('%Y%m%d-%H%M%S'))
-
     def immutable(self) -> dict: return {k: getattr(self, k) for k in IMMUTABLE_FIELDS}
+
+
+# %% ../nbs/05_config.ipynb #6ee67eb0
+@patch(as_prop=True)
+def run_dir(self:TrainingConfig) -> Path: return Path(self.runs_dir) / self._name()
+@patch(as_prop=True)
+def metrics_path(self:TrainingConfig) -> Path: return self.run_dir / 'metrics.jsonl'
+@patch(as_prop=True)
+def config_path(self:TrainingConfig) -> Path: return self.run_dir / 'config.json'
+@patch(as_prop=True)
+def tensorboard_logdir(self:TrainingConfig) -> Path: return Path(self.tensorboard_dir) / self._name()
+
+@patch
+def _name(self:TrainingConfig) -> str:
+    if not self.run_name:
+        raise ValueError("run_name='' has no folder yet: use config.with_run_name() to pick a timestamp")
+    return self.run_name
+
+@patch
+def with_run_name(self:TrainingConfig, now:datetime|None=None) -> TrainingConfig:
+    "This config, with `run_name` set to a timestamp `YYYYmmdd-HHMMSS` if it is empty."
+    if self.run_name: return self
+    return replace(self, run_name=(now or datetime.now()).strftime('%Y%m%d-%H%M%S'))
 
 
 # %% ../nbs/05_config.ipynb #4f77d667

@@ -18,8 +18,8 @@ from .replay import PrioritizedReplay
 from .self_imitation import EpisodeMemory, self_imitation_loss
 
 # %% auto #0
-__all__ = ['LOSS_FIELDS', 'normalize_advantages', 'compute_loss', 'term_gradient_norms', 'cpu_has_native_bf16', 'amp_dtype',
-           'loss_and_grads', 'relative_error', 'cat_batches', 'Mixed', 'ReplayMix', 'take_columns', 'Learner']
+__all__ = ['LOSS_FIELDS', 'normalize_advantages', 'compute_loss', 'cpu_has_native_bf16', 'amp_dtype', 'loss_and_grads',
+           'relative_error', 'term_gradient_norms', 'cat_batches', 'Mixed', 'ReplayMix', 'take_columns', 'Learner']
 
 # %% ../nbs/07_learner.ipynb #64cc7ad0
 def normalize_advantages(adv:Tensor, # [T, B] advantages
@@ -81,32 +81,6 @@ def compute_loss(model:Callable, # (obs, state, episode_start) -> (logits, value
     if prox_logp is not None: metrics['target_logp'] = target_logp.detach()   # [T, B]: the next passes' proximal
     return loss, metrics
 
-# %% ../nbs/07_learner.ipynb #60d83cb1
-def term_gradient_norms(model:nn.Module, # the actor-critic (its gradients are overwritten, then cleared)
-                        batch, # a `Rollout` or `SegmentBatch` on the model's device
-                        config, # has LOSS_FIELDS
-                       ) -> dict[str, dict[str, float]]:
-    "Norm of each weighted loss term's gradient (policy, value, entropy) on the shared network and on each head."
-    base = {k: getattr(config, k) for k in LOSS_FIELDS}
-    def grads(**kw) -> dict:
-        model.zero_grad(set_to_none=True)
-        compute_loss(model, batch, SimpleNamespace(**{**base, **kw}))[0].backward()
-        return {n: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
-                for n, p in model.named_parameters() if p.requires_grad}
-    pol = grads(value_coef=0.0, entropy_beta=0.0)
-    terms = {'policy': pol,
-             'value': {n: g - pol[n] for n, g in grads(entropy_beta=0.0).items()},
-             'entropy': {n: g - pol[n] for n, g in grads(value_coef=0.0).items()}}
-    part = lambda n: n.split('.')[0] if n.split('.')[0] in ('policy', 'value') else 'shared'
-    out = {}
-    for t, gs in terms.items():
-        sq = {}
-        for n, g in gs.items(): sq[part(n)] = sq.get(part(n), 0.0) + float(g.float().pow(2).sum())
-        out[t] = {k: math.sqrt(v) for k, v in sq.items()}
-    model.zero_grad(set_to_none=True)
-    return out
-
-
 # %% ../nbs/07_learner.ipynb #f579b4d8
 def cpu_has_native_bf16() -> bool:
     "Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX)."
@@ -145,6 +119,28 @@ def loss_and_grads(model:nn.Module, # the network (gradients are zeroed first)
 def relative_error(a:Tensor, b:Tensor) -> float:
     "||a - b|| / ||b||."
     return ((a - b).norm() / b.norm()).item()
+
+# %% ../nbs/07_learner.ipynb #60d83cb1
+def term_gradient_norms(model:nn.Module, # the actor-critic (its gradients are overwritten, then cleared)
+                        batch, # a `Rollout` or `SegmentBatch` on the model's device
+                        config, # has LOSS_FIELDS
+                       ) -> dict[str, dict[str, float]]:
+    "Norm of each weighted loss term's gradient (policy, value, entropy) on the shared network and on each head."
+    base = {k: getattr(config, k) for k in LOSS_FIELDS}
+    only = dict(policy=dict(value_coef=0.0, entropy_beta=0.0), value=dict(entropy_beta=0.0), entropy=dict(value_coef=0.0))
+    flat = {t: loss_and_grads(model, batch, SimpleNamespace(**{**base, **kw}))[1] for t, kw in only.items()}
+    flat['value'], flat['entropy'] = flat['value'] - flat['policy'], flat['entropy'] - flat['policy']
+    named = [(n, p.numel()) for n, p in model.named_parameters() if p.grad is not None]   # the flat vectors' order
+    part = lambda n: n.split('.')[0] if n.split('.')[0] in ('policy', 'value') else 'shared'
+    out = {}
+    for t, g in flat.items():
+        sq = {}
+        for (n, _), piece in zip(named, g.split([k for _, k in named])):
+            sq[part(n)] = sq.get(part(n), 0.0) + float(piece.float().pow(2).sum())
+        out[t] = {k: math.sqrt(v) for k, v in sq.items()}
+    model.zero_grad(set_to_none=True)
+    return out
+
 
 # %% ../nbs/07_learner.ipynb #362a7d6a
 def cat_batches(a, # `Rollout` or `SegmentBatch` [T, B1]
