@@ -173,6 +173,7 @@ class _ExtraFields(_LearnFields):
     sil_capacity: int = 8192  # transitions kept, about 70 kB each at 64x64 RGB with held-button planes
     sil_alpha: float = 0.6  # priority exponent on (R - V)+ (0: uniform)
     sil_beta: float = 0.1  # importance-sampling exponent, 0-1
+    sil_init: bool = True  # with init_from: start the memory from the one saved beside that checkpoint, if any
     # System
     amp: bool = True  # mixed precision: bfloat16 autocast on CPU, float16 + GradScaler on CUDA
     compile: bool = True  # torch.compile the model when available

@@ -4,7 +4,7 @@
 
 # %% ../nbs/04a_self_imitation.ipynb #d0b199e1
 from __future__ import annotations
-import heapq, os
+import heapq, lzma, os
 from pathlib import Path
 from typing import Callable
 
@@ -16,7 +16,7 @@ from torch import Tensor
 from .replay import SumTree
 
 # %% auto #0
-__all__ = ['discounted_returns', 'EpisodeMemory', 'self_imitation_loss']
+__all__ = ['discounted_returns', 'EpisodeMemory', 'pack_frames', 'unpack_frames', 'self_imitation_loss']
 
 # %% ../nbs/04a_self_imitation.ipynb #8d424ed6
 def discounted_returns(rewards, # [L] rewards of one finished episode
@@ -158,6 +158,53 @@ def probs(self:EpisodeMemory) -> np.ndarray:
     "Sampling probability of every slot [capacity] (0 for empty ones)."
     return self.tree[np.arange(self.capacity)] / self.tree.total
 
+# %% ../nbs/04a_self_imitation.ipynb #59b25eda
+def pack_frames(obs:np.ndarray, # uint8 [N, C, H, W] frames of consecutive steps, episode after episode
+                firsts:np.ndarray, # bool [N]: the step starts an episode
+                preset:int=3, # LZMA preset
+               ) -> dict:
+    "Stacked frames stored once: channels carried over from the step before are dropped, flat planes kept as one value."
+    N, C = obs.shape[:2]
+    later = np.flatnonzero(~np.asarray(firsts, bool))
+    later = later[later > 0]
+    shift, carried = 0, 0   # obs[t, :carried] == obs[t - 1, shift:shift + carried] for most later steps
+    probe = later[np.linspace(0, len(later) - 1, min(len(later), 64)).astype(int)] if len(later) else later
+    for s in range(1, C):
+        d = 0
+        while d < C - s and (obs[probe, d] == obs[probe - 1, d + s]).all(): d += 1
+        if d > carried: shift, carried = s, d
+    whole = np.ones(N, bool)   # steps stored in full: episode starts and any step that breaks the pattern
+    if carried: whole[later] = ~(obs[later, :carried] == obs[later - 1, shift:shift + carried]).reshape(
+        len(later), -1).all(1)
+    rest = obs[:, carried:]                                         # [N, C - carried, H, W]
+    flat = (rest == rest[:, :, :1, :1]).all((0, 2, 3)) if rest.size else np.zeros(rest.shape[1], bool)   # [C - carried]
+    # flat planes (held buttons) keep one value per step; the rest goes channels last, where neighbouring bytes are
+    # one pixel's colours: about three times smaller packed
+    vary = np.ascontiguousarray(rest[:, ~flat].transpose(0, 2, 3, 1))              # [N, H, W, varying]
+    lead = np.ascontiguousarray(obs[whole, :carried].transpose(0, 2, 3, 1))        # [whole steps, H, W, carried]
+    data = lzma.compress(vary.tobytes() + lead.tobytes(), preset=preset)
+    return dict(frames_xz=np.frombuffer(data, np.uint8), frames_shape=np.array(obs.shape, np.int64),
+                frames_shift=np.array([shift, carried], np.int64), frames_whole=whole, frames_flat=flat,
+                frames_flat_values=np.ascontiguousarray(rest[:, flat, 0, 0]) if rest.size else   # [N, flat]
+                np.zeros((N, int(flat.sum())), np.uint8))
+
+def unpack_frames(z) -> np.ndarray:
+    "The uint8 [N, C, H, W] frames `pack_frames` packed (`z`: its dict or the loaded `.npz`)."
+    N, C, H, W = (int(v) for v in z['frames_shape'])
+    shift, carried = (int(v) for v in z['frames_shift'])
+    whole, flat = np.asarray(z['frames_whole'], bool), np.asarray(z['frames_flat'], bool)
+    raw = np.frombuffer(lzma.decompress(z['frames_xz'].tobytes()), np.uint8)
+    n_vary = N * H * W * int((~flat).sum())
+    obs = np.empty((N, C, H, W), np.uint8)
+    rest = np.empty((N, C - carried, H, W), np.uint8)
+    rest[:, ~flat] = raw[:n_vary].reshape(N, H, W, int((~flat).sum())).transpose(0, 3, 1, 2)
+    rest[:, flat] = np.asarray(z['frames_flat_values'])[:, :, None, None]
+    obs[:, carried:] = rest
+    obs[whole, :carried] = raw[n_vary:].reshape(int(whole.sum()), H, W, carried).transpose(0, 3, 1, 2)
+    for t in np.flatnonzero(~whole): obs[t, :carried] = obs[t - 1, shift:shift + carried]   # in step order
+    return obs
+
+
 # %% ../nbs/04a_self_imitation.ipynb #c92c6874
 @patch
 def save(self:EpisodeMemory, path) -> Path:
@@ -165,13 +212,15 @@ def save(self:EpisodeMemory, path) -> Path:
     path = Path(path)
     order = sorted(self.kept, key=lambda k: k[1])                  # oldest first
     slots = np.concatenate([k[2] for k in order]) if order else np.zeros(0, np.int64)
-    shape = (0, 0, 0, 0) if self.obs is None else self.obs.shape
-    obs = self.obs[slots] if self.obs is not None else np.zeros(shape, np.uint8)
-    arrays = dict(obs=obs, actions=self.actions[slots], returns=self.returns[slots],
-                  priorities=self.tree[slots], lengths=np.array([len(k[2]) for k in order], np.int64),
-                  scores=np.array([k[0] for k in order]), gamma=np.float64(self.gamma))
+    lengths = np.array([len(k[2]) for k in order], np.int64)
+    obs = self.obs[slots] if self.obs is not None else np.zeros((0, 0, 0, 0), np.uint8)   # [N, C, H, W]
+    firsts = np.zeros(len(slots), bool)
+    firsts[np.cumsum(lengths) - lengths] = True
+    arrays = dict(**pack_frames(obs, firsts), actions=self.actions[slots], returns=self.returns[slots],
+                  priorities=self.tree[slots], lengths=lengths, scores=np.array([k[0] for k in order]),
+                  gamma=np.float64(self.gamma))
     tmp = path.with_name(path.name + '.tmp')
-    with open(tmp, 'wb') as f: np.savez_compressed(f, **arrays)   # stacked frames: ~25x smaller
+    with open(tmp, 'wb') as f: np.savez(f, **arrays)   # the frames are packed already
     os.replace(tmp, path)
     return path
 
@@ -184,8 +233,9 @@ def load(self:EpisodeMemory, path) -> EpisodeMemory:
         if abs(float(z['gamma']) - self.gamma) > 1e-12:
             raise ValueError(f"{path}: its returns use gamma={float(z['gamma'])}, "
                              f"this memory gamma={self.gamma}")
-        keys = ('obs', 'actions', 'returns', 'priorities', 'lengths', 'scores')
-        obs, acts, rets, pri, lengths, scores = (z[k] for k in keys)
+        obs = z['obs'] if 'obs' in z else unpack_frames(z)          # 'obs': written before the frames were packed
+        keys = ('actions', 'returns', 'priorities', 'lengths', 'scores')
+        acts, rets, pri, lengths, scores = (z[k] for k in keys)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     for i in np.argsort(-scores, kind='stable'):                   # best first, so the best fit
         L = int(lengths[i])
@@ -198,6 +248,7 @@ def load(self:EpisodeMemory, path) -> EpisodeMemory:
         heapq.heappush(self.kept, (float(scores[i]), self.serial, slots))
         self.serial += 1
     return self
+
 
 # %% ../nbs/04a_self_imitation.ipynb #bc109b14
 def self_imitation_loss(model:Callable, # (obs, state, episode_start) -> (logits, value, state)

@@ -261,12 +261,14 @@ def load_state_dict(self:Trainer, state:dict, path='checkpoint'):
 # %% ../nbs/08b_trainer.ipynb #67671409
 @patch
 def save(self:Trainer, tag:str='latest') -> Path:
-    "Write checkpoint `tag` (atomic .pt + .json metadata) and tell the callbacks."
+    "Write checkpoint `tag` (atomic .pt + .json metadata; `latest` with the memory) and tell the callbacks."
     c = self.config
     meta = make_meta(c, self.updates, self.frames, self.best_avg_return, episodes=self.episodes,
                      avg_return=self.avg_return, flag_rate=self.flag_rate, run_name=c.run_name)
     path = save_checkpoint(c.checkpoint_dir, c.world, c.stage, tag, self.state_dict(), meta)
-    if tag == 'latest': self._latest = (self.updates, path)
+    if tag == 'latest':
+        self._latest = (self.updates, path)
+        if self.sil is not None: self.sil.save(memory_path(path))   # the memory travels with the checkpoint
     self.callbacks.on_checkpoint(self, path, tag)
     return path
 
@@ -285,7 +287,7 @@ def _after_update(self:Trainer):
         self.save('best')
 
 def memory_path(checkpoint) -> Path:
-    "Where the self-imitation memory of a run stopped at `checkpoint` (.pt or .json) lives: `<stem>.sil.npz`."
+    "Where the self-imitation memory saved with `checkpoint` (.pt or .json) lives: `<stem>.sil.npz`."
     return Path(checkpoint).with_suffix('.sil.npz')
 
 @patch(cls_method=True)
@@ -297,13 +299,18 @@ def from_checkpoint(cls:Trainer, path, # a `.pt` checkpoint (or its `.json`)
     state, meta = load_checkpoint(path)
     config = resolve_resume_config(meta, dict(overrides or {}))
     t = cls(config, callbacks, **kwargs).load_state_dict(state, path)
-    if t.sil is not None and memory_path(path).exists():
-        try:
-            t.sil.load(memory_path(path))
-            t.log(f"self-imitation memory: {t.sil.episodes} episodes ({len(t.sil)} transitions) "
-                  f"from {memory_path(path).name}")
-        except (ValueError, OSError, KeyError) as e: t.log(f"self-imitation memory not loaded: {e}")
+    t._load_memory(path)
     return t
+
+@patch
+def _load_memory(self:Trainer, checkpoint):
+    "Fill the empty self-imitation memory from the one saved beside `checkpoint`, if there is one; say so."
+    if self.sil is None or not memory_path(checkpoint).exists(): return
+    try:
+        self.sil.load(memory_path(checkpoint))
+        self.log(f"self-imitation memory: {self.sil.episodes} episodes ({len(self.sil)} transitions) "
+                 f"from {memory_path(checkpoint).name}")
+    except (ValueError, OSError, KeyError) as e: self.log(f"self-imitation memory not loaded: {e}")
 
 # %% ../nbs/08b_trainer.ipynb #2e0c1a02
 @patch
@@ -340,6 +347,7 @@ def train(self:Trainer) -> dict:
     # fine-tuning starts here; a resume has its own weights
     if c.init_from and not self.resumed and self.updates == 0:
         init_weights(self.model, c, c.init_from)
+        if c.sil_init: self._load_memory(c.init_from)
     self._stop.clear()
     self.env_restarts = 0
     self._t0, self._frames0, self._updates0 = time.perf_counter(), self.frames, self.updates
@@ -377,7 +385,6 @@ def train(self:Trainer) -> dict:
     saved_at, path = self._latest
     # unless this update's is already saved
     if saved_at != self.updates or path is None: path = self.save('latest')
-    if self.sil is not None and path is not None: self.sil.save(memory_path(path))
     out = self.summary(stopped, path)
     self.callbacks.on_train_end(self, out)
     return out

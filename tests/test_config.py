@@ -102,6 +102,7 @@ def test_design_fields_and_defaults():
         sil_capacity=8192,
         sil_alpha=0.6,
         sil_beta=0.1,
+        sil_init=True,
         amp=True,
         compile=True,
         device="auto",
