@@ -310,7 +310,8 @@ def _load_memory(self:Trainer, checkpoint):
         self.sil.load(memory_path(checkpoint))
         self.log(f"self-imitation memory: {self.sil.episodes} episodes ({len(self.sil)} transitions) "
                  f"from {memory_path(checkpoint).name}")
-    except (ValueError, OSError, KeyError) as e: self.log(f"self-imitation memory not loaded: {e}")
+    except Exception as e:   # a damaged or foreign file costs the memory, not the run
+        self.log(f"self-imitation memory not loaded ({type(e).__name__}): {e}")
 
 # %% ../nbs/08b_trainer.ipynb #2e0c1a02
 @patch
