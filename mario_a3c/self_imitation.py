@@ -204,7 +204,6 @@ def unpack_frames(z) -> np.ndarray:
     for t in np.flatnonzero(~whole): obs[t, :carried] = obs[t - 1, shift:shift + carried]   # in step order
     return obs
 
-
 # %% ../nbs/04a_self_imitation.ipynb #c92c6874
 @patch
 def save(self:EpisodeMemory, path) -> Path:
@@ -248,7 +247,6 @@ def load(self:EpisodeMemory, path) -> EpisodeMemory:
         heapq.heappush(self.kept, (float(scores[i]), self.serial, slots))
         self.serial += 1
     return self
-
 
 # %% ../nbs/04a_self_imitation.ipynb #bc109b14
 def self_imitation_loss(model:Callable, # (obs, state, episode_start) -> (logits, value, state)
