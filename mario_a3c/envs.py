@@ -443,6 +443,7 @@ class EnvArgs:
     stack: int = 4  # frames stacked per observation, 1-16
     reward: str = 'shaped'  # shaped (same on both stacks) or native
     flag_bonus: float = 50.  # shaped reward for taking the flag (scaled by 0.1, as every shaped term), 0 or more
+    death_penalty: float = 50.  # shaped reward lost on a death, a stall included (scaled by 0.1), 0 or more
     random_stage: bool = False  # draw a stage per episode (from all 32, or from the stage_span stages)
     stage_span: int = 1  # stages from world-stage on that the envs cycle through
     max_episode_steps: int = 0  # truncate episodes after this many agent steps (0: no limit)
@@ -495,9 +496,10 @@ def _check_env(a:EnvArgs):
     _check_int('stack', a.stack, 1, 16)
     if a.reward not in REWARDS:
         raise ValueError(f"reward={a.reward!r} is not a reward mode: allowed {', '.join(REWARDS)}")
-    b = a.flag_bonus
-    if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < float('inf'):
-        raise ValueError(f"flag_bonus={b!r} is out of range: allowed a number >= 0")
+    for name in ('flag_bonus', 'death_penalty'):
+        b = getattr(a, name)
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < float('inf'):
+            raise ValueError(f"{name}={b!r} is out of range: allowed a number >= 0")
     stage_list(a.world, a.stage, a.stage_span, a.random_stage)
     _check_int('max_episode_steps', a.max_episode_steps, 0)
     _check_int('stall_steps', a.stall_steps, 0)
@@ -559,7 +561,7 @@ def make_env(*args, # `EnvArgs` fields by position (usually world, stage)
         env = TransformObservation(env, partial(color_resize, size=size), box)
     if a.noop_max: env = NoopStarts(env, a.noop_max, action_set(a.actions).index(['NOOP']), a.demo_noops)   # per agent step
     if a.stall_steps: env = StallLimit(env, a.stall_steps)   # per agent step, under the reward: a death
-    env = ShapedReward(env, a.reward, flag_bonus=a.flag_bonus)
+    env = ShapedReward(env, a.reward, flag_bonus=a.flag_bonus, death_penalty=a.death_penalty)
     if a.max_episode_steps: env = TimeLimit(env, a.max_episode_steps)
     env = EpisodeStats(env)
     env = FrameStackObservation(env, stack)  # [stack, size, size] (gray) or [stack, 3, size, size]

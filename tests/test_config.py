@@ -41,6 +41,7 @@ def test_design_fields_and_defaults():
         stack=4,
         reward="shaped",
         flag_bonus=50.0,
+        death_penalty=50.0,
         random_stage=False,
         stage_span=1,
         max_episode_steps=0,
