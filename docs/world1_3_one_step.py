@@ -24,7 +24,8 @@ NOOP_MAX, STICKY, STAGE = 30, 0.25, 3
 model, config, _ = load_agent(CKPT, "cpu")
 names = ["+".join(a) for a in action_set(config.actions)]
 env = make_env(**eval_env_kwargs(config, None, STAGE, 10_000, render=False, sticky=STICKY))
-noops = np.random.default_rng(SEED).integers(0, NOOP_MAX + 1, size=EPISODE + 1)   # evaluate's draws, in order
+rng = np.random.default_rng(SEED)
+noops = [int(rng.integers(0, NOOP_MAX + 1)) for _ in range(EPISODE + 1)]   # evaluate's draws: one per episode, in order
 torch.set_num_threads(1)
 
 @torch.no_grad()
@@ -33,7 +34,7 @@ def play(change:dict) -> tuple:
 
     Returns (flag, max x, x after each agent step, the actions taken, the argmax's probability at each step)."""
     obs, _ = env.reset(seed=SEED + EPISODE)
-    for _ in range(int(noops[EPISODE])): obs, *_ = env.step(names.index("NOOP"))
+    for _ in range(noops[EPISODE]): obs, *_ = env.step(names.index("NOOP"))
     state, start, xs, acts, probs = model.initial_state(1, "cpu"), torch.ones(1, dtype=torch.bool), [], [], []
     while True:
         a, logp, _, state = model.act(torch.as_tensor(np.asarray(obs))[None], state, start, deterministic=True)
@@ -46,7 +47,8 @@ def play(change:dict) -> tuple:
 
 flag, far, xs, argmax, p_argmax = play({})
 ref = evaluate(CKPT, episodes=EPISODE + 1, noop_max=NOOP_MAX, sticky=STICKY, stage=STAGE, seed=SEED)["episodes"][-1]
-assert (flag, far) == (ref["flag"], ref["max_x"]), f"the replay ({flag}, {far}) is not evaluate's {ref}"
+assert (noops[EPISODE], flag, far) == (ref["noops"], ref["flag"], ref["max_x"]), \
+    f"the replay ({noops[EPISODE]} no-ops, {flag}, {far}) is not evaluate's {ref}"
 print(f"{CKPT}, seed {SEED}, episode {EPISODE} ({noops[EPISODE]} no-ops): flag {flag}, max x {far}")
 print("x after agent steps", FIRST, "to", LAST, ":", xs[FIRST:LAST + 1])
 for k in range(FIRST, LAST + 1):
