@@ -42,9 +42,9 @@ RANGES = dict(   # the env fields are checked by `check_env_args` (nbs/01a_envs.
     weight_decay=AT_LEAST_0, warmup_updates=AT_LEAST_0, lr_floor=UNIT, grad_accum=AT_LEAST_1,
     epochs=AT_LEAST_1, minibatches=AT_LEAST_1, ppo_clip=UNIT, clip_grad=AT_LEAST_0, adam_eps=POSITIVE,
     gamma=UNIT, gae_lambda=UNIT,
-    rho_bar=POSITIVE, c_bar=POSITIVE, entropy_beta=AT_LEAST_0, value_coef=AT_LEAST_0, per_capacity=AT_LEAST_1,
-    per_alpha=AT_LEAST_0, per_beta=UNIT, per_batch=AT_LEAST_1, per_warmup=AT_LEAST_1, threads=AT_LEAST_0,
-    sil_coef=AT_LEAST_0, sil_value_coef=AT_LEAST_0, sil_batch=AT_LEAST_1, sil_capacity=AT_LEAST_1,
+    rho_bar=POSITIVE, c_bar=POSITIVE, entropy_beta=AT_LEAST_0, uniform_kl_beta=AT_LEAST_0, value_coef=AT_LEAST_0,
+    per_capacity=AT_LEAST_1, per_alpha=AT_LEAST_0, per_beta=UNIT, per_batch=AT_LEAST_1, per_warmup=AT_LEAST_1,
+    threads=AT_LEAST_0, sil_coef=AT_LEAST_0, sil_value_coef=AT_LEAST_0, sil_batch=AT_LEAST_1, sil_capacity=AT_LEAST_1,
     sil_alpha=AT_LEAST_0, sil_beta=UNIT, seed=AT_LEAST_0, step_timeout=POSITIVE, max_env_restarts=AT_LEAST_0,
     max_nan_steps=AT_LEAST_1, checkpoint_every=AT_LEAST_1, log_every_s=AT_LEAST_0, avg_window=AT_LEAST_1,
     actors=AT_LEAST_1, queue_size=AT_LEAST_1, cold_envs=UNIT, cold_temperature=_Range(0, 1, open_lo=True))
@@ -142,6 +142,7 @@ class _LearnFields(_ModelFields):
     rho_bar: float = 1.0  # V-trace clip of the importance weight in the value target
     c_bar: float = 1.0  # V-trace clip of the trace-cutting coefficient
     entropy_beta: float = 0.01  # weight of the entropy bonus
+    uniform_kl_beta: float = 0.0  # weight of KL(uniform || pi), a pull on unlikely actions that lasts where the policy is sure (0: off)
     value_coef: float = 0.5  # weight of the value loss
     ppo_clip: float = 0.2  # PPO's clipped surrogate for the policy term, ratio band 1 +- ppo_clip (0: off)
     adv_norm: bool = True  # normalise each batch's advantages to zero mean and unit std (as PPO does)

@@ -10,7 +10,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 from torch import Tensor, nn
-from .returns import vtrace, gae, policy_loss, clipped_policy_loss, value_loss, entropy_loss
+from .returns import vtrace, gae, policy_loss, clipped_policy_loss, value_loss, entropy_loss, uniform_kl_loss
 from .schedules import warmup_cosine
 from fastcore.basics import patch
 from .segments import SegmentBatch, Rollout, check_batch
@@ -28,8 +28,8 @@ def normalize_advantages(adv:Tensor, # [T, B] advantages
     "`adv` shifted and scaled to zero mean and unit (population) standard deviation over all its elements."
     return (adv - adv.mean()) / (adv.std(unbiased=False) + eps)
 
-LOSS_FIELDS = ('returns', 'gamma', 'gae_lambda', 'rho_bar', 'c_bar', 'entropy_beta', 'value_coef', 'ppo_clip',
-               'adv_norm')
+LOSS_FIELDS = ('returns', 'gamma', 'gae_lambda', 'rho_bar', 'c_bar', 'entropy_beta', 'uniform_kl_beta', 'value_coef',
+               'ppo_clip', 'adv_norm')
 
 def compute_loss(model:Callable, # (obs, state, episode_start) -> (logits, value, state): `ImpalaActorCritic`
                  batch, # `Rollout` or `SegmentBatch`, on the model's device
@@ -74,9 +74,13 @@ def compute_loss(model:Callable, # (obs, state, episode_start) -> (logits, value
     vl = value_loss(values, targets, weights)
     el = entropy_loss(logits, weights)
     loss = pl + config.value_coef * vl + config.entropy_beta * el
+    if config.uniform_kl_beta > 0:   # a pull on the actions the policy is sure against (03_returns)
+        kl = uniform_kl_loss(logits, weights)
+        loss = loss + config.uniform_kl_beta * kl
     metrics = {'losses/policy': pl.detach(), 'losses/value': vl.detach(), 'losses/entropy': -el.detach(),
                'losses/total': loss.detach(), 'vtrace/rho_mean': rhos.mean(),
                'td_abs': (targets - values.detach()).abs().mean(0)}  # [B]
+    if config.uniform_kl_beta > 0: metrics['losses/uniform_kl'] = kl.detach()
     if config.ppo_clip > 0: metrics['ppo/clip_frac'] = ((ratio - 1).abs() > config.ppo_clip).float().mean()
     if prox_logp is not None: metrics['target_logp'] = target_logp.detach()   # [T, B]: the next passes' proximal
     return loss, metrics
@@ -127,7 +131,8 @@ def term_gradient_norms(model:nn.Module, # the actor-critic (its gradients are o
                        ) -> dict[str, dict[str, float]]:
     "Norm of each weighted loss term's gradient (policy, value, entropy) on the shared network and on each head."
     base = {k: getattr(config, k) for k in LOSS_FIELDS}
-    only = dict(policy=dict(value_coef=0.0, entropy_beta=0.0), value=dict(entropy_beta=0.0), entropy=dict(value_coef=0.0))
+    quiet = dict(entropy_beta=0.0, uniform_kl_beta=0.0)   # the entropy row: both pulls towards a spread-out policy
+    only = dict(policy=dict(value_coef=0.0, **quiet), value=quiet, entropy=dict(value_coef=0.0))
     flat = {t: loss_and_grads(model, batch, SimpleNamespace(**{**base, **kw}))[1] for t, kw in only.items()}
     flat['value'], flat['entropy'] = flat['value'] - flat['policy'], flat['entropy'] - flat['policy']
     named = [(n, p.numel()) for n, p in model.named_parameters() if p.grad is not None]   # the flat vectors' order

@@ -11,7 +11,7 @@ from torch import Tensor
 
 # %% auto #0
 __all__ = ['VTraceReturns', 'vtrace', 'GAEReturns', 'gae', 'policy_loss', 'value_loss', 'clipped_policy_loss', 'entropy',
-           'entropy_loss']
+           'entropy_loss', 'uniform_kl', 'uniform_kl_loss']
 
 # %% ../nbs/03_returns.ipynb #d2f37ec8
 def _check_float(name:str, x, shape_doc:str, ndim:int):
@@ -187,3 +187,22 @@ def entropy_loss(
     "Entropy bonus as a loss, `-mean(w * H)`: minimising it keeps the policy spread out."
     H = entropy(logits)  # [T, B]
     return -(_check_weights(weights, H) * H).mean()
+
+# %% ../nbs/03_returns.ipynb #5e1f0a02
+def uniform_kl(
+    logits:Tensor,  # [T, B, A] unnormalised action logits (-inf: a masked action, left out)
+) -> Tensor:
+    "KL(uniform || pi) over the unmasked actions at each step, `[T, B]`: 0 for the uniform policy."
+    _check_float("logits", logits, "[T, B, A]", 3)
+    logp = F.log_softmax(logits, dim=-1)                  # [T, B, A]
+    ok = torch.isfinite(logits)                           # [T, B, A] the unmasked actions
+    n = ok.sum(-1).to(logp.dtype)                         # [T, B]
+    return -n.log() - torch.where(ok, logp, 0.0).sum(-1) / n
+
+def uniform_kl_loss(
+    logits:Tensor,                  # [T, B, A] unnormalised action logits
+    weights:Optional[Tensor]=None,  # [T, B] or [B] importance weights; None: all 1
+) -> Tensor:
+    "`mean(w * KL(uniform || pi))`: minimising it pulls every action's probability up, the unlikely ones hardest."
+    kl = uniform_kl(logits)  # [T, B]
+    return (_check_weights(weights, kl) * kl).mean()

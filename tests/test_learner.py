@@ -31,6 +31,7 @@ CFG = SimpleNamespace(
     rho_bar=1.0,
     c_bar=1.0,
     entropy_beta=0.01,
+    uniform_kl_beta=0.0,
     value_coef=0.5,
     ppo_clip=0.0,
     adv_norm=False,
