@@ -199,10 +199,7 @@ def uniform_kl(
     n = ok.sum(-1).to(logp.dtype)                         # [T, B]
     return -n.log() - torch.where(ok, logp, 0.0).sum(-1) / n
 
-def uniform_kl_loss(
-    logits:Tensor,                  # [T, B, A] unnormalised action logits
-    weights:Optional[Tensor]=None,  # [T, B] or [B] importance weights; None: all 1
-) -> Tensor:
+def uniform_kl_loss(logits:Tensor, weights:Optional[Tensor]=None) -> Tensor:   # [T, B, A]; [T, B], [B] or None
     "`mean(w * KL(uniform || pi))`: minimising it pulls every action's probability up, the unlikely ones hardest."
     kl = uniform_kl(logits)  # [T, B]
     return (_check_weights(weights, kl) * kl).mean()
