@@ -31,6 +31,7 @@ def normalize_advantages(adv:Tensor, # [T, B] advantages
 LOSS_FIELDS = ('returns', 'gamma', 'gae_lambda', 'rho_bar', 'c_bar', 'entropy_beta', 'uniform_kl_beta', 'value_coef',
                'ppo_clip', 'adv_norm')
 
+# %% ../nbs/07_learner.ipynb #64cc7ad1
 def compute_loss(model:Callable, # (obs, state, episode_start) -> (logits, value, state): `ImpalaActorCritic`
                  batch, # `Rollout` or `SegmentBatch`, on the model's device
                  config, # has LOSS_FIELDS (a `TrainingConfig` or a namespace)
